@@ -1,0 +1,223 @@
+"""Ingest: register closed files in place at their stream's source RSE, attach them to their
+dataset and make sure the dataset carries the stream's rules — in bulk, idempotently.
+
+`ingest(events, rucio, settings)` is a plain function returning one Outcome per event, in order.
+It never acks; `consumers.ingest_worker` (the run loop) settles the outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from injector.config import Settings, Stream
+from injector.errors import ChecksumConflict, Permanent, Transient
+from injector.events import FileClosed
+from injector.gateway import Attachment, NewReplica, RucioGateway, chunks
+from injector.settle import Outcome
+from injector.streams import Placement, place
+
+log = logging.getLogger(__name__)
+
+BULK = 1000  # Rucio's add_replicas schema limit; also used for attachments
+
+Did = tuple[str, str]
+
+
+@dataclass
+class _File:
+    """One distinct file of the batch and every event that announced it."""
+
+    placement: Placement
+    event: FileClosed
+    indexes: list[int] = field(default_factory=list)
+    existed: bool = False
+    error: Permanent | Transient | None = None
+
+    @property
+    def key(self) -> Did:
+        return (self.placement.scope, self.placement.name)
+
+
+class DatasetMemo:
+    """Datasets whose rules we have already ensured in this process (saves a call per batch)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._done: dict[Did, None] = {}
+        self._limit = limit
+
+    def __contains__(self, key: Did) -> bool:
+        return key in self._done
+
+    def add(self, key: Did) -> None:
+        self._done[key] = None
+        if len(self._done) > self._limit:
+            self._done.pop(next(iter(self._done)))
+
+
+def ingest(events: Sequence[FileClosed | Permanent], rucio: RucioGateway, settings: Settings,
+           memo: DatasetMemo | None = None) -> list[Outcome]:
+    """Outcomes for a batch of decoded events (an undecodable one is passed in as its error)."""
+    outcomes: list[Outcome | None] = [None] * len(events)
+    files: dict[Did, _File] = {}
+    for i, ev in enumerate(events):
+        if isinstance(ev, Permanent):
+            outcomes[i] = Outcome.failed(ev)
+            continue
+        try:
+            _collect(files, i, ev, place(settings.streams, ev), outcomes)
+        except Permanent as exc:
+            outcomes[i] = Outcome.failed(exc)
+    live = list(files.values())
+    _check_against_rucio(live, rucio)
+    _register(live, rucio)
+    _ensure_datasets(live, rucio, memo if memo is not None else DatasetMemo())
+    _attach(live, rucio)
+    for f in live:
+        for i in f.indexes:
+            outcomes[i] = Outcome.failed(f.error, f.placement.did) if f.error else Outcome.done(
+                "already-registered" if f.existed or i != f.indexes[0] else "registered", f.placement.did)
+    return [o if o is not None else Outcome.done("unreachable") for o in outcomes]
+
+
+def _collect(files: dict[Did, _File], i: int, ev: FileClosed, p: Placement,
+             outcomes: list[Outcome | None]) -> None:
+    """Fold events naming the same file; the same name with other bytes is a conflict."""
+    known = files.get((p.scope, p.name))
+    if known is None:
+        files[(p.scope, p.name)] = _File(p, ev, [i])
+    elif (known.event.size, known.event.adler32) == (ev.size, ev.adler32) and known.placement == p:
+        known.indexes.append(i)
+    else:
+        outcomes[i] = Outcome.failed(ChecksumConflict(
+            f"{p.did} announced twice in one batch with different content: {_content(known.event)} "
+            f"(event {known.event.event_id}) vs {_content(ev)}", event_id=str(ev.event_id)), p.did)
+
+
+def _content(ev: FileClosed) -> str:
+    return f"size {ev.size} adler32 {ev.adler32} path {ev.path}"
+
+
+def _ok(files: Sequence[_File]) -> list[_File]:
+    return [f for f in files if f.error is None]
+
+
+def _check_against_rucio(files: Sequence[_File], rucio: RucioGateway, *, after_add: bool = False) -> None:
+    """Mark files Rucio already holds; the same name with other size/adler32 is a conflict."""
+    todo = [f for f in _ok(files) if not (after_add and f.existed)]
+    for part in chunks(todo, BULK):
+        try:
+            meta = rucio.file_metadata([f.key for f in part])
+        except (Permanent, Transient) as exc:
+            _fail(part, exc)
+            continue
+        for f in part:
+            m = meta.get(f.key)
+            if m is None:
+                if after_add:
+                    f.error = Transient(f"{f.placement.did} is not in Rucio after add_replicas")
+                continue
+            if (m.bytes, (m.adler32 or "").lower()) != (f.event.size, f.event.adler32):
+                f.error = ChecksumConflict(
+                    f"{f.placement.did} already in Rucio with size {m.bytes} adler32 {m.adler32}; this event "
+                    f"says size {f.event.size} adler32 {f.event.adler32} ({f.event.path}); not overwritten",
+                    event_id=str(f.event.event_id))
+            elif not after_add:
+                f.existed = True
+
+
+def _register(files: Sequence[_File], rucio: RucioGateway) -> None:
+    by_rse: dict[str, list[_File]] = defaultdict(list)
+    for f in _ok(files):
+        by_rse[f.placement.stream.source_rse].append(f)
+    for rse, group in by_rse.items():
+        for part in chunks(group, BULK):
+            _bisect(part, lambda fs, rse=rse: rucio.add_replicas(rse, [_replica(f) for f in fs]))
+    # Another ingest process may have registered the same name with other bytes meanwhile:
+    # add_replicas skips existing replicas without comparing, so compare now.
+    _check_against_rucio(files, rucio, after_add=True)
+
+
+def _replica(f: _File) -> NewReplica:
+    ev = f.event
+    return NewReplica(f.placement.scope, f.placement.name, ev.size, ev.adler32, f.placement.pfn, ev.md5)
+
+
+def _ensure_datasets(files: Sequence[_File], rucio: RucioGateway, memo: DatasetMemo) -> None:
+    by_dataset: dict[tuple[str, str, str], list[_File]] = defaultdict(list)
+    for f in _ok(files):
+        p = f.placement
+        by_dataset[(p.scope, p.dataset, p.stream.name)].append(f)
+    for (scope, dataset, _), group in by_dataset.items():
+        if (scope, dataset) in memo:
+            continue
+        try:
+            _ensure_dataset(scope, dataset, group[0].placement.stream, rucio)
+            memo.add((scope, dataset))
+        except (Permanent, Transient) as exc:
+            _fail(group, exc)
+
+
+def _ensure_dataset(scope: str, dataset: str, stream: Stream, rucio: RucioGateway) -> None:
+    """Create the dataset with its rules in one call; if it existed, add any rule it lacks."""
+    if rucio.add_dataset(scope, dataset, stream.rules):
+        log.info("created dataset %s:%s with %d rule(s)", scope, dataset, len(stream.rules))
+        return
+    have = set(rucio.dataset_rules(scope, dataset))
+    for rule in stream.rules:
+        if (rule.rse_expression, rule.copies) not in have and rucio.add_rule(scope, dataset, rule):
+            log.info("added missing rule %s x%d to %s:%s", rule.rse_expression, rule.copies, scope, dataset)
+
+
+def _attach(files: Sequence[_File], rucio: RucioGateway) -> None:
+    by_dataset: dict[Did, list[_File]] = defaultdict(list)
+    for f in _ok(files):
+        by_dataset[(f.placement.scope, f.placement.dataset)].append(f)
+    work = [(ds, part) for ds, group in by_dataset.items() for part in chunks(group, BULK)]
+    # One call for every dataset of the batch while that stays within the bulk limit.
+    for batch in _pack(work):
+        _bisect([f for _, part in batch for f in part], lambda fs: rucio.attach(_attachments(fs)))
+
+
+def _pack(work: list[tuple[Did, Sequence[_File]]]) -> list[list[tuple[Did, Sequence[_File]]]]:
+    packs: list[list[tuple[Did, Sequence[_File]]]] = [[]]
+    count = 0
+    for ds, part in work:
+        if count + len(part) > BULK and packs[-1]:
+            packs.append([])
+            count = 0
+        packs[-1].append((ds, part))
+        count += len(part)
+    return [p for p in packs if p]
+
+
+def _attachments(files: Sequence[_File]) -> list[Attachment]:
+    grouped: dict[Did, list[Did]] = defaultdict(list)
+    for f in files:
+        grouped[(f.placement.scope, f.placement.dataset)].append(f.key)
+    return [Attachment(scope, ds, tuple(dids)) for (scope, ds), dids in grouped.items()]
+
+
+def _bisect(files: Sequence[_File], call: Callable[[Sequence[_File]], None]) -> None:
+    """Run a bulk call; if Rucio refuses it, split until the refused file(s) are isolated,
+    so one bad file never fails its good neighbours. A transient failure fails them all."""
+    try:
+        call(files)
+    except Transient as exc:
+        _fail(files, exc)
+    except Permanent as exc:
+        if len(files) == 1:
+            files[0].error = exc
+            exc.event_id = str(files[0].event.event_id)
+            return
+        mid = len(files) // 2
+        _bisect(files[:mid], call)
+        _bisect(files[mid:], call)
+
+
+def _fail(files: Sequence[_File], exc: Permanent | Transient) -> None:
+    for f in files:
+        if f.error is None:
+            f.error = exc

@@ -1,0 +1,45 @@
+"""Long-running consumer services: each composes a handler with the broker transport."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from consumers.ingest import DatasetMemo, ingest
+from injector.config import Settings
+from injector.errors import InvalidEvent
+from injector.events import FileClosed, decode_file_closed
+from injector.gateway import ClientGateway, RucioGateway
+from injector.settle import Outcome, Route
+from injector.transport import Delivery
+from injector.worker import Batching, BatchWorker
+
+log = logging.getLogger(__name__)
+
+
+def decode_all(deliveries: Sequence[Delivery]) -> list[FileClosed | InvalidEvent]:
+    out: list[FileClosed | InvalidEvent] = []
+    for d in deliveries:
+        try:
+            out.append(decode_file_closed(d.body))
+        except InvalidEvent as exc:
+            out.append(exc)
+    return out
+
+
+def ingest_worker(settings: Settings, rucio: RucioGateway | None = None) -> BatchWorker:
+    """The ingest consumer: file-closed events from the ingest queue, in batches, into Rucio."""
+    gateway = rucio if rucio is not None else ClientGateway(settings.rucio)
+    memo = DatasetMemo()
+
+    def process(batch: list[Delivery]) -> Sequence[Outcome]:
+        return ingest(decode_all(batch), gateway, settings, memo)
+
+    route = Route(settings.ingest.queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
+    batching = Batching(settings.ingest.batch_size, settings.ingest.batch_window, settings.ingest.prefetch)
+    return BatchWorker(settings.broker, route, process, batching)
+
+
+def run_ingest(settings: Settings, stop: threading.Event, rucio: RucioGateway | None = None) -> None:
+    ingest_worker(settings, rucio).run(stop)

@@ -1,0 +1,3 @@
+"""rucio-injector: event-driven ingestion of detector data into Rucio (shared core)."""
+
+__version__ = "0.1.0"

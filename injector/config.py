@@ -1,0 +1,177 @@
+"""The one settings object, read once at start-up from a TOML file (+ environment overrides).
+
+`load()` is the only place that reads the environment; everything else receives `Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import string
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from injector.errors import ConfigError
+
+CONFIG_ENV = "RUCIO_INJECTOR_CONFIG"
+BROKER_URL_ENV = "RUCIO_INJECTOR_BROKER_URL"
+
+TEMPLATE_FIELDS = frozenset({"site", "instrument", "night", "run", "datatype", "date", "stream"})
+RSE_NAME = r"^([A-Z0-9]+([_-][A-Z0-9]+)*)$"
+Scope = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,25}$")]
+Word = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Section):
+    """One replication rule a stream's datasets carry to the archive."""
+
+    rse_expression: str
+    copies: Annotated[int, Field(ge=1)] = 1
+    activity: str = "User Subscriptions"
+    lifetime: Annotated[int, Field(gt=0)] | None = None
+    grouping: Literal["ALL", "DATASET", "NONE"] = "DATASET"
+
+
+class Stream(_Section):
+    """Which events a stream takes, where their files live and where they must be archived."""
+
+    name: Word
+    site: Word
+    instrument: Word
+    datatype: Word | None = None
+    source_rse: Annotated[str, StringConstraints(pattern=RSE_NAME)]
+    storage_root: str
+    pfn_prefix: str = "file://localhost"
+    scope: Scope
+    did_name: Literal["path", "relative", "basename"] = "path"
+    did_prefix: str = ""
+    dataset: str
+    rules: Annotated[list[Rule], Field(min_length=1)]
+    release_source: bool = True
+    failure_limit: Annotated[int, Field(ge=1)] = 3
+
+    @model_validator(mode="after")
+    def _check(self) -> Stream:
+        root = self.storage_root
+        if not root.startswith("/") or posixpath.normpath(root) != root.rstrip("/") or "/../" in root:
+            raise ValueError(f"storage_root must be an absolute normalised path (got {root!r})")
+        if not re.match(r"^[a-z][a-z0-9+.-]*://", self.pfn_prefix):
+            raise ValueError(f"pfn_prefix must start with a URL scheme like file:// (got {self.pfn_prefix!r})")
+        _check_template(self.dataset)
+        return self
+
+
+def _check_template(template: str) -> None:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"dataset template {template!r} is not a valid format string: {exc}") from None
+    unknown = names - TEMPLATE_FIELDS
+    if unknown:
+        raise ValueError(
+            f"dataset template {template!r} uses unknown field(s) {sorted(unknown)}; "
+            f"allowed: {sorted(TEMPLATE_FIELDS)}"
+        )
+
+
+class Broker(_Section):
+    urls: Annotated[list[str], Field(min_length=1)] = ["amqp://guest:guest@127.0.0.1:5672//"]
+    daq_exchange: str = "rucio-injector.daq"
+    dead_letter_exchange: str = "rucio-injector.dlx"
+    heartbeat: Annotated[int, Field(ge=0)] = 30
+    delivery_limit: Annotated[int, Field(ge=1)] = 5
+    connect_attempts: Annotated[int, Field(ge=1)] = 10
+
+
+class Ingest(_Section):
+    queue: str = "rucio-injector.ingest"
+    binding: str = "file.closed.#"
+    batch_size: Annotated[int, Field(ge=1, le=1000)] = 1000
+    batch_window: Annotated[float, Field(gt=0, le=60)] = 0.2
+    prefetch: Annotated[int, Field(ge=1, le=65535)] = 2000
+
+
+class RucioSettings(_Section):
+    """How we call Rucio; who we are comes from the rucio-clients config (RUCIO_CONFIG)."""
+
+    retry_attempts: Annotated[int, Field(ge=1)] = 5
+    retry_max_wait: Annotated[float, Field(gt=0)] = 10.0
+
+
+class Settings(_Section):
+    broker: Broker = Broker()
+    ingest: Ingest = Ingest()
+    rucio: RucioSettings = RucioSettings()
+    streams: list[Stream] = []
+
+    @model_validator(mode="after")
+    def _unique_streams(self) -> Settings:
+        seen: dict[tuple[str, str, str | None], str] = {}
+        names: set[str] = set()
+        for s in self.streams:
+            if s.name in names:
+                raise ValueError(f"two streams are named {s.name!r}")
+            names.add(s.name)
+            key = (s.site, s.instrument, s.datatype)
+            if key in seen:
+                raise ValueError(f"streams {seen[key]!r} and {s.name!r} both match {key}")
+            seen[key] = s.name
+        return self
+
+    def stream_named(self, name: str) -> Stream:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no stream named {name!r} (known: {[s.name for s in self.streams]})")
+
+
+def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read the TOML config (path, else $RUCIO_INJECTOR_CONFIG) and apply environment overrides."""
+    env = dict(os.environ) if env is None else env
+    where = path or env.get(CONFIG_ENV)
+    if not where:
+        raise ConfigError(f"no config file: pass --config FILE or set {CONFIG_ENV}")
+    try:
+        with open(where, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {where} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {where} is not valid TOML: {exc}") from None
+    if env.get(BROKER_URL_ENV):
+        data.setdefault("broker", {})["urls"] = env[BROKER_URL_ENV].split(",")
+    return parse(data, source=str(where))
+
+
+def parse(data: dict[str, object], source: str = "<config>") -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {_where(err['loc'], data)}: {err['msg']}" for err in exc.errors(include_url=False)]
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
+
+
+def _where(loc: tuple[int | str, ...], data: dict[str, object]) -> str:
+    """`streams[1] (lst1-raw).dataset` rather than `streams.1.dataset`."""
+    parts: list[str] = []
+    node: object = data
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and item < len(node):
+                node = node[item]
+                if isinstance(node, dict) and "name" in node:
+                    label += f" ({node['name']})"
+            parts.append(label)
+        else:
+            parts.append(("." if parts else "") + item)
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "config"

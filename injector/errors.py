@@ -1,0 +1,76 @@
+"""The error tree that decides every outcome.
+
+Permanent errors go straight to the dead-letter queue with their machine-readable `reason`;
+transient errors are retried (with backoff at the edge, then by redelivery). Nothing else
+decides; `injector.settle` maps these to ack / requeue / dead-letter.
+"""
+
+from __future__ import annotations
+
+
+class InjectorError(Exception):
+    """Base of every error the project raises on purpose."""
+
+
+class ConfigError(InjectorError):
+    """The configuration cannot be used; raised once, at start-up."""
+
+
+class Permanent(InjectorError):
+    """Retrying cannot help: dead-letter now. `reason` is a stable machine-readable code."""
+
+    reason = "permanent"
+
+    def __init__(self, message: str, *, event_id: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidEvent(Permanent):
+    reason = "invalid-event"
+
+
+class NoStream(Permanent):
+    reason = "no-stream"
+
+
+class PathOutsideRoot(Permanent):
+    reason = "path-outside-root"
+
+
+class TemplateFieldMissing(Permanent):
+    reason = "template-field-missing"
+
+
+class ChecksumConflict(Permanent):
+    reason = "checksum-conflict"
+
+
+class RucioRefused(Permanent):
+    """Rucio refused the request for good (bad name, unknown RSE or scope, closed dataset...)."""
+
+    reason = "rucio-refused"
+
+
+class PermissionDenied(Permanent):
+    reason = "permission-denied"
+
+
+class Transient(InjectorError):
+    """A passing fault (Rucio 5xx, connection loss, timeout): retry later."""
+
+    reason = "transient"
+
+
+class RucioUnavailable(Transient):
+    reason = "rucio-unavailable"
+
+
+class BrokerUnavailable(Transient):
+    reason = "broker-unavailable"
+
+
+class PublishFailed(InjectorError):
+    """The broker did not take a message: nacked, unroutable, or the connection died first."""

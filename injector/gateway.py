@@ -1,0 +1,224 @@
+"""The Rucio gateway: the only code that talks to Rucio.
+
+`RucioGateway` is the interface handlers use; `ClientGateway` implements it with rucio-clients
+(auth from the usual rucio-clients config, RUCIO_CONFIG), retries passing faults with tenacity
+(bounded, jittered) and turns Rucio's exceptions into the project's error tree.
+`injector.testing.FakeRucio` implements the same interface in memory for unit tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from tenacity import RetryCallState, retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from injector.config import Rule, RucioSettings
+from injector.errors import ChecksumConflict, PermissionDenied, RucioRefused, RucioUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Rucio exception class names that a retry can cure.
+TRANSIENT = frozenset({
+    "ServerConnectionException", "DatabaseException", "ServiceUnavailable", "ResourceTemporaryUnavailable",
+    "ReplicationRuleCreationTemporaryFailed", "CannotAuthenticate", "RucioException", "TransferToolTimeout",
+})
+DENIED = frozenset({"AccessDenied", "ScopeAccessDenied", "RSEAccessDenied", "CannotAuthorize"})
+
+
+@dataclass(frozen=True, slots=True)
+class FileMeta:
+    scope: str
+    name: str
+    bytes: int | None
+    adler32: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewReplica:
+    scope: str
+    name: str
+    bytes: int
+    adler32: str
+    pfn: str
+    md5: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    scope: str
+    dataset: str
+    files: tuple[tuple[str, str], ...]  # (scope, name)
+
+
+class RucioGateway(Protocol):
+    """What the consumers need from Rucio."""
+
+    def file_metadata(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FileMeta]:
+        """Size and adler32 of those DIDs that exist."""
+        ...
+
+    def add_replicas(self, rse: str, replicas: Sequence[NewReplica]) -> None:
+        """Register replicas in place (existing ones are left as they are)."""
+        ...
+
+    def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
+        """Create a dataset with its rules in one call; False when it already existed."""
+        ...
+
+    def dataset_rules(self, scope: str, name: str) -> list[tuple[str, int]]:
+        """(rse_expression, copies) of the rules on a DID."""
+        ...
+
+    def add_rule(self, scope: str, name: str, rule: Rule) -> bool:
+        """Add one rule; False when an identical rule exists."""
+        ...
+
+    def attach(self, attachments: Sequence[Attachment]) -> None:
+        """Attach files to datasets; attaching twice is harmless."""
+        ...
+
+
+def classify(exc: BaseException) -> Exception:
+    """Map anything a rucio-clients call raised onto the project's error tree."""
+    name = type(exc).__name__
+    text = f"{name}: {exc}"
+    if name == "FileConsistencyMismatch":
+        return ChecksumConflict(text)
+    if name in DENIED:
+        return PermissionDenied(text)
+    if name in TRANSIENT or isinstance(exc, OSError) or type(exc).__module__.startswith("requests"):
+        return RucioUnavailable(text)
+    if type(exc).__module__.startswith("rucio"):
+        return RucioRefused(text)
+    return RucioUnavailable(text)
+
+
+class ClientGateway:
+    """RucioGateway over rucio-clients."""
+
+    def __init__(self, settings: RucioSettings, client: Any | None = None,
+                 observe: Callable[[str, float, str], None] | None = None) -> None:
+        self._settings = settings
+        self._client = client
+        self._observe = observe  # (operation, seconds, outcome) → metrics
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from rucio.client import Client
+
+            self._client = self._call("connect", Client)
+        return self._client
+
+    def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call Rucio; retry RucioUnavailable with jittered backoff; raise the project's errors."""
+
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("rucio %s failed (attempt %d/%d), retrying: %s", operation, state.attempt_number,
+                        self._settings.retry_attempts, exc)
+
+        @retry(
+            retry=retry_if_exception_type(RucioUnavailable),
+            stop=stop_after_attempt(self._settings.retry_attempts),
+            wait=wait_random_exponential(multiplier=0.2, max=self._settings.retry_max_wait),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        def attempt() -> T:
+            started = time.perf_counter()
+            outcome = "ok"
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                mapped = classify(exc)
+                outcome = type(mapped).__name__
+                raise mapped from exc
+            finally:
+                if self._observe:
+                    self._observe(operation, time.perf_counter() - started, outcome)
+
+        return attempt()
+
+    def file_metadata(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FileMeta]:
+        if not dids:
+            return {}
+        request = [{"scope": s, "name": n} for s, n in dids]
+
+        def fetch() -> list[dict[str, Any]]:
+            try:
+                return list(self.client.get_metadata_bulk(request))
+            except Exception as exc:  # an all-missing batch is an error in Rucio, not an empty answer
+                if type(exc).__name__ == "DataIdentifierNotFound":
+                    return []
+                raise
+
+        rows = self._call("get_metadata_bulk", fetch)
+        return {(r["scope"], r["name"]): FileMeta(r["scope"], r["name"], r.get("bytes"), r.get("adler32"))
+                for r in rows}
+
+    def add_replicas(self, rse: str, replicas: Sequence[NewReplica]) -> None:
+        files = [_replica_dict(r) for r in replicas]
+        self._call("add_replicas", self.client.add_replicas, rse=rse, files=files)
+
+    def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
+        def create() -> bool:
+            try:
+                self.client.add_dataset(scope, name, rules=[_rule_dict(r) for r in rules])
+            except Exception as exc:
+                if type(exc).__name__ == "DataIdentifierAlreadyExists":
+                    return False
+                raise
+            return True
+
+        return self._call("add_dataset", create)
+
+    def dataset_rules(self, scope: str, name: str) -> list[tuple[str, int]]:
+        rows = self._call("list_did_rules", lambda: list(self.client.list_did_rules(scope, name)))
+        return [(r["rse_expression"], int(r["copies"])) for r in rows]
+
+    def add_rule(self, scope: str, name: str, rule: Rule) -> bool:
+        def create() -> bool:
+            try:
+                self.client.add_replication_rule(
+                    [{"scope": scope, "name": name}], rule.copies, rule.rse_expression,
+                    grouping=rule.grouping, lifetime=rule.lifetime, activity=rule.activity)
+            except Exception as exc:
+                if type(exc).__name__ == "DuplicateRule":
+                    return False
+                raise
+            return True
+
+        return self._call("add_replication_rule", create)
+
+    def attach(self, attachments: Sequence[Attachment]) -> None:
+        body = [
+            {"scope": a.scope, "name": a.dataset, "dids": [{"scope": s, "name": n} for s, n in a.files]}
+            for a in attachments
+        ]
+        self._call("add_files_to_datasets", self.client.add_files_to_datasets, body, ignore_duplicate=True)
+
+
+def _replica_dict(r: NewReplica) -> dict[str, Any]:
+    d: dict[str, Any] = {"scope": r.scope, "name": r.name, "bytes": r.bytes, "adler32": r.adler32, "pfn": r.pfn}
+    if r.md5:
+        d["md5"] = r.md5
+    return d
+
+
+def _rule_dict(rule: Rule) -> dict[str, Any]:
+    d: dict[str, Any] = {"copies": rule.copies, "rse_expression": rule.rse_expression,
+                         "activity": rule.activity, "grouping": rule.grouping}
+    if rule.lifetime is not None:
+        d["lifetime"] = rule.lifetime
+    return d
+
+
+def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

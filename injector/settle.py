@@ -1,0 +1,96 @@
+"""Outcomes and how they are settled: the ONE place that decides ack / requeue / dead-letter.
+
+Handlers return an `Outcome` per message; they never ack. `settle` turns a batch of
+(delivery, outcome) pairs into broker actions. A dead-letter is published (with publisher
+confirms) BEFORE the original is acked, so a crash in between duplicates, never loses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from injector import deadletter
+from injector.errors import Permanent, PublishFailed, Transient
+from injector.transport import Delivery, Outgoing
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["done", "dead-letter", "retry"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one message: `label` for people and metrics, `reason` for dead letters."""
+
+    kind: Kind
+    label: str
+    did: str | None = None
+    reason: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def done(cls, label: str, did: str | None = None) -> Outcome:
+        return cls("done", label, did)
+
+    @classmethod
+    def failed(cls, exc: Permanent | Transient, did: str | None = None) -> Outcome:
+        kind: Kind = "dead-letter" if isinstance(exc, Permanent) else "retry"
+        return cls(kind, exc.reason, did, exc.reason, str(exc))
+
+
+class Session(Protocol):
+    """The broker operations settle needs (AMQP session or the in-memory one)."""
+
+    def ack(self, delivery: Delivery) -> None: ...
+    def requeue(self, delivery: Delivery) -> None: ...
+    def publish(self, messages: Sequence[Outgoing]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where this consumer's messages come from and where its dead letters go."""
+
+    queue: str
+    dead_letter_exchange: str
+    delivery_limit: int
+
+
+def settle(session: Session, results: Sequence[tuple[Delivery, Outcome]], route: Route) -> Sequence[Outcome]:
+    """Apply outcomes; returns the outcomes as finally applied (a last retry becomes a dead letter)."""
+    final = [(d, _exhausted(d, o, route)) for d, o in results]
+    dead = [(d, o) for d, o in final if o.kind == "dead-letter"]
+    if dead:
+        try:
+            session.publish([_dead_letter_message(d, o, route) for d, o in dead])
+        except PublishFailed as exc:
+            log.error("could not dead-letter %d message(s), requeueing them: %s", len(dead), exc)
+            final = [(d, Outcome("retry", "dead-letter-failed", o.did, o.reason, o.error)) if o.kind ==
+                     "dead-letter" else (d, o) for d, o in final]
+    for d, o in final:
+        (session.requeue if o.kind == "retry" else session.ack)(d)
+        _log(d, o)
+    return [o for _, o in final]
+
+
+def _exhausted(d: Delivery, o: Outcome, route: Route) -> Outcome:
+    """A retry on the last allowed delivery is dead-lettered by us, with our reason headers."""
+    if o.kind == "retry" and d.attempts >= route.delivery_limit:
+        return Outcome("dead-letter", o.label, o.did, o.reason,
+                       f"gave up after {d.attempts} deliveries: {o.error}")
+    return o
+
+
+def _dead_letter_message(d: Delivery, o: Outcome, route: Route) -> Outgoing:
+    hdrs = deadletter.headers(
+        d.headers, reason=o.reason or o.label, error=o.error or "", exchange=d.exchange,
+        routing_key=d.routing_key, queue=route.queue, attempts=d.attempts)
+    return Outgoing(route.dead_letter_exchange, route.queue, d.body, hdrs, d.message_id, d.content_type)
+
+
+def _log(d: Delivery, o: Outcome) -> None:
+    level = logging.INFO if o.kind == "done" else logging.WARNING
+    log.log(level, "%s %s %s%s", o.kind, o.label, o.did or "-", f": {o.error}" if o.error else "",
+            extra={"event_id": d.message_id, "did": o.did, "outcome": o.label, "kind": o.kind})

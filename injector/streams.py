@@ -1,0 +1,103 @@
+"""Streams: which stream an event belongs to, and where its file goes in Rucio."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from injector.config import Stream
+from injector.errors import NoStream, PathOutsideRoot, RucioRefused, TemplateFieldMissing
+from injector.events import FileClosed
+
+# Rucio's generic schema: names ≤ 250 characters of this form.
+DID_NAME = re.compile(r"^[/A-Za-z0-9][/A-Za-z0-9.\-_]{0,249}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The Rucio identity of one event's file."""
+
+    stream: Stream
+    scope: str
+    name: str
+    pfn: str
+    dataset: str
+
+    @property
+    def did(self) -> str:
+        return f"{self.scope}:{self.name}"
+
+
+def match(streams: Sequence[Stream], site: str, instrument: str, datatype: str | None = None) -> Stream:
+    """The stream for (site, instrument[, datatype]); a datatype-specific stream beats a generic one."""
+    generic = None
+    for stream in streams:
+        if stream.site != site or stream.instrument != instrument:
+            continue
+        if stream.datatype is not None and stream.datatype == datatype:
+            return stream
+        if stream.datatype is None:
+            generic = stream
+    if generic is None:
+        raise NoStream(f"no stream matches site={site!r} instrument={instrument!r} datatype={datatype!r}")
+    return generic
+
+
+def place(streams: Sequence[Stream], event: FileClosed) -> Placement:
+    """Stream, DID name, PFN and dataset of an event; Permanent errors say what is wrong."""
+    eid = str(event.event_id)
+    stream = match(streams, event.site, event.instrument, event.datatype)
+    relative = relative_path(stream, event.path, eid)
+    name = stream.did_prefix + {"path": event.path, "relative": relative, "basename": posixpath.basename(relative)}[
+        stream.did_name
+    ]
+    check_did_name(name, "DID name", eid)
+    dataset = dataset_name(stream, event)
+    check_did_name(dataset, f"dataset name (template {stream.dataset!r})", eid)
+    return Placement(stream, stream.scope, name, stream.pfn_prefix + event.path, dataset)
+
+
+def relative_path(stream: Stream, path: str, event_id: str | None = None) -> str:
+    """The path below the stream's storage root; refuses `..`, `.`, `//` and anything outside it."""
+    root = stream.storage_root.rstrip("/")
+    parts = path.split("/")[1:]
+    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
+        raise PathOutsideRoot(f"path {path!r} is not a normalised absolute path", event_id=event_id)
+    if not path.startswith(root + "/"):
+        raise PathOutsideRoot(
+            f"path {path!r} is outside stream {stream.name!r} storage_root {stream.storage_root!r}",
+            event_id=event_id,
+        )
+    return path[len(root) + 1 :]
+
+
+def dataset_name(stream: Stream, event: FileClosed) -> str:
+    values = {
+        "site": event.site,
+        "instrument": event.instrument,
+        "night": event.night,
+        "run": event.run,
+        "datatype": event.datatype,
+        "date": event.occurred_at.strftime("%Y%m%d"),
+        "stream": stream.name,
+    }
+    used = {n for _, n, _, _ in string.Formatter().parse(stream.dataset) if n is not None}
+    missing = sorted(n for n in used if values.get(n) is None)
+    if missing:
+        raise TemplateFieldMissing(
+            f"stream {stream.name!r} dataset template {stream.dataset!r} needs {missing}, absent from the event",
+            event_id=str(event.event_id),
+        )
+    return stream.dataset.format(**values)
+
+
+def check_did_name(name: str, what: str, event_id: str | None) -> None:
+    if not DID_NAME.match(name):
+        raise RucioRefused(
+            f"{what} {name!r} is not a valid Rucio name (^[/A-Za-z0-9][/A-Za-z0-9.-_]*$, ≤ 250)",
+            event_id=event_id,
+            reason="invalid-name",
+        )

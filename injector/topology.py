@@ -1,0 +1,155 @@
+"""The broker topology, declared once.
+
+`declare(settings)` is the single declaration. `broker setup` applies it idempotently over AMQP
+(`apply`), and broker-config/definitions.json is the same declaration rendered as RabbitMQ
+definitions (`definitions`); a test keeps the shipped file equal to the rendering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from injector.config import Settings
+from injector.errors import ConfigError
+
+DLQ_SUFFIX = ".dlq"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: str = "topic"
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Binding:
+    exchange: str
+    queue: str
+    routing_key: str
+
+
+@dataclass(frozen=True)
+class Topology:
+    vhost: str
+    exchanges: list[Exchange]
+    queues: list[Queue]
+    bindings: list[Binding]
+
+    def queue(self, name: str) -> Queue:
+        for q in self.queues:
+            if q.name == name:
+                return q
+        raise KeyError(name)
+
+
+def dead_letter_queue(queue: str) -> str:
+    return queue + DLQ_SUFFIX
+
+
+def archived_queue(settings: Settings) -> str:
+    """The DAQ's inbox for file-archived events (a DAQ may also bind its own queue)."""
+    return settings.ingest.queue.rsplit(".", 1)[0] + ".archived"
+
+
+def declare(settings: Settings) -> Topology:
+    """Every exchange, queue and binding the project needs, from the settings."""
+    b = settings.broker
+    exchanges = [Exchange(b.daq_exchange, "topic"), Exchange(b.dead_letter_exchange, "direct")]
+    queues: list[Queue] = []
+    bindings: list[Binding] = []
+
+    def work_queue(name: str, exchange: str, routing_key: str) -> None:
+        queues.append(Queue(name, _work_arguments(settings, name)))
+        queues.append(Queue(dead_letter_queue(name), {"x-queue-type": "quorum"}))
+        bindings.append(Binding(exchange, name, routing_key))
+        bindings.append(Binding(b.dead_letter_exchange, dead_letter_queue(name), name))
+
+    work_queue(settings.ingest.queue, b.daq_exchange, settings.ingest.binding)
+    inbox = archived_queue(settings)
+    queues.append(Queue(inbox, {"x-queue-type": "quorum"}))
+    bindings.append(Binding(b.daq_exchange, inbox, "file.archived.#"))
+    return Topology(vhost_of(b.urls[0]), exchanges, queues, bindings)
+
+
+def _work_arguments(settings: Settings, name: str) -> dict[str, Any]:
+    # Quorum: replicated, poison-message protection through the delivery limit; at-least-once
+    # dead-lettering needs reject-publish overflow.
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": settings.broker.delivery_limit,
+        "x-dead-letter-exchange": settings.broker.dead_letter_exchange,
+        "x-dead-letter-routing-key": name,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def vhost_of(url: str) -> str:
+    path = urlparse(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def definitions(topology: Topology) -> dict[str, Any]:
+    """RabbitMQ definitions (import with `rabbitmqctl import_definitions` or the management UI)."""
+    v = topology.vhost
+    return {
+        "vhosts": [{"name": v}],
+        "exchanges": [
+            {"name": e.name, "vhost": v, "type": e.type, "durable": True, "auto_delete": False,
+             "internal": False, "arguments": {}}
+            for e in topology.exchanges
+        ],
+        "queues": [
+            {"name": q.name, "vhost": v, "durable": True, "auto_delete": False, "arguments": q.arguments}
+            for q in topology.queues
+        ],
+        "bindings": [
+            {"source": bd.exchange, "vhost": v, "destination": bd.queue, "destination_type": "queue",
+             "routing_key": bd.routing_key, "arguments": {}}
+            for bd in topology.bindings
+        ],
+    }
+
+
+def apply(connection: Any, topology: Topology) -> list[str]:
+    """Declare everything on an open kombu connection; idempotent. Returns what was declared."""
+    import amqp
+
+    steps: list[tuple[str, Any]] = []
+    for e in topology.exchanges:
+        if not e.name.startswith("amq."):  # amq.* exist already and may not be declared
+            steps.append((f"exchange {e.name} ({e.type})", ("exchange_declare", (e.name, e.type), {})))
+    for q in topology.queues:
+        kind = q.arguments.get("x-queue-type", "classic")
+        steps.append((f"queue {q.name} ({kind})", ("queue_declare", (q.name,), {"arguments": q.arguments})))
+    for bd in topology.bindings:
+        steps.append(
+            (f"binding {bd.exchange} --{bd.routing_key}--> {bd.queue}",
+             ("queue_bind", (bd.queue, bd.exchange, bd.routing_key), {}))
+        )
+    channel = connection.channel()
+    done: list[str] = []
+    try:
+        for what, (method, args, kwargs) in steps:
+            if method != "queue_bind":
+                kwargs = {**kwargs, "durable": True, "auto_delete": False}
+            try:
+                getattr(channel, method)(*args, **kwargs)
+            except amqp.exceptions.PreconditionFailed as exc:
+                raise ConfigError(
+                    f"the broker already has {what} declared differently: {exc}. Delete it "
+                    "(after draining it) or rename it in the config, then run `broker setup` again."
+                ) from None
+            done.append(what)
+    finally:
+        if channel.is_open:
+            channel.close()
+    return done

@@ -1,0 +1,1 @@
+"""DAQ side: publish file-closed events (library and CLI)."""

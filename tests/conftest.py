@@ -1,0 +1,29 @@
+"""Shared fixtures: a typical two-stream settings object."""
+
+from __future__ import annotations
+
+import pytest
+
+from injector.config import Settings, parse
+
+STREAMS = {
+    "streams": [
+        {
+            "name": "lst1-raw", "site": "ORM", "instrument": "LST1", "source_rse": "ORM-BUFFER",
+            "storage_root": "/data/lst1", "pfn_prefix": "file://localhost", "scope": "lst",
+            "did_name": "path", "dataset": "LST1_{night}_raw",
+            "rules": [{"rse_expression": "PIC-ARCHIVE", "copies": 1, "activity": "T0 Export"}],
+        },
+        {
+            "name": "magic-raw", "site": "ORM", "instrument": "MAGIC", "source_rse": "ORM-BUFFER",
+            "storage_root": "/data/magic", "scope": "magic", "did_name": "relative",
+            "dataset": "MAGIC_{date}_{datatype}",
+            "rules": [{"rse_expression": "PIC-ARCHIVE"}],
+        },
+    ]
+}
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return parse(STREAMS)

@@ -1,0 +1,67 @@
+import pytest
+
+from injector.config import load, parse
+from injector.errors import ConfigError
+from tests.conftest import STREAMS
+
+
+def stream(**over):
+    s = dict(STREAMS["streams"][0])
+    s.update(over)
+    return {"streams": [s]}
+
+
+def test_valid_config_parses(settings):
+    assert [s.name for s in settings.streams] == ["lst1-raw", "magic-raw"]
+    assert settings.ingest.batch_size == 1000
+
+
+def test_unknown_template_field_is_one_clear_error_naming_the_stream():
+    with pytest.raises(ConfigError, match=r"streams\[0\] \(lst1-raw\).*unknown field\(s\) \['telescope'\]"):
+        parse(stream(dataset="X_{telescope}"))
+
+
+def test_relative_storage_root_is_refused():
+    with pytest.raises(ConfigError, match="storage_root must be an absolute"):
+        parse(stream(storage_root="data/lst1"))
+
+
+def test_lower_case_rse_name_is_refused():
+    with pytest.raises(ConfigError, match="source_rse"):
+        parse(stream(source_rse="orm-buffer"))
+
+
+def test_two_streams_matching_the_same_events_are_refused():
+    s = STREAMS["streams"][0]
+    with pytest.raises(ConfigError, match="both match"):
+        parse({"streams": [s, {**s, "name": "other"}]})
+
+
+def test_batch_size_above_rucio_limit_is_refused():
+    with pytest.raises(ConfigError, match="ingest.batch_size"):
+        parse({"ingest": {"batch_size": 5000}})
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ConfigError, match="brokr"):
+        parse({"brokr": {}})
+
+
+def test_load_reads_toml_and_environment_override(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[broker]\nurls = ["amqp://a//"]\n')
+    assert load(f, env={}).broker.urls == ["amqp://a//"]
+    assert load(f, env={"RUCIO_INJECTOR_BROKER_URL": "amqp://b//,amqp://c//"}).broker.urls == [
+        "amqp://b//", "amqp://c//"]
+
+
+def test_missing_config_says_how_to_give_one():
+    with pytest.raises(ConfigError, match="--config"):
+        load(None, env={})
+
+
+def test_broken_toml_is_reported_with_its_path(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[broker\n")
+    with pytest.raises(ConfigError, match=str(f)):
+        load(f, env={})

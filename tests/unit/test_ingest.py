@@ -1,0 +1,150 @@
+import random
+
+import pytest
+
+from consumers.ingest import DatasetMemo, ingest
+from injector.errors import InvalidEvent
+from injector.events import FileClosed
+from injector.testing import FakeRucio, Unavailable
+
+
+def ev(n=1, **over):
+    f = dict(site="ORM", instrument="LST1", path=f"/data/lst1/run{n:05d}.fits.fz", size=100 + n,
+             adler32=f"{n:08x}", night="20261124")
+    f.update(over)
+    return FileClosed.create(**f)
+
+
+@pytest.fixture
+def rucio():
+    return FakeRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
+
+
+def kinds(outcomes):
+    return [(o.kind, o.label) for o in outcomes]
+
+
+def test_new_file_is_registered_in_place_attached_and_its_dataset_gets_the_rules(settings, rucio):
+    out = ingest([ev(1)], rucio, settings)
+    assert kinds(out) == [("done", "registered")]
+    assert rucio.replicas[("ORM-BUFFER", "lst", "/data/lst1/run00001.fits.fz")] == (
+        "file://localhost/data/lst1/run00001.fits.fz")
+    assert rucio.datasets[("lst", "LST1_20261124_raw")] == {("lst", "/data/lst1/run00001.fits.fz")}
+    assert [(r.rse_expression, r.copies, r.activity) for r in rucio.rules] == [("PIC-ARCHIVE", 1, "T0 Export")]
+
+
+def test_a_batch_makes_one_bulk_call_per_step(settings, rucio):
+    ingest([ev(i) for i in range(1, 501)], rucio, settings)
+    assert rucio.calls["add_replicas"] == 1 and rucio.calls["attach"] == 1 and rucio.calls["add_dataset"] == 1
+    assert len(rucio.replicas) == 500
+
+
+def test_more_than_a_thousand_files_are_split_into_bulk_calls_of_at_most_a_thousand(settings, rucio):
+    ingest([ev(i) for i in range(1, 2502)], rucio, settings)
+    assert rucio.calls["add_replicas"] == 3 and rucio.calls["attach"] == 3
+    assert len(rucio.datasets[("lst", "LST1_20261124_raw")]) == 2501
+
+
+def test_same_event_three_times_gives_one_replica_one_attachment_one_rule_set(settings, rucio):
+    e = ev(7)
+    out = ingest([e, e], rucio, settings) + ingest([e], rucio, settings)
+    assert kinds(out) == [("done", "registered"), ("done", "already-registered"), ("done", "already-registered")]
+    assert len(rucio.replicas) == 1 and len(rucio.rules) == 1
+    assert len(rucio.datasets[("lst", "LST1_20261124_raw")]) == 1
+
+
+def test_same_file_in_two_different_events_is_one_replica(settings, rucio):
+    a, b = ev(3), ev(3)
+    assert a.event_id != b.event_id
+    ingest([a], rucio, settings, DatasetMemo())
+    assert kinds(ingest([b], rucio, settings, DatasetMemo())) == [("done", "already-registered")]
+    assert len(rucio.replicas) == 1 and len(rucio.rules) == 1
+
+
+def test_reordered_events_end_in_the_same_state(settings):
+    events = [ev(i, night=f"2026112{i % 3}") for i in range(1, 40)]
+    states = []
+    for seed in (1, 2):
+        r = FakeRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
+        shuffled = events[:]
+        random.Random(seed).shuffle(shuffled)
+        for i in range(0, len(shuffled), 7):
+            ingest(shuffled[i : i + 7], r, settings)
+        states.append((r.replicas, r.datasets, sorted((x.name, x.rse_expression) for x in r.rules)))
+    assert states[0] == states[1]
+
+
+def test_same_name_with_other_adler32_than_rucio_holds_is_a_conflict_and_nothing_is_overwritten(settings, rucio):
+    ingest([ev(5)], rucio, settings)
+    out = ingest([ev(5, adler32="deadbeef")], rucio, settings)
+    assert kinds(out) == [("dead-letter", "checksum-conflict")]
+    assert "adler32 00000005" in out[0].error and "deadbeef" in out[0].error
+    assert rucio.files[("lst", "/data/lst1/run00005.fits.fz")].adler32 == "00000005"
+
+
+def test_same_name_twice_in_one_batch_with_other_size_dead_letters_only_the_second(settings, rucio):
+    out = ingest([ev(5), ev(5, size=1)], rucio, settings)
+    assert kinds(out) == [("done", "registered"), ("dead-letter", "checksum-conflict")]
+
+
+def test_one_bad_event_does_not_fail_its_good_neighbours(settings, rucio):
+    bad = InvalidEvent("size: bad")
+    events = [ev(1), bad, ev(2, instrument="LST9"), ev(3, path="/etc/passwd"), ev(4, night=None), ev(5)]
+    out = ingest(events, rucio, settings)
+    assert kinds(out) == [("done", "registered"), ("dead-letter", "invalid-event"), ("dead-letter", "no-stream"),
+                          ("dead-letter", "path-outside-root"), ("dead-letter", "template-field-missing"),
+                          ("done", "registered")]
+
+
+def test_a_file_rucio_refuses_is_isolated_by_bisection(settings):
+    rucio = FakeRucio(rses={"ORM-BUFFER": "file://localhost/data/lst1/run0000"})
+    events = [ev(i) for i in range(1, 16)]  # run00010..15 are not under the accepted prefix
+    out = ingest(events, rucio, settings)
+    assert [o.kind for o in out] == ["done"] * 9 + ["dead-letter"] * 6
+    assert all("RSEFileNameNotSupported" in o.error for o in out[9:])
+    assert len(rucio.datasets[("lst", "LST1_20261124_raw")]) == 9
+
+
+def test_unknown_scope_dead_letters_as_rucio_refused(settings, rucio):
+    rucio.scopes.discard("lst")
+    out = ingest([ev(1)], rucio, settings)
+    assert kinds(out) == [("dead-letter", "rucio-refused")] and "ScopeNotFound" in out[0].error
+
+
+def test_permission_denied_is_its_own_reason(settings, rucio):
+    rucio.denied_scopes.add("lst")
+    assert kinds(ingest([ev(1)], rucio, settings)) == [("dead-letter", "permission-denied")]
+
+
+def test_rucio_outage_asks_for_a_retry_and_leaves_other_datasets_alone(settings, rucio):
+    rucio.fail("add_dataset", Unavailable("503"), times=1)
+    out = ingest([ev(1, night="20261124"), ev(2, night="20261125")], rucio, settings)
+    assert [o.kind for o in out] == ["retry", "done"]
+    # the retried event completes later without a second replica or rule
+    assert kinds(ingest([ev(1, night="20261124")], rucio, settings)) == [("done", "already-registered")]
+    assert len(rucio.rules) == 2
+
+
+def test_rucio_unavailable_during_registration_retries_the_whole_batch(settings, rucio):
+    rucio.fail("add_replicas", Unavailable("connection refused"))
+    assert [o.kind for o in ingest([ev(1), ev(2)], rucio, settings)] == ["retry", "retry"]
+
+
+def test_dataset_created_without_rules_elsewhere_gets_the_missing_rule(settings, rucio):
+    rucio.datasets[("lst", "LST1_20261124_raw")] = set()
+    ingest([ev(1)], rucio, settings)
+    assert [(r.name, r.rse_expression) for r in rucio.rules] == [("LST1_20261124_raw", "PIC-ARCHIVE")]
+
+
+def test_closed_dataset_dead_letters_the_attachment(settings, rucio):
+    ingest([ev(1)], rucio, settings)
+    rucio.closed.add(("lst", "LST1_20261124_raw"))
+    out = ingest([ev(2)], rucio, settings)
+    assert kinds(out) == [("dead-letter", "rucio-refused")] and "closed" in out[0].error
+
+
+def test_dataset_memo_saves_the_dataset_call_on_later_batches(settings, rucio):
+    memo = DatasetMemo()
+    ingest([ev(1)], rucio, settings, memo)
+    ingest([ev(2)], rucio, settings, memo)
+    assert rucio.calls["add_dataset"] == 1
