@@ -132,7 +132,10 @@ class Publisher:
                 if len(self._pending) >= CONFIRM_WINDOW:
                     self._await(CONFIRM_WINDOW // 2)
             self._await(0)
-        except (*self._conn.connection_errors, *self._conn.channel_errors) as exc:
+        except self._conn.channel_errors as exc:
+            self._channel = None
+            raise PublishFailed(f"broker refused the publish: {exc}") from exc
+        except self._conn.connection_errors as exc:
             self._channel = None
             raise PublishFailed(f"broker connection lost while publishing: {exc}") from exc
         if self._failed:

@@ -1,0 +1,127 @@
+"""`rucio-injector` command line: parse → build settings → call the library. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from injector import __version__, config, logs
+from injector.errors import InjectorError
+
+log = logging.getLogger("rucio_injector")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    return config.load(args.config)
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM / SIGINT set the event: the running verb finishes its batch, then exits."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s: finishing the current batch, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from producers.publish import DaqPublisher, file_closed
+
+    settings = _settings(args)
+    meta = dict(_key_value(kv) for kv in args.meta)
+    extra = {k: v for k, v in (("run", args.run), ("night", args.night), ("datatype", args.datatype)) if v}
+    events = [file_closed(p, site=args.site, instrument=args.instrument, metadata=meta, **extra) for p in args.paths]
+    with DaqPublisher(settings.broker) as daq:
+        daq.publish(events)
+    for e in events:
+        print(f"published {e.event_id} {e.routing_key} {e.path} size={e.size} adler32={e.adler32}")
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise InjectorError(f"--meta wants KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from consumers.services import run_ingest
+
+    run_ingest(_settings(args), _stop_on_signals())
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from injector import topology
+
+    settings = _settings(args)
+    declared = topology.declare(settings)
+    if args.action == "definitions":
+        print(json.dumps(topology.definitions(declared), indent=2))
+        return 0
+    from injector.transport import connection
+
+    conn = connection(settings.broker)
+    try:
+        for line in topology.apply(conn, declared):
+            print(f"ok  {line}")
+    finally:
+        conn.release()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rucio-injector", description=__doc__)
+    p.add_argument("--version", action="version", version=f"rucio-injector {__version__}")
+    p.add_argument("--config", help=f"TOML config file (default: ${config.CONFIG_ENV})")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    pub = sub.add_parser("publish", help="publish file-closed events for files on disk")
+    pub.add_argument("paths", nargs="+")
+    pub.add_argument("--site", required=True)
+    pub.add_argument("--instrument", required=True)
+    pub.add_argument("--run", type=int)
+    pub.add_argument("--night", help="observing night YYYYMMDD")
+    pub.add_argument("--datatype")
+    pub.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
+    pub.set_defaults(func=cmd_publish)
+
+    ing = sub.add_parser("ingest", help="run the ingest consumer (file-closed → Rucio)")
+    ing.set_defaults(func=cmd_ingest)
+
+    brk = sub.add_parser("broker", help="broker topology")
+    brk.add_argument("action", choices=["setup", "definitions"],
+                     help="setup: declare exchanges/queues/bindings (idempotent); definitions: print them "
+                          "as RabbitMQ definitions JSON")
+    brk.set_defaults(func=cmd_broker)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level, args.log_json)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except InjectorError as exc:
+        print(f"rucio-injector {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Helpers for tests on the real RabbitMQ: unique topology per test, queue inspection."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import kombu
+
+from injector import topology
+from injector.config import Settings, parse
+from injector.worker import BatchWorker
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def unique_settings(base: dict[str, Any], **sections: Any) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    data = dict(base)
+    data["broker"] = {"urls": [AMQP_URL], "daq_exchange": f"t-{tag}.daq", "dead_letter_exchange": f"t-{tag}.dlx",
+                      **sections.pop("broker", {})}
+    data["ingest"] = {"queue": f"t-{tag}.ingest", **sections.pop("ingest", {})}
+    data.update(sections)
+    return parse(data)
+
+
+@contextmanager
+def declared(settings: Settings) -> Iterator[Settings]:
+    """Apply the topology, yield, then delete every queue and exchange it made."""
+    decl = topology.declare(settings)
+    with kombu.Connection(settings.broker.urls[0]) as conn:  # no heartbeat: idle during the test
+        topology.apply(conn, decl)
+    try:
+        yield settings
+    finally:
+        with kombu.Connection(settings.broker.urls[0]) as conn:
+            ch = conn.channel()
+            for q in decl.queues:
+                ch.queue_delete(q.name)
+            for e in decl.exchanges:
+                if not e.name.startswith("amq."):
+                    ch.exchange_delete(e.name)
+
+
+def get_all(settings: Settings, queue: str) -> list[Any]:
+    """Take every ready message off a queue (basic_get, acked)."""
+    out = []
+    with kombu.Connection(settings.broker.urls[0]) as conn:
+        ch = conn.channel()
+        while (m := ch.basic_get(queue)) is not None:
+            out.append(m)
+            ch.basic_ack(m.delivery_tag)
+    return out
+
+
+def depth(settings: Settings, queue: str) -> int:
+    with kombu.Connection(settings.broker.urls[0]) as conn:
+        return conn.channel().queue_declare(queue, passive=True).message_count
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def running(worker: BatchWorker) -> Iterator[threading.Event]:
+    stop = threading.Event()
+    t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        t.join(30)
+        assert not t.is_alive(), "worker did not stop within 30 s of the stop signal"
