@@ -133,8 +133,12 @@ def _register(files: Sequence[_File], rucio: RucioGateway) -> None:
     for f in _ok(files):
         by_rse[f.placement.stream.source_rse].append(f)
     for rse, group in by_rse.items():
+
+        def add(fs: Sequence[_File], rse: str = rse) -> None:
+            rucio.add_replicas(rse, [_replica(f) for f in fs])
+
         for part in chunks(group, BULK):
-            _bisect(part, lambda fs, rse=rse: rucio.add_replicas(rse, [_replica(f) for f in fs]))
+            _bisect(part, add)
     # Another ingest process may have registered the same name with other bytes meanwhile:
     # add_replicas skips existing replicas without comparing, so compare now.
     _check_against_rucio(files, rucio, after_add=True)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from injector.errors import InvalidEvent
 
-FILE_CLOSED = "file-closed/1"
-FILE_ARCHIVED = "file-archived/1"
+FILE_CLOSED: Final = "file-closed/1"
+FILE_ARCHIVED: Final = "file-archived/1"
 
 # Site and instrument become routing-key words: no dots, no wildcards.
 Word = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]

@@ -14,9 +14,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from tenacity import RetryCallState, retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
-from injector.config import Rule, RucioSettings
+from injector.config import RucioSettings, Rule
 from injector.errors import ChecksumConflict, PermissionDenied, RucioRefused, RucioUnavailable
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,10 @@ TRANSIENT = frozenset({
     "ServerConnectionException", "DatabaseException", "ServiceUnavailable", "ResourceTemporaryUnavailable",
     "ReplicationRuleCreationTemporaryFailed", "CannotAuthenticate", "RucioException", "TransferToolTimeout",
 })
+# Two processes inserting the same new DID or replica at once: one loses with one of these.
+# The retry finds the row and skips it, so they are passing, not permanent.
+RACES = frozenset({"Duplicate", "DataIdentifierAlreadyExists", "FileAlreadyExists", "FileReplicaAlreadyExists",
+                   "DuplicateContent"})
 DENIED = frozenset({"AccessDenied", "ScopeAccessDenied", "RSEAccessDenied", "CannotAuthorize"})
 
 
@@ -91,6 +101,8 @@ def classify(exc: BaseException) -> Exception:
         return ChecksumConflict(text)
     if name in DENIED:
         return PermissionDenied(text)
+    if name in RACES:
+        return RucioUnavailable(f"concurrent insert, will retry: {text}")
     if name in TRANSIENT or isinstance(exc, OSError) or type(exc).__module__.startswith("requests"):
         return RucioUnavailable(text)
     if type(exc).__module__.startswith("rucio"):

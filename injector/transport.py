@@ -8,8 +8,8 @@ round trip per message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -149,10 +149,8 @@ class Publisher:
             if left <= 0:
                 self._channel = None  # confirms are lost with this channel; never reuse it
                 raise PublishFailed(f"{len(self._pending)} publish confirm(s) not received in {self._timeout}s")
-            try:
+            with contextlib.suppress(TimeoutError):
                 self._conn.drain_events(timeout=min(left, 1.0))
-            except TimeoutError:
-                pass
 
     def close(self) -> None:
         if self._channel is not None and self._channel.is_open:
@@ -204,8 +202,6 @@ def to_delivery(message: amqp.Message, generation: int) -> Delivery:
 
 def drain(conn: kombu.Connection, timeout: float) -> None:
     """Wait up to `timeout` for frames; keep heartbeats flowing."""
-    try:
+    with contextlib.suppress(TimeoutError):
         conn.drain_events(timeout=timeout)
-    except (TimeoutError, socket.timeout):
-        pass
     conn.heartbeat_check()

@@ -9,6 +9,7 @@ A lost connection drops unsettled deliveries (the broker redelivers them) and re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -88,10 +89,8 @@ class BatchWorker:
                      self.batching.prefetch, self.batching.size, self.batching.window)
             self._loop(conn, channel, tag, session, buffer, stop)
         finally:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection may itself fail
                 conn.release()
-            except Exception:  # closing a dead connection may itself fail; nothing to do
-                pass
 
     def _loop(self, conn: kombu.Connection, channel: amqp.Channel, tag: str, session: AmqpSession,
               buffer: list[Delivery], stop: threading.Event) -> None:

@@ -148,3 +148,17 @@ def test_dataset_memo_saves_the_dataset_call_on_later_batches(settings, rucio):
     ingest([ev(1)], rucio, settings, memo)
     ingest([ev(2)], rucio, settings, memo)
     assert rucio.calls["add_dataset"] == 1
+
+
+def test_rucio_exceptions_map_onto_the_error_tree():
+    from rucio.common import exception as rx
+
+    from injector.errors import ChecksumConflict, PermissionDenied, RucioRefused, RucioUnavailable
+    from injector.gateway import classify
+
+    assert isinstance(classify(rx.FileConsistencyMismatch("x")), ChecksumConflict)
+    assert isinstance(classify(rx.AccessDenied("x")), PermissionDenied)
+    assert isinstance(classify(rx.RSENotFound("x")), RucioRefused)
+    assert isinstance(classify(rx.DatabaseException("x")), RucioUnavailable)
+    assert isinstance(classify(rx.DataIdentifierAlreadyExists("x")), RucioUnavailable)  # a race: retry
+    assert isinstance(classify(ConnectionRefusedError()), RucioUnavailable)

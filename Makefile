@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` and `make test` (see README.md).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv setup test unit lint demo clean
+
+$(BIN)/rucio-injector: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/rucio-injector
+
+# Machine prerequisites for the integration tests: RabbitMQ STOMP plugin, ActiveMQ, Rucio server venv.
+setup: venv
+	bash .ci/setup-machine
+	$(BIN)/python -m injector.testbed.rucio --ensure-venv
+
+lint: venv
+	$(BIN)/ruff check injector producers consumers tests
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit -q
+
+test: setup lint
+	CI=$${CI:-true} $(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/rucio-injector demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
