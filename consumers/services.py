@@ -11,8 +11,8 @@ from injector.config import Settings
 from injector.errors import InvalidEvent
 from injector.events import FileClosed, decode_file_closed
 from injector.gateway import ClientGateway, RucioGateway
+from injector.messages import Delivery
 from injector.settle import Outcome, Route
-from injector.transport import Delivery
 from injector.worker import Batching, BatchWorker
 
 log = logging.getLogger(__name__)

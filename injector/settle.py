@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 from injector import deadletter
 from injector.errors import Permanent, PublishFailed, Transient
-from injector.transport import Delivery, Outgoing
+from injector.messages import Delivery, Outgoing
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from injector.config import Rule
 from injector.errors import PermissionDenied, RucioRefused, RucioUnavailable
 from injector.gateway import Attachment, FileMeta, NewReplica
-from injector.transport import Delivery, Outgoing
+from injector.messages import Delivery, Outgoing
 
 
 @dataclass

@@ -13,8 +13,6 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import amqp
 import kombu
@@ -22,41 +20,11 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 
 from injector.config import Broker
 from injector.errors import BrokerUnavailable, PublishFailed
+from injector.messages import Delivery, Outgoing
 
 log = logging.getLogger(__name__)
 
 CONFIRM_WINDOW = 2000  # unconfirmed messages in flight before the publisher waits
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    exchange: str
-    routing_key: str
-    body: bytes
-    headers: dict[str, Any] = field(default_factory=dict)
-    message_id: str | None = None
-    content_type: str = "application/json"
-
-
-@dataclass(slots=True)
-class Delivery:
-    """One received message, with what settling it needs."""
-
-    body: bytes
-    headers: dict[str, Any]
-    exchange: str
-    routing_key: str
-    delivery_tag: int
-    redelivered: bool
-    message_id: str | None
-    content_type: str
-    generation: int = 0
-    received_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def attempts(self) -> int:
-        """Deliveries so far, this one included (quorum queues count in x-delivery-count)."""
-        return int(self.headers.get("x-delivery-count", 0) or 0) + 1
 
 
 def connection(broker: Broker) -> kombu.Connection:

@@ -22,8 +22,9 @@ import kombu
 
 from injector.config import Broker
 from injector.errors import BrokerUnavailable
+from injector.messages import Delivery
 from injector.settle import Outcome, Route, settle
-from injector.transport import AmqpSession, Delivery, Publisher, connection, drain, to_delivery
+from injector.transport import AmqpSession, Publisher, connection, drain, to_delivery
 
 log = logging.getLogger(__name__)
 
