@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from injector.config import Settings, Stream
 from injector.errors import ChecksumConflict, Permanent, Transient
 from injector.events import FileClosed
-from injector.gateway import Attachment, NewReplica, RucioGateway, chunks
+from injector.gateway import Attachment, NewReplica, RucioGateway, chunks, isolate
 from injector.settle import Outcome
 from injector.streams import Placement, place
 
@@ -205,20 +205,9 @@ def _attachments(files: Sequence[_File]) -> list[Attachment]:
 
 
 def _bisect(files: Sequence[_File], call: Callable[[Sequence[_File]], None]) -> None:
-    """Run a bulk call; if Rucio refuses it, split until the refused file(s) are isolated,
-    so one bad file never fails its good neighbours. A transient failure fails them all."""
-    try:
-        call(files)
-    except Transient as exc:
-        _fail(files, exc)
-    except Permanent as exc:
-        if len(files) == 1:
-            files[0].error = exc
-            exc.event_id = str(files[0].event.event_id)
-            return
-        mid = len(files) // 2
-        _bisect(files[:mid], call)
-        _bisect(files[mid:], call)
+    for f, exc in isolate(files, call):
+        if f.error is None:
+            f.error = exc
 
 
 def _fail(files: Sequence[_File], exc: Permanent | Transient) -> None:

@@ -84,8 +84,36 @@ class FileArchived(_Event):
     def routing_key(self) -> str:
         return f"file.archived.{self.site}.{self.instrument}"
 
+    @classmethod
+    def create(cls, **fields: Any) -> FileArchived:
+        """The announcement for a file: its event_id is derived from scope:name."""
+        fields.setdefault("event_id", archived_event_id(fields["scope"], fields["name"]))
+        return cls(schema=FILE_ARCHIVED, **fields)
 
-E = TypeVar("E", bound=_Event)
+
+E = TypeVar("E", bound=BaseModel)
+
+
+class RucioEvent(BaseModel):
+    """A message from Rucio's hermes: Rucio owns its payload, so only the envelope is checked."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_type: str
+    payload: dict[str, Any]
+    created_at: str | None = None
+
+    def get(self, key: str) -> Any:
+        return self.payload.get(key)
+
+
+# file-archived event ids are derived from the file, so every announcement of one file is the
+# same event: a DAQ deduplicating on event_id sees each file archived exactly once.
+ARCHIVED_NAMESPACE = uuid.UUID("9b0e1c38-5a53-4f7e-9d5e-5c1b0a7f2f11")
+
+
+def archived_event_id(scope: str, name: str) -> uuid.UUID:
+    return uuid.uuid5(ARCHIVED_NAMESPACE, f"{scope}:{name}")
 
 
 def new_event_id() -> uuid.UUID:
@@ -114,6 +142,10 @@ def decode_file_closed(body: bytes | str) -> FileClosed:
 
 def decode_file_archived(body: bytes | str) -> FileArchived:
     return _decode(FileArchived, body)
+
+
+def decode_rucio_event(body: bytes | str) -> RucioEvent:
+    return _decode(RucioEvent, body)
 
 
 def _decode(model: type[E], body: bytes | str) -> E:

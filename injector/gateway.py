@@ -23,10 +23,11 @@ from tenacity import (
 )
 
 from injector.config import RucioSettings, Rule
-from injector.errors import ChecksumConflict, PermissionDenied, RucioRefused, RucioUnavailable
+from injector.errors import ChecksumConflict, Permanent, PermissionDenied, RucioRefused, RucioUnavailable, Transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RSE_CACHE_SECONDS = 300.0
 
 # Rucio exception class names that a retry can cure.
 TRANSIENT = frozenset({
@@ -46,6 +47,21 @@ class FileMeta:
     name: str
     bytes: int | None
     adler32: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FileReplicas:
+    """A file and the state of each of its replicas (rse → AVAILABLE, COPYING, BEING_DELETED, ...)."""
+
+    scope: str
+    name: str
+    bytes: int | None
+    adler32: str | None
+    states: dict[str, str]
+    pfns: dict[str, list[str]]
+
+    def available(self, rse: str) -> bool:
+        return self.states.get(rse) == "AVAILABLE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +108,18 @@ class RucioGateway(Protocol):
         """Attach files to datasets; attaching twice is harmless."""
         ...
 
+    def replicas(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FileReplicas]:
+        """Every replica, in every state, of the DIDs that exist."""
+        ...
+
+    def rses(self, expression: str) -> frozenset[str]:
+        """The RSEs an RSE expression names."""
+        ...
+
+    def set_tombstones(self, replicas: Sequence[tuple[str, str, str]]) -> None:
+        """Mark (scope, name, rse) replicas for immediate deletion by the reaper."""
+        ...
+
 
 def classify(exc: BaseException) -> Exception:
     """Map anything a rucio-clients call raised onto the project's error tree."""
@@ -118,6 +146,7 @@ class ClientGateway:
         self._settings = settings
         self._client = client
         self._observe = observe  # (operation, seconds, outcome) → metrics
+        self._rse_cache: dict[str, tuple[float, frozenset[str]]] = {}
 
     @property
     def client(self) -> Any:
@@ -216,6 +245,28 @@ class ClientGateway:
         self._call("add_files_to_datasets", self.client.add_files_to_datasets, body, ignore_duplicate=True)
 
 
+    def replicas(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FileReplicas]:
+        if not dids:
+            return {}
+        request = [{"scope": s, "name": n} for s, n in dids]
+        rows = self._call("list_replicas", lambda: list(self.client.list_replicas(request, all_states=True)))
+        return {(r["scope"], r["name"]): FileReplicas(r["scope"], r["name"], r.get("bytes"), r.get("adler32"),
+                                                     dict(r.get("states") or {}), dict(r.get("rses") or {}))
+                for r in rows}
+
+    def rses(self, expression: str) -> frozenset[str]:
+        cached = self._rse_cache.get(expression)
+        if cached and time.monotonic() - cached[0] < RSE_CACHE_SECONDS:
+            return cached[1]
+        names = frozenset(r["rse"] for r in self._call("list_rses", lambda: list(self.client.list_rses(expression))))
+        self._rse_cache[expression] = (time.monotonic(), names)
+        return names
+
+    def set_tombstones(self, replicas: Sequence[tuple[str, str, str]]) -> None:
+        body = [{"scope": s, "name": n, "rse": r} for s, n, r in replicas]
+        self._call("set_tombstone", self.client.set_tombstone, body)
+
+
 def _replica_dict(r: NewReplica) -> dict[str, Any]:
     d: dict[str, Any] = {"scope": r.scope, "name": r.name, "bytes": r.bytes, "adler32": r.adler32, "pfn": r.pfn}
     if r.md5:
@@ -229,6 +280,21 @@ def _rule_dict(rule: Rule) -> dict[str, Any]:
     if rule.lifetime is not None:
         d["lifetime"] = rule.lifetime
     return d
+
+
+def isolate(items: Sequence[T], call: Callable[[Sequence[T]], None]) -> list[tuple[T, Permanent | Transient]]:
+    """Run a bulk call; if Rucio refuses it, split until the refused items are isolated, so one bad
+    item never fails its good neighbours. Returns the failed items; a transient fault fails them all."""
+    try:
+        call(items)
+        return []
+    except Transient as exc:
+        return [(item, exc) for item in items]
+    except Permanent as exc:
+        if len(items) == 1:
+            return [(items[0], exc)]
+        mid = len(items) // 2
+        return isolate(items[:mid], call) + isolate(items[mid:], call)
 
 
 def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:

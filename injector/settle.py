@@ -8,7 +8,7 @@ confirms) BEFORE the original is acked, so a crash in between duplicates, never 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -30,10 +30,11 @@ class Outcome:
     did: str | None = None
     reason: str | None = None
     error: str | None = None
+    emit: tuple[Outgoing, ...] = ()  # published (confirmed) before the message is acked
 
     @classmethod
-    def done(cls, label: str, did: str | None = None) -> Outcome:
-        return cls("done", label, did)
+    def done(cls, label: str, did: str | None = None, emit: tuple[Outgoing, ...] = ()) -> Outcome:
+        return cls("done", label, did, emit=emit)
 
     @classmethod
     def failed(cls, exc: Permanent | Transient, did: str | None = None) -> Outcome:
@@ -42,11 +43,13 @@ class Outcome:
 
 
 class Session(Protocol):
-    """The broker operations settle needs (AMQP session or the in-memory one)."""
+    """The broker operations settle needs (AMQP, STOMP, or the in-memory one). `publish` and
+    `dead_letter` return only when the broker confirmed, or raise PublishFailed."""
 
     def ack(self, delivery: Delivery) -> None: ...
     def requeue(self, delivery: Delivery) -> None: ...
     def publish(self, messages: Sequence[Outgoing]) -> None: ...
+    def dead_letter(self, messages: Sequence[Outgoing]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,18 +64,30 @@ class Route:
 def settle(session: Session, results: Sequence[tuple[Delivery, Outcome]], route: Route) -> Sequence[Outcome]:
     """Apply outcomes; returns the outcomes as finally applied (a last retry becomes a dead letter)."""
     final = [(d, _exhausted(d, o, route)) for d, o in results]
+    emits = [m for _, o in final if o.kind == "done" for m in o.emit]
+    if emits:
+        try:
+            session.publish(emits)
+        except PublishFailed as exc:
+            log.error("could not publish %d message(s), requeueing their triggers: %s", len(emits), exc)
+            final = _demote(final, lambda o: bool(o.emit), "publish-failed")
     dead = [(d, o) for d, o in final if o.kind == "dead-letter"]
     if dead:
         try:
-            session.publish([_dead_letter_message(d, o, route) for d, o in dead])
+            session.dead_letter([_dead_letter_message(d, o, route) for d, o in dead])
         except PublishFailed as exc:
             log.error("could not dead-letter %d message(s), requeueing them: %s", len(dead), exc)
-            final = [(d, Outcome("retry", "dead-letter-failed", o.did, o.reason, o.error)) if o.kind ==
-                     "dead-letter" else (d, o) for d, o in final]
+            final = _demote(final, lambda o: o.kind == "dead-letter", "dead-letter-failed")
     for d, o in final:
         (session.requeue if o.kind == "retry" else session.ack)(d)
         _log(d, o)
     return [o for _, o in final]
+
+
+def _demote(pairs: list[tuple[Delivery, Outcome]], which: Callable[[Outcome], bool],
+            label: str) -> list[tuple[Delivery, Outcome]]:
+    """Nothing is lost: what could not be published is requeued instead of acked."""
+    return [(d, Outcome("retry", label, o.did, o.reason, o.error)) if which(o) else (d, o) for d, o in pairs]
 
 
 def _exhausted(d: Delivery, o: Outcome, route: Route) -> Outcome:

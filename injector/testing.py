@@ -15,7 +15,7 @@ from typing import Any
 
 from injector.config import Rule
 from injector.errors import PermissionDenied, RucioRefused, RucioUnavailable
-from injector.gateway import Attachment, FileMeta, NewReplica
+from injector.gateway import Attachment, FileMeta, FileReplicas, NewReplica
 from injector.messages import Delivery, Outgoing
 
 
@@ -32,12 +32,16 @@ class FakeRucio:
     """In-memory RucioGateway. `fail(op, exc, times)` makes the next calls of `op` raise."""
 
     def __init__(self, rses: dict[str, str] | None = None, scopes: Sequence[str] = ("lst", "magic")) -> None:
-        self.rses = dict(rses or {})  # name -> PFN prefix its protocol accepts
+        self.prefixes = dict(rses or {})  # name -> PFN prefix its protocol accepts
         self.scopes = set(scopes)
         self.files: dict[tuple[str, str], FileMeta] = {}
         self.datasets: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self.closed: set[tuple[str, str]] = set()
-        self.replicas: dict[tuple[str, str, str], str] = {}
+        self.pfns: dict[tuple[str, str, str], str] = {}  # (rse, scope, name) -> pfn
+        self.states: dict[tuple[str, str, str], str] = {}  # default AVAILABLE
+        self.tombstoned: set[tuple[str, str, str]] = set()
+        self.locked: set[tuple[str, str, str]] = set()
+        self.expressions: dict[str, set[str]] = {}  # RSE expression -> RSEs (default: itself)
         self.rules: list[FakeRule] = []
         self.calls: Counter[str] = Counter()
         self.denied_scopes: set[str] = set()
@@ -64,15 +68,15 @@ class FakeRucio:
 
     def add_replicas(self, rse: str, replicas: Sequence[NewReplica]) -> None:
         self._enter("add_replicas")
-        if rse not in self.rses:
+        if rse not in self.prefixes:
             raise RucioRefused(f"RSENotFound: RSE {rse!r} does not exist")
         for r in replicas:  # validate the whole call first: Rucio refuses it as a unit
             self._scope(r.scope)
-            if not r.pfn.startswith(self.rses[rse]):
-                raise RucioRefused(f"RSEFileNameNotSupported: {r.pfn} is not under {self.rses[rse]}")
+            if not r.pfn.startswith(self.prefixes[rse]):
+                raise RucioRefused(f"RSEFileNameNotSupported: {r.pfn} is not under {self.prefixes[rse]}")
         for r in replicas:
             self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, r.adler32))
-            self.replicas.setdefault((rse, r.scope, r.name), r.pfn)
+            self.pfns.setdefault((rse, r.scope, r.name), r.pfn)
 
     def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
         self._enter("add_dataset")
@@ -109,6 +113,48 @@ class FakeRucio:
             self.datasets[(a.scope, a.dataset)].update(a.files)
 
 
+    def replicas(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FileReplicas]:
+        self._enter("replicas")
+        out = {}
+        for scope, name in dids:
+            meta = self.files.get((scope, name))
+            if meta is None:
+                continue
+            held = [(rse, pfn) for (rse, s, n), pfn in self.pfns.items() if (s, n) == (scope, name)]
+            out[(scope, name)] = FileReplicas(
+                scope, name, meta.bytes, meta.adler32,
+                {rse: self.states.get((rse, scope, name), "AVAILABLE") for rse, _ in held},
+                {rse: [pfn] for rse, pfn in held})
+        return out
+
+    def rses(self, expression: str) -> frozenset[str]:
+        self._enter("rses")
+        return frozenset(self.expressions.get(expression, {expression}))
+
+    def set_tombstones(self, replicas: Sequence[tuple[str, str, str]]) -> None:
+        self._enter("set_tombstones")
+        for scope, name, rse in replicas:
+            if (rse, scope, name) in self.locked:
+                raise RucioRefused(f"ReplicaIsLocked: {scope}:{name} at {rse} is locked by a rule")
+            if (rse, scope, name) not in self.pfns:
+                raise RucioRefused(f"ReplicaNotFound: {scope}:{name} at {rse}")
+        self.tombstoned.update((rse, scope, name) for scope, name, rse in replicas)
+
+    def add_replica(self, rse: str, scope: str, name: str, pfn: str = "", state: str = "AVAILABLE") -> None:
+        """Test set-up: a replica as a transfer would leave it."""
+        self.pfns[(rse, scope, name)] = pfn or f"file://localhost/{rse.lower()}/{name.lstrip('/')}"
+        self.states[(rse, scope, name)] = state
+
+    def reap(self, rse: str) -> list[tuple[str, str]]:
+        """Test set-up: what the reaper would do with tombstoned replicas at an RSE."""
+        gone = [(s, n) for (r, s, n) in self.tombstoned if r == rse]
+        for s, n in gone:
+            self.pfns.pop((rse, s, n), None)
+            self.states.pop((rse, s, n), None)
+        self.tombstoned = {t for t in self.tombstoned if t[0] != rse}
+        return gone
+
+
 class Unavailable(RucioUnavailable):
     """Convenience: a transient Rucio fault for `FakeRucio.fail`."""
 
@@ -133,6 +179,7 @@ class MemorySession:
     acked: list[Delivery] = field(default_factory=list)
     requeued: list[Delivery] = field(default_factory=list)
     published: list[Outgoing] = field(default_factory=list)
+    dead_letters: list[Outgoing] = field(default_factory=list)
     refuse_publish: bool = False
 
     def ack(self, d: Delivery) -> None:
@@ -147,3 +194,10 @@ class MemorySession:
         if self.refuse_publish:
             raise PublishFailed("broker refused (test)")
         self.published.extend(messages)
+
+    def dead_letter(self, messages: Sequence[Outgoing]) -> None:
+        from injector.errors import PublishFailed
+
+        if self.refuse_publish:
+            raise PublishFailed("broker refused (test)")
+        self.dead_letters.extend(messages)

@@ -150,6 +150,9 @@ class AmqpSession:
     def publish(self, messages: Sequence[Outgoing]) -> None:
         self.publisher.publish(messages)
 
+    def dead_letter(self, messages: Sequence[Outgoing]) -> None:
+        self.publisher.publish(messages)
+
 
 def to_delivery(message: amqp.Message, generation: int) -> Delivery:
     info = message.delivery_info

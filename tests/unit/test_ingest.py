@@ -27,7 +27,7 @@ def kinds(outcomes):
 def test_new_file_is_registered_in_place_attached_and_its_dataset_gets_the_rules(settings, rucio):
     out = ingest([ev(1)], rucio, settings)
     assert kinds(out) == [("done", "registered")]
-    assert rucio.replicas[("ORM-BUFFER", "lst", "/data/lst1/run00001.fits.fz")] == (
+    assert rucio.pfns[("ORM-BUFFER", "lst", "/data/lst1/run00001.fits.fz")] == (
         "file://localhost/data/lst1/run00001.fits.fz")
     assert rucio.datasets[("lst", "LST1_20261124_raw")] == {("lst", "/data/lst1/run00001.fits.fz")}
     assert [(r.rse_expression, r.copies, r.activity) for r in rucio.rules] == [("PIC-ARCHIVE", 1, "T0 Export")]
@@ -36,7 +36,7 @@ def test_new_file_is_registered_in_place_attached_and_its_dataset_gets_the_rules
 def test_a_batch_makes_one_bulk_call_per_step(settings, rucio):
     ingest([ev(i) for i in range(1, 501)], rucio, settings)
     assert rucio.calls["add_replicas"] == 1 and rucio.calls["attach"] == 1 and rucio.calls["add_dataset"] == 1
-    assert len(rucio.replicas) == 500
+    assert len(rucio.pfns) == 500
 
 
 def test_more_than_a_thousand_files_are_split_into_bulk_calls_of_at_most_a_thousand(settings, rucio):
@@ -49,7 +49,7 @@ def test_same_event_three_times_gives_one_replica_one_attachment_one_rule_set(se
     e = ev(7)
     out = ingest([e, e], rucio, settings) + ingest([e], rucio, settings)
     assert kinds(out) == [("done", "registered"), ("done", "already-registered"), ("done", "already-registered")]
-    assert len(rucio.replicas) == 1 and len(rucio.rules) == 1
+    assert len(rucio.pfns) == 1 and len(rucio.rules) == 1
     assert len(rucio.datasets[("lst", "LST1_20261124_raw")]) == 1
 
 
@@ -58,7 +58,7 @@ def test_same_file_in_two_different_events_is_one_replica(settings, rucio):
     assert a.event_id != b.event_id
     ingest([a], rucio, settings, DatasetMemo())
     assert kinds(ingest([b], rucio, settings, DatasetMemo())) == [("done", "already-registered")]
-    assert len(rucio.replicas) == 1 and len(rucio.rules) == 1
+    assert len(rucio.pfns) == 1 and len(rucio.rules) == 1
 
 
 def test_reordered_events_end_in_the_same_state(settings):
@@ -70,7 +70,7 @@ def test_reordered_events_end_in_the_same_state(settings):
         random.Random(seed).shuffle(shuffled)
         for i in range(0, len(shuffled), 7):
             ingest(shuffled[i : i + 7], r, settings)
-        states.append((r.replicas, r.datasets, sorted((x.name, x.rse_expression) for x in r.rules)))
+        states.append((r.pfns, r.datasets, sorted((x.name, x.rse_expression) for x in r.rules)))
     assert states[0] == states[1]
 
 

@@ -10,14 +10,14 @@ def test_done_is_acked_retry_is_requeued():
     s = MemorySession()
     a, b = delivery(b"a"), delivery(b"b")
     settle(s, [(a, Outcome.done("registered")), (b, Outcome.failed(RucioUnavailable("503")))], ROUTE)
-    assert s.acked == [a] and s.requeued == [b] and not s.published
+    assert s.acked == [a] and s.requeued == [b] and not s.dead_letters
 
 
 def test_permanent_failure_is_published_to_the_dead_letter_exchange_with_reason_then_acked():
     s = MemorySession()
     d = delivery(b'{"x":1}', message_id="e1", headers={"trace": "t"})
     settle(s, [(d, Outcome.failed(ChecksumConflict("differs"), "lst:/a"))], ROUTE)
-    (m,) = s.published
+    (m,) = s.dead_letters
     assert (m.exchange, m.routing_key, m.body, m.message_id) == ("rucio-injector.dlx", ROUTE.queue, d.body, "e1")
     assert m.headers[deadletter.REASON] == "checksum-conflict"
     assert m.headers[deadletter.ERROR] == "differs"
@@ -33,8 +33,8 @@ def test_retry_on_the_last_allowed_delivery_is_dead_lettered_by_us_with_our_reas
     d = delivery(b"a", attempts=5)
     (final,) = settle(s, [(d, Outcome.failed(RucioUnavailable("still down")))], ROUTE)
     assert final.kind == "dead-letter"
-    assert s.published[0].headers[deadletter.REASON] == "rucio-unavailable"
-    assert "gave up after 5 deliveries" in s.published[0].headers[deadletter.ERROR]
+    assert s.dead_letters[0].headers[deadletter.REASON] == "rucio-unavailable"
+    assert "gave up after 5 deliveries" in s.dead_letters[0].headers[deadletter.ERROR]
 
 
 def test_if_the_dead_letter_cannot_be_published_the_message_is_requeued_not_lost():

@@ -1,0 +1,243 @@
+"""Cleanup: Rucio's own events (hermes) → verified release of the source replica → file-archived.
+
+`cleanup(events, rucio, settings, failures)` is a plain function returning one Outcome per event.
+An event is only a trigger: every decision is taken from Rucio's state. The source replica is
+released (epoch tombstone, so the reaper deletes it) only when every destination the stream's
+rules require holds an AVAILABLE replica with the registered adler32. Rules are never deleted
+to drive cleanup. Duplicates and any order are harmless: each step checks state first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from injector.config import Settings, Stream
+from injector.errors import Permanent, Transient
+from injector.events import FileArchived, RucioEvent, encode
+from injector.gateway import FileReplicas, RucioGateway, chunks, isolate
+from injector.messages import Outgoing
+from injector.settle import Outcome
+
+log = logging.getLogger(__name__)
+
+Did = tuple[str, str]
+HANDLED = ("transfer-done", "transfer-failed", "deletion-done", "deletion-failed")
+
+
+@dataclass
+class TransferFailures:
+    """transfer-failed reasons per (scope, name, dst), counted in this process."""
+
+    reasons: dict[tuple[str, str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, key: tuple[str, str, str], reason: str) -> list[str]:
+        self.reasons[key].append(reason)
+        return self.reasons[key]
+
+    def clear(self, scope: str, name: str) -> None:
+        for key in [k for k in self.reasons if k[:2] == (scope, name)]:
+            del self.reasons[key]
+
+
+@dataclass
+class _Item:
+    index: int
+    event: RucioEvent
+
+    @property
+    def did(self) -> Did:
+        return (str(self.event.get("scope")), str(self.event.get("name")))
+
+    @property
+    def label(self) -> str:
+        return f"{self.did[0]}:{self.did[1]}"
+
+
+def cleanup(events: Sequence[RucioEvent | Permanent], rucio: RucioGateway, settings: Settings,
+            failures: TransferFailures | None = None) -> list[Outcome]:
+    """Outcomes for a batch of hermes events (an undecodable one is passed in as its error)."""
+    failures = failures if failures is not None else TransferFailures()
+    outcomes, work = _triage(events, settings)
+    items = [it for group in work.values() for it in group]
+    try:
+        state = _replicas(rucio, sorted({it.did for it in items}))
+    except (Permanent, Transient) as exc:
+        for it in items:
+            outcomes[it.index] = Outcome.failed(exc, it.label)
+        return outcomes
+    for it in work["transfer-failed"]:
+        outcomes[it.index] = _transfer_failed(it, state.get(it.did), settings, failures)
+    for it in work["deletion-failed"]:
+        outcomes[it.index] = _deletion_failed(it, settings)
+    for it in work["deletion-done"]:
+        outcomes[it.index] = _deletion_done(it, state.get(it.did), rucio, settings)
+    for index, outcome in _transfers_done(work["transfer-done"], state, rucio, settings, failures).items():
+        outcomes[index] = outcome
+    return outcomes
+
+
+def _triage(events: Sequence[RucioEvent | Permanent],
+            settings: Settings) -> tuple[list[Outcome], dict[str, list[_Item]]]:
+    """Settle at once what needs no Rucio call: invalid, other event types, other experiments."""
+    outcomes: list[Outcome] = [Outcome.done("ignored")] * len(events)
+    scopes = {s.scope for s in settings.streams}
+    work: dict[str, list[_Item]] = defaultdict(list)
+    for i, ev in enumerate(events):
+        if isinstance(ev, Permanent):
+            outcomes[i] = Outcome.failed(ev)
+        elif ev.event_type not in HANDLED:
+            outcomes[i] = Outcome.done(f"ignored-{ev.event_type}")
+        elif ev.get("scope") not in scopes:
+            outcomes[i] = Outcome.done("unmanaged")
+        else:
+            work[ev.event_type].append(_Item(i, ev))
+    return outcomes, work
+
+
+def _replicas(rucio: RucioGateway, dids: list[Did]) -> dict[Did, FileReplicas]:
+    found: dict[Did, FileReplicas] = {}
+    for part in chunks(dids, 1000):
+        found.update(rucio.replicas(part))
+    return found
+
+
+def stream_of(settings: Settings, scope: str, rse: str, pfn: str | None) -> Stream | None:
+    """The stream whose source RSE is `rse` and whose storage holds `pfn` (when known)."""
+    candidates = [s for s in settings.streams if s.scope == scope and s.source_rse == rse]
+    if pfn is not None:
+        candidates = [s for s in candidates if pfn.startswith(s.pfn_prefix + s.storage_root.rstrip("/") + "/")]
+    return candidates[0] if candidates else None
+
+
+def held_source(settings: Settings, files: FileReplicas) -> Stream | None:
+    """The stream whose source replica of this file still exists in Rucio, if any."""
+    for rse in files.states:
+        pfns: list[str | None] = [*files.pfns.get(rse, [])] or [None]
+        for pfn in pfns:
+            stream = stream_of(settings, files.scope, rse, pfn)
+            if stream is not None:
+                return stream
+    return None
+
+
+def missing_destinations(stream: Stream, files: FileReplicas, rucio: RucioGateway) -> list[str]:
+    """What the stream's rules still lack, in words; empty when every required copy is safe."""
+    lacking = []
+    for rule in stream.rules:
+        safe = sorted(r for r in rucio.rses(rule.rse_expression) if files.available(r) and r != stream.source_rse)
+        if len(safe) < rule.copies:
+            lacking.append(f"{rule.rse_expression} has {len(safe)}/{rule.copies} AVAILABLE "
+                           f"(states: {files.states})")
+    return lacking
+
+
+def _transfers_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
+                    settings: Settings, failures: TransferFailures) -> dict[int, Outcome]:
+    out: dict[int, Outcome] = {}
+    release: dict[tuple[str, str, str], list[_Item]] = defaultdict(list)
+    for it in items:
+        files = state.get(it.did)
+        held = held_source(settings, files) if files else None
+        if files is None or held is None:
+            out[it.index] = Outcome.done("source-gone" if files else "unmanaged", it.label)
+            continue
+        stream = held
+        reported = (it.event.get("checksum-adler") or "").lower()
+        if reported and files.adler32 and reported.zfill(8) != files.adler32.lower():
+            out[it.index] = Outcome.failed(Permanent(
+                f"{it.label}: transfer to {it.event.get('dst-rse')} reports adler32 {reported}, Rucio holds "
+                f"{files.adler32}; source kept", reason="checksum-mismatch"), it.label)
+            continue
+        try:
+            lacking = missing_destinations(stream, files, rucio)
+        except (Permanent, Transient) as exc:
+            out[it.index] = Outcome.failed(exc, it.label)
+            continue
+        if lacking:
+            out[it.index] = Outcome.done("not-yet-safe", it.label)
+            log.info("%s not released yet: %s", it.label, "; ".join(lacking))
+        elif not stream.release_source:
+            out[it.index] = Outcome.done("source-kept", it.label)
+        else:
+            release[(it.did[0], it.did[1], stream.source_rse)].append(it)
+            failures.clear(*it.did)
+    out.update(release_sources(rucio, release))
+    return out
+
+
+def release_sources(rucio: RucioGateway, release: dict[tuple[str, str, str], list[_Item]]) -> dict[int, Outcome]:
+    """Epoch tombstones in bulk; a replica Rucio refuses (e.g. locked by a rule) is isolated."""
+    out = {it.index: Outcome.done("released", it.label) for items in release.values() for it in items}
+    for part in chunks(list(release), 1000):
+        for key, exc in isolate(part, rucio.set_tombstones):
+            for it in release[key]:
+                if isinstance(exc, Transient):
+                    out[it.index] = Outcome.failed(exc, it.label)
+                else:
+                    log.warning("%s: source not released: %s", it.label, exc)
+                    out[it.index] = Outcome.done("release-refused", it.label)
+    return out
+
+
+def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, settings: Settings) -> Outcome:
+    rse, url = str(it.event.get("rse")), it.event.get("url")
+    stream = stream_of(settings, it.did[0], rse, url)
+    if stream is None:
+        return Outcome.done("unmanaged", it.label)
+    if files is not None and rse in files.states:
+        return Outcome.done("source-still-present", it.label)
+    try:
+        meta = rucio.file_metadata([it.did]).get(it.did)
+        destinations = sorted(r for rule in stream.rules for r in rucio.rses(rule.rse_expression)
+                              if files is not None and files.available(r))
+    except (Permanent, Transient) as exc:
+        return Outcome.failed(exc, it.label)
+    if meta is None or meta.bytes is None or meta.adler32 is None:
+        return Outcome.failed(Transient(f"{it.label} has no size/adler32 in Rucio"), it.label)
+    prefix = stream.pfn_prefix
+    path = url[len(prefix):] if isinstance(url, str) and url.startswith(prefix) else it.did[1]
+    archived = FileArchived.create(
+        site=stream.site, instrument=stream.instrument, path=path, size=meta.bytes, adler32=meta.adler32,
+        scope=it.did[0], name=it.did[1], destinations=destinations, archived_at=_created_at(it.event))
+    return Outcome.done("archived", it.label, emit=(archived_message(archived, settings),))
+
+
+def archived_message(event: FileArchived, settings: Settings) -> Outgoing:
+    return Outgoing(settings.broker.daq_exchange, event.routing_key, encode(event),
+                    {"schema": "file-archived/1", "event-id": str(event.event_id)}, str(event.event_id))
+
+
+def _created_at(ev: RucioEvent) -> datetime:
+    """hermes' created_at (UTC, no zone): duplicates of one message carry the same value."""
+    try:
+        return datetime.fromisoformat(str(ev.created_at)).replace(tzinfo=UTC)
+    except ValueError:
+        return datetime.now(UTC)
+
+
+def _transfer_failed(it: _Item, files: FileReplicas | None, settings: Settings,
+                     failures: TransferFailures) -> Outcome:
+    held = held_source(settings, files) if files else None
+    if held is None:
+        return Outcome.done("unmanaged", it.label)
+    dst, reason = str(it.event.get("dst-rse")), str(it.event.get("reason") or "no reason given")
+    reasons = failures.add((it.did[0], it.did[1], dst), reason)
+    log.warning("%s: transfer to %s failed (%d/%d): %s", it.label, dst, len(reasons), held.failure_limit, reason)
+    if len(reasons) >= held.failure_limit:
+        failures.clear(*it.did)
+        return Outcome.failed(Permanent(
+            f"{it.label}: {len(reasons)} failed transfers to {dst}: " + " | ".join(reasons),
+            reason="transfer-failed"), it.label)
+    return Outcome.done("transfer-failed", it.label)
+
+
+def _deletion_failed(it: _Item, settings: Settings) -> Outcome:
+    stream = stream_of(settings, it.did[0], str(it.event.get("rse")), it.event.get("url"))
+    if stream is None:
+        return Outcome.done("unmanaged", it.label)
+    why = f"{it.label}: deletion at {it.event.get('rse')} failed: {it.event.get('reason')}"
+    return Outcome("retry", "deletion-failed", it.label, "deletion-failed", why)

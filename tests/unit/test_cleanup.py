@@ -1,0 +1,151 @@
+import json
+import random
+
+import pytest
+
+from consumers.cleanup import TransferFailures, cleanup
+from consumers.ingest import ingest
+from injector.config import parse
+from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
+from injector.testing import FakeRucio, Unavailable
+from tests.conftest import STREAMS
+
+SRC, DST = "ORM-BUFFER", "PIC-ARCHIVE"
+NAME = "/data/lst1/run00001.fits.fz"
+
+
+@pytest.fixture
+def rucio(settings):
+    r = FakeRucio(rses={SRC: "file://localhost/data/"})
+    ingest([FileClosed.create(site="ORM", instrument="LST1", path=NAME, size=101, adler32="00000001",
+                              night="20261124")], r, settings)
+    return r
+
+
+def hermes(event_type, **payload):
+    payload.setdefault("scope", "lst")
+    payload.setdefault("name", NAME)
+    return RucioEvent(event_type=event_type, payload=payload, created_at="2026-11-25 01:02:03.456789")
+
+
+def done(**kw):
+    return hermes("transfer-done", **{"src-rse": SRC, "dst-rse": DST, "checksum-adler": "00000001", **kw})
+
+
+def deleted():
+    return hermes("deletion-done", rse=SRC, url="file://localhost" + NAME)
+
+
+def labels(outs):
+    return [o.label for o in outs]
+
+
+def test_transfer_done_with_the_archive_copy_available_releases_the_source(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    assert labels(cleanup([done()], rucio, settings)) == ["released"]
+    assert rucio.tombstoned == {(SRC, "lst", NAME)}
+
+
+def test_transfer_done_whose_destination_is_not_yet_available_does_not_release(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME, state="COPYING")
+    assert labels(cleanup([done()], rucio, settings)) == ["not-yet-safe"]
+    assert not rucio.tombstoned
+
+
+def test_transfer_done_without_any_destination_replica_does_not_release(settings, rucio):
+    assert labels(cleanup([done()], rucio, settings)) == ["not-yet-safe"] and not rucio.tombstoned
+
+
+def test_transfer_done_reporting_another_checksum_keeps_the_source_and_dead_letters(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    (out,) = cleanup([done(**{"checksum-adler": "deadbeef"})], rucio, settings)
+    assert (out.kind, out.reason) == ("dead-letter", "checksum-mismatch") and not rucio.tombstoned
+
+
+def test_every_rule_must_be_satisfied_before_release(rucio):
+    two = json.loads(json.dumps(STREAMS))
+    two["streams"][0]["rules"] = [{"rse_expression": "PIC-ARCHIVE"}, {"rse_expression": "T1S", "copies": 2}]
+    s = parse(two)
+    rucio.expressions["T1S"] = {"CNAF", "DESY", "INFN"}
+    rucio.add_replica(DST, "lst", NAME)
+    rucio.add_replica("CNAF", "lst", NAME)
+    assert labels(cleanup([done()], rucio, s)) == ["not-yet-safe"]
+    rucio.add_replica("DESY", "lst", NAME)
+    assert labels(cleanup([done()], rucio, s)) == ["released"]
+
+
+def test_a_stream_that_keeps_its_source_never_releases(rucio):
+    keep = json.loads(json.dumps(STREAMS))
+    keep["streams"][0]["release_source"] = False
+    rucio.add_replica(DST, "lst", NAME)
+    assert labels(cleanup([done()], rucio, parse(keep))) == ["source-kept"] and not rucio.tombstoned
+
+
+def test_deletion_done_at_the_source_announces_file_archived(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    cleanup([done()], rucio, settings)
+    rucio.reap(SRC)
+    (out,) = cleanup([deleted()], rucio, settings)
+    assert out.label == "archived"
+    (msg,) = out.emit
+    ev = decode_file_archived(msg.body)
+    assert msg.routing_key == "file.archived.ORM.LST1" and msg.exchange == settings.broker.daq_exchange
+    assert (ev.path, ev.size, ev.adler32, ev.scope, ev.name) == (NAME, 101, "00000001", "lst", NAME)
+    assert ev.destinations == [DST] and ev.event_id == archived_event_id("lst", NAME)
+
+
+def test_duplicate_deletion_done_produces_the_identical_announcement(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    rucio.reap(SRC) if cleanup([done()], rucio, settings) else None
+    a, b = cleanup([deleted(), deleted()], rucio, settings)
+    assert a.emit[0].body == b.emit[0].body and a.emit[0].message_id == b.emit[0].message_id
+
+
+def test_deletion_done_while_the_source_replica_still_exists_announces_nothing(settings, rucio):
+    (out,) = cleanup([deleted()], rucio, settings)
+    assert out.label == "source-still-present" and not out.emit
+
+
+def test_events_of_other_experiments_are_acked_and_counted_not_errors(settings, rucio):
+    outs = cleanup([hermes("transfer-done", scope="atlas"), hermes("rule_ok"), deleted()], rucio, settings)
+    assert [o.kind for o in outs] == ["done"] * 3
+    assert labels(outs)[:2] == ["unmanaged", "ignored-rule_ok"]
+
+
+def test_transfer_failed_never_releases_and_dead_letters_at_the_stream_failure_limit(settings, rucio):
+    failures = TransferFailures()
+    fail = hermes("transfer-failed", **{"dst-rse": DST, "reason": "SRM timeout"})
+    first = cleanup([fail, fail], rucio, settings, failures)
+    assert labels(first) == ["transfer-failed", "transfer-failed"]
+    (third,) = cleanup([fail], rucio, settings, failures)
+    assert third.kind == "dead-letter" and third.reason == "transfer-failed"
+    assert NAME in third.error and third.error.count("SRM timeout") == 3
+    assert not rucio.tombstoned
+
+
+def test_deletion_failed_is_retried(settings, rucio):
+    (out,) = cleanup([hermes("deletion-failed", rse=SRC, url="file://localhost" + NAME, reason="EPERM")],
+                     rucio, settings)
+    assert (out.kind, out.reason) == ("retry", "deletion-failed") and "EPERM" in out.error
+
+
+def test_duplicated_and_shuffled_events_release_once_and_announce_one_identical_event(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    stream = [hermes("transfer-queued", **{"dst-rse": DST}), done(), done(), done()]
+    random.Random(4).shuffle(stream)
+    cleanup(stream, rucio, settings)
+    assert rucio.calls["set_tombstones"] == 1
+    rucio.reap(SRC)
+    announcements = {o.emit[0].body for o in cleanup([deleted()] * 3 + [done()], rucio, settings) if o.emit}
+    assert len(announcements) == 1
+
+
+def test_a_locked_source_replica_is_reported_not_failed(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    rucio.locked.add((SRC, "lst", NAME))
+    assert labels(cleanup([done()], rucio, settings)) == ["release-refused"]
+
+
+def test_rucio_outage_retries_the_batch(settings, rucio):
+    rucio.fail("replicas", Unavailable("503"))
+    assert [o.kind for o in cleanup([done(), deleted()], rucio, settings)] == ["retry", "retry"]
