@@ -83,6 +83,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from injector import dlq_cli
+
+    return dlq_cli.run(args, _settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rucio-injector", description=__doc__)
     p.add_argument("--version", action="version", version=f"rucio-injector {__version__}")
@@ -109,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="setup: declare exchanges/queues/bindings (idempotent); definitions: print them "
                           "as RabbitMQ definitions JSON")
     brk.set_defaults(func=cmd_broker)
+
+    from injector import dlq_cli
+
+    dlq_cli.add_parser(sub)
+    sub.choices["dlq"].set_defaults(func=cmd_dlq)
     return p
 
 
