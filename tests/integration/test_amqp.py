@@ -74,7 +74,7 @@ def test_published_events_are_ingested_and_acked(settings, rucio):
     worker = ingest_worker(settings, rucio)
     with running(worker):
         wait_for(lambda: worker.stats.messages == 200, what="200 messages settled")
-    assert len(rucio.replicas) == 200 and rucio.calls["add_replicas"] <= 4
+    assert len(rucio.pfns) == 200 and rucio.calls["add_replicas"] <= 4
     assert depth(settings, settings.ingest.queue) == 0
 
 
@@ -96,7 +96,7 @@ def test_bad_event_is_dead_lettered_with_reason_headers_and_untouched_body(setti
     assert h[deadletter.EXCHANGE] == settings.broker.daq_exchange
     assert h[deadletter.ROUTING_KEY] == "file.closed.ORM.LST1"
     assert h[deadletter.SOURCE_QUEUE] == settings.ingest.queue and h["trace"] == "abc"
-    assert len(rucio.replicas) == 1
+    assert len(rucio.pfns) == 1
 
 
 def test_rucio_outage_longer_than_the_retries_ends_in_the_dead_letter_queue_with_its_reason(rucio):
@@ -146,7 +146,7 @@ def test_stop_signal_finishes_the_batch_in_flight_then_exits(settings):
     with running(worker) as stop:
         wait_for(lambda: rucio.calls["add_replicas"] == 1, what="batch in flight")
         stop.set()
-    assert worker.stats.messages == 50 and len(rucio.replicas) == 50
+    assert worker.stats.messages == 50 and len(rucio.pfns) == 50
     assert depth(settings, settings.ingest.queue) == 0
 
 
@@ -161,7 +161,7 @@ def test_worker_reconnects_after_the_broker_closes_its_connection(settings, ruci
         with DaqPublisher(settings.broker) as daq:
             daq.publish([ev(1)])
         wait_for(lambda: worker.stats.messages == 1, what="message after reconnect")
-    assert len(rucio.replicas) == 1
+    assert len(rucio.pfns) == 1
 
 
 def test_dead_letter_exchange_is_the_broker_fallback_for_poison_messages(settings):

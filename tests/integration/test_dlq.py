@@ -48,8 +48,9 @@ def fill_dlq(s, n: int, *, reason: str = "no-stream", failed_at: datetime | None
     messages = []
     for i in range(n):
         e = ev(i + 1, instrument)
-        h = deadletter.headers({"event-id": str(e.event_id)}, reason=reason, error="test", exchange=s.broker.daq_exchange,
-                               routing_key=e.routing_key, queue=s.ingest.queue, attempts=1, now=failed_at)
+        h = deadletter.headers({"event-id": str(e.event_id)}, reason=reason, error="test",
+                               exchange=s.broker.daq_exchange, routing_key=e.routing_key, queue=s.ingest.queue,
+                               attempts=1, now=failed_at)
         messages.append(Outgoing(s.broker.dead_letter_exchange, s.ingest.queue, encode(e), h, str(e.event_id)))
     conn = connection(s.broker)
     try:
