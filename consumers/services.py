@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 from consumers.ingest import DatasetMemo, ingest
 from injector.config import Settings
-from injector.errors import InvalidEvent
+from injector.errors import ConfigError, InvalidEvent
 from injector.events import FileClosed, decode_file_closed
 from injector.gateway import ClientGateway, RucioGateway
 from injector.messages import Delivery
+from injector.metrics import Metrics, serve
 from injector.settle import Outcome, Route
 from injector.worker import Batching, BatchWorker
 
@@ -30,7 +31,8 @@ def decode_all(deliveries: Sequence[Delivery]) -> list[FileClosed | InvalidEvent
 
 def ingest_worker(settings: Settings, rucio: RucioGateway | None = None) -> BatchWorker:
     """The ingest consumer: file-closed events from the ingest queue, in batches, into Rucio."""
-    gateway = rucio if rucio is not None else ClientGateway(settings.rucio)
+    metrics = Metrics("ingest")
+    gateway = rucio if rucio is not None else ClientGateway(settings.rucio, observe=metrics.observe_rucio)
     memo = DatasetMemo()
 
     def process(batch: list[Delivery]) -> Sequence[Outcome]:
@@ -38,8 +40,19 @@ def ingest_worker(settings: Settings, rucio: RucioGateway | None = None) -> Batc
 
     route = Route(settings.ingest.queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
     batching = Batching(settings.ingest.batch_size, settings.ingest.batch_window, settings.ingest.prefetch)
-    return BatchWorker(settings.broker, route, process, batching)
+    return BatchWorker(settings.broker, route, process, batching, metrics)
 
 
-def run_ingest(settings: Settings, stop: threading.Event, rucio: RucioGateway | None = None) -> None:
-    ingest_worker(settings, rucio).run(stop)
+def run_ingest(settings: Settings, stop: threading.Event, metrics_port: int | None = None) -> None:
+    worker = ingest_worker(settings)
+    _serve_metrics(worker.metrics, settings.metrics.host,
+                   settings.metrics.ingest_port if metrics_port is None else metrics_port)
+    worker.run(stop)
+
+
+def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:
+    if port:
+        try:
+            serve(metrics, port, host)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc} (set --metrics-port, 0 = off)") from None

@@ -60,7 +60,7 @@ def _key_value(text: str) -> tuple[str, str]:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from consumers.services import run_ingest
 
-    run_ingest(_settings(args), _stop_on_signals())
+    run_ingest(_settings(args), _stop_on_signals(), args.metrics_port)
     return 0
 
 
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(func=cmd_publish)
 
     ing = sub.add_parser("ingest", help="run the ingest consumer (file-closed → Rucio)")
+    ing.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz here (0 = off)")
     ing.set_defaults(func=cmd_ingest)
 
     brk = sub.add_parser("broker", help="broker topology")

@@ -99,6 +99,15 @@ class Ingest(_Section):
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 2000
 
 
+class MetricsSettings(_Section):
+    """Where each long-running verb serves /metrics and /healthz (0 = off)."""
+
+    host: str = "0.0.0.0"
+    ingest_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    cleanup_port: Annotated[int, Field(ge=0, le=65535)] = 9465
+    reconcile_port: Annotated[int, Field(ge=0, le=65535)] = 9466
+
+
 class RucioSettings(_Section):
     """How we call Rucio; who we are comes from the rucio-clients config (RUCIO_CONFIG)."""
 
@@ -110,6 +119,7 @@ class Settings(_Section):
     broker: Broker = Broker()
     ingest: Ingest = Ingest()
     rucio: RucioSettings = RucioSettings()
+    metrics: MetricsSettings = MetricsSettings()
     streams: list[Stream] = []
 
     @model_validator(mode="after")

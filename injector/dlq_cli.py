@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from consumers.dlq import RabbitDlq, dead_letter_queues, export_line
@@ -138,8 +138,12 @@ def _replay(dlq: RabbitDlq, queues: Sequence[str], where: Filter, args: argparse
         columns = (TextColumn(f"replay {q}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, disable=args.dry_run or total < 50) as bar:
             task = bar.add_task("replay", total=total)
+
+            def advance(_r: Record, bar: Progress = bar, task: TaskID = task) -> None:
+                bar.advance(task)
+
             s = dlq.replay(q, where, limit=args.limit, rate=args.rate, routing_key=args.routing_key,
-                           dry_run=args.dry_run, progress=lambda _r, t=task: bar.advance(t))
+                           dry_run=args.dry_run, progress=advance)
         verb = "would replay" if args.dry_run else "replayed"
         done = s.selected if args.dry_run else s.replayed
         err.print(f"{q}: looked at {s.seen}, selected {s.selected}, {verb} {done}, failed {s.failed}; "

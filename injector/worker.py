@@ -23,6 +23,7 @@ import kombu
 from injector.config import Broker
 from injector.errors import BrokerUnavailable
 from injector.messages import Delivery
+from injector.metrics import Metrics
 from injector.settle import Outcome, Route, settle
 from injector.transport import AmqpSession, Publisher, connection, drain, to_delivery
 
@@ -49,13 +50,15 @@ class Stats:
 
 class BatchWorker:
     def __init__(self, broker: Broker, route: Route, process: Process, batching: Batching,
-                 on_batch: Callable[[Sequence[Outcome], float], None] | None = None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.broker = broker
         self.route = route
         self.process = process
         self.batching = batching
-        self.on_batch = on_batch
+        self.metrics = metrics or Metrics(route.queue)
         self.stats = Stats()
+        self._unsettled: list[list[Delivery]] = []
+        self.metrics.track_oldest(self._oldest_age)
         self._generation = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
 
@@ -70,6 +73,8 @@ class BatchWorker:
                     if stop.is_set():
                         break
                     self.stats.reconnects += 1
+                    self.metrics.reconnected()
+                    self.metrics.heartbeat(connected=False)
                     log.warning("broker connection lost (%s); reconnecting", exc)
                     stop.wait(1.0)
         finally:
@@ -79,6 +84,7 @@ class BatchWorker:
         self._generation += 1
         generation = self._generation
         buffer: list[Delivery] = []
+        self._unsettled = [buffer]
         conn: kombu.Connection = connection(self.broker)
         try:
             channel = conn.channel()
@@ -99,6 +105,7 @@ class BatchWorker:
         resume_at = 0.0
         cancelled = False
         while True:
+            self.metrics.heartbeat()
             if stop.is_set() and not cancelled:
                 channel.basic_cancel(tag)
                 cancelled = True
@@ -111,9 +118,14 @@ class BatchWorker:
                 batch = buffer[: self.batching.size]
                 del buffer[: len(batch)]
                 inflight = (self._executor.submit(self.process, batch), batch, time.monotonic())
+                self._unsettled = [buffer, batch]
             if cancelled and inflight is None and not buffer:
                 return
             drain(conn, 0.02 if inflight is not None or buffer else 1.0)
+
+    def _oldest_age(self) -> float:
+        oldest = [d.received_at for group in self._unsettled for d in group[:1]]
+        return time.monotonic() - min(oldest) if oldest else 0.0
 
     def _ready(self, buffer: list[Delivery], cancelled: bool, resume_at: float) -> bool:
         if not buffer or (time.monotonic() < resume_at and not cancelled):
@@ -136,6 +148,6 @@ class BatchWorker:
         self.stats.messages += len(batch)
         for o in final:
             self.stats.outcomes[o.label] = self.stats.outcomes.get(o.label, 0) + 1
-        if self.on_batch:
-            self.on_batch(final, time.monotonic() - started)
+        self._unsettled = self._unsettled[:1]
+        self.metrics.observe_batch(final, time.monotonic() - started)
         return any(o.kind == "retry" for o in final)

@@ -179,3 +179,28 @@ def test_dead_letter_exchange_is_the_broker_fallback_for_poison_messages(setting
         ch.basic_reject(m.delivery_tag, requeue=True)
     conn.release()
     wait_for(lambda: depth(settings, topology.dead_letter_queue(settings.ingest.queue)) == 1, timeout=10)
+
+
+def test_metrics_and_health_are_served_while_consuming(settings, rucio):
+    import urllib.error
+    import urllib.request
+
+    from injector.metrics import serve
+
+    worker = ingest_worker(settings, rucio)
+    server = serve(worker.metrics, 0, "127.0.0.1")
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            urllib.request.urlopen(base + "/healthz")  # not connected yet
+        with running(worker):
+            with DaqPublisher(settings.broker) as daq:
+                daq.publish([ev(i) for i in range(1, 31)] + [ev(99, instrument="LST9")])
+            wait_for(lambda: worker.stats.messages == 31)
+            assert urllib.request.urlopen(base + "/healthz").status == 200
+            text = urllib.request.urlopen(base + "/metrics").read().decode()
+    finally:
+        server.shutdown()
+    assert 'rucio_injector_events_total{consumer="ingest",kind="done",outcome="registered"} 30.0' in text
+    assert 'rucio_injector_dead_letters_total{consumer="ingest",reason="no-stream"} 1.0' in text
+    assert "rucio_injector_batch_size_bucket" in text and "rucio_injector_oldest_unprocessed_seconds" in text

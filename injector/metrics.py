@@ -1,0 +1,112 @@
+"""Prometheus metrics and a health endpoint for the long-running verbs.
+
+`Metrics` owns one registry; `serve()` exposes `/metrics` (Prometheus text format) and `/healthz`
+(200 while the consumer loop is alive and connected, 503 otherwise) on one port.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from injector.settle import Outcome
+
+log = logging.getLogger(__name__)
+
+STALL_SECONDS = 60.0  # a loop silent for longer than this is reported unhealthy
+
+
+class Metrics:
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter("rucio_injector_events", "Messages settled, by outcome", ["consumer", "kind", "outcome"],
+                              registry=r)
+        self.dead_letters = Counter("rucio_injector_dead_letters", "Messages dead-lettered, by reason",
+                                    ["consumer", "reason"], registry=r)
+        self.batch_size = Histogram("rucio_injector_batch_size", "Messages per batch", ["consumer"], registry=r,
+                                    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2000))
+        self.batch_seconds = Histogram("rucio_injector_batch_seconds", "Time to process one batch", ["consumer"],
+                                       registry=r)
+        self.rucio_seconds = Histogram("rucio_injector_rucio_call_seconds", "Rucio call duration",
+                                       ["operation", "outcome"], registry=r,
+                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.retries = Counter("rucio_injector_retries", "Retried Rucio calls and requeued messages",
+                               ["consumer", "what"], registry=r)
+        self.reconnects = Counter("rucio_injector_reconnects", "Broker reconnects", ["consumer"], registry=r)
+        self.oldest = Gauge("rucio_injector_oldest_unprocessed_seconds",
+                            "Age of the oldest message received but not yet settled", ["consumer"], registry=r)
+        self._alive = time.monotonic()
+        self._connected = False
+        self._oldest_fn: Callable[[], float] = lambda: 0.0
+        self.oldest.labels(consumer).set_function(lambda: self._oldest_fn())
+
+    # hooks called by the consumer loops
+    def observe_batch(self, outcomes: Sequence[Outcome], seconds: float) -> None:
+        c = self.consumer
+        self.batch_size.labels(c).observe(len(outcomes))
+        self.batch_seconds.labels(c).observe(seconds)
+        for o in outcomes:
+            self.events.labels(c, o.kind, o.label).inc()
+            if o.kind == "dead-letter":
+                self.dead_letters.labels(c, o.reason or o.label).inc()
+            elif o.kind == "retry":
+                self.retries.labels(c, "requeue").inc()
+
+    def observe_rucio(self, operation: str, seconds: float, outcome: str) -> None:
+        self.rucio_seconds.labels(operation, outcome).observe(seconds)
+        if outcome != "ok":
+            self.retries.labels(self.consumer, f"rucio:{operation}").inc()
+
+    def reconnected(self) -> None:
+        self.reconnects.labels(self.consumer).inc()
+
+    def heartbeat(self, connected: bool = True) -> None:
+        self._alive = time.monotonic()
+        self._connected = connected
+
+    def track_oldest(self, fn: Callable[[], float]) -> None:
+        self._oldest_fn = fn
+
+    def health(self) -> tuple[bool, str]:
+        silent = time.monotonic() - self._alive
+        if not self._connected:
+            return False, "not connected to the broker"
+        if silent > STALL_SECONDS:
+            return False, f"consumer loop silent for {silent:.0f}s"
+        return True, "ok"
+
+
+def serve(metrics: Metrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Start /metrics and /healthz on a daemon thread; returns the server (call shutdown() to stop)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.startswith("/metrics"):
+                self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif self.path.startswith("/healthz"):
+                ok, why = metrics.health()
+                self._reply(200 if ok else 503, (why + "\n").encode(), "text/plain")
+            else:
+                self._reply(404, b"try /metrics or /healthz\n", "text/plain")
+
+        def _reply(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # scrapes are not worth a log line
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics, health on /healthz", host, server.server_address[1])
+    return server
