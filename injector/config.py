@@ -99,6 +99,52 @@ class Ingest(_Section):
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 2000
 
 
+class Cleanup(_Section):
+    """Where hermes publishes Rucio's events and how cleanup consumers share them (STOMP)."""
+
+    flavour: Literal["rabbitmq", "activemq"] = "rabbitmq"
+    stomp_hosts: Annotated[list[str], Field(min_length=1)] = ["127.0.0.1:61613"]
+    username: str = "guest"
+    password: str = "guest"
+    vhost: str = "/"
+    hermes_destination: str = "/topic/rucio.events"  # [messaging-hermes] destination
+    queue: str = "rucio-injector.cleanup"  # RabbitMQ: durable queue bound to amq.topic
+    app: str = "rucio-injector"  # ActiveMQ: consumers share /queue/Consumer.<app>.<virtual topic>
+    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500
+    batch_window: Annotated[float, Field(gt=0, le=60)] = 0.5
+    prefetch: Annotated[int, Field(ge=1, le=65535)] = 1000
+    heartbeat_ms: Annotated[int, Field(ge=0)] = 10000
+
+    @model_validator(mode="after")
+    def _check(self) -> Cleanup:
+        if not self.hermes_destination.startswith("/topic/"):
+            raise ValueError(f"hermes_destination must be a /topic/ destination (got {self.hermes_destination!r})")
+        if self.flavour == "activemq" and not self.topic.startswith("VirtualTopic."):
+            raise ValueError("with ActiveMQ, hermes_destination must be a virtual topic: /topic/VirtualTopic.<name>")
+        for hp in self.stomp_hosts:
+            host, sep, port = hp.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"stomp_hosts entries are HOST:PORT (got {hp!r})")
+        return self
+
+    @property
+    def topic(self) -> str:
+        """The topic name hermes publishes to (RabbitMQ: the amq.topic routing key)."""
+        return self.hermes_destination.removeprefix("/topic/")
+
+    @property
+    def subscription(self) -> str:
+        """The STOMP destination competing cleanup consumers subscribe to."""
+        if self.flavour == "rabbitmq":
+            return f"/amq/queue/{self.queue}"
+        return f"/queue/Consumer.{self.app}.{self.topic}"
+
+    @property
+    def dead_letter_destination(self) -> str:
+        """ActiveMQ: where this project's own dead letters go (the broker's DLQ.<queue> convention)."""
+        return f"/queue/DLQ.Consumer.{self.app}.{self.topic}"
+
+
 class MetricsSettings(_Section):
     """Where each long-running verb serves /metrics and /healthz (0 = off)."""
 
@@ -120,6 +166,7 @@ class Settings(_Section):
     ingest: Ingest = Ingest()
     rucio: RucioSettings = RucioSettings()
     metrics: MetricsSettings = MetricsSettings()
+    cleanup: Cleanup = Cleanup()
     streams: list[Stream] = []
 
     @model_validator(mode="after")

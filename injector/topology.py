@@ -73,6 +73,10 @@ def declare(settings: Settings) -> Topology:
         bindings.append(Binding(b.dead_letter_exchange, dead_letter_queue(name), name))
 
     work_queue(settings.ingest.queue, b.daq_exchange, settings.ingest.binding)
+    if settings.cleanup.flavour == "rabbitmq":
+        # hermes publishes over STOMP to /topic/<name>: RabbitMQ routes that through amq.topic,
+        # so a durable queue bound there keeps every event even while no cleanup consumer runs.
+        work_queue(settings.cleanup.queue, "amq.topic", settings.cleanup.topic)
     inbox = archived_queue(settings)
     queues.append(Queue(inbox, {"x-queue-type": "quorum"}))
     bindings.append(Binding(b.daq_exchange, inbox, "file.archived.#"))
