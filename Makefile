@@ -16,7 +16,7 @@ venv: $(BIN)/rucio-injector
 # Machine prerequisites for the integration tests: RabbitMQ STOMP plugin, ActiveMQ, Rucio server venv.
 setup: venv
 	bash .ci/setup-machine
-	@if [ -f injector/testbed/rucio.py ]; then $(BIN)/python -m injector.testbed.rucio --ensure-venv; fi
+	$(BIN)/python -m injector.testbed.rucio --ensure-venv
 
 lint: venv
 	$(BIN)/ruff check injector producers consumers tests

@@ -210,7 +210,9 @@ class ClientGateway:
     def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
         def create() -> bool:
             try:
-                self.client.add_dataset(scope, name, rules=[_rule_dict(r) for r in rules])
+                # The server wants the rule owner spelled out in a rule given with add_dataset.
+                owner = self.client.account
+                self.client.add_dataset(scope, name, rules=[{**_rule_dict(r), "account": owner} for r in rules])
             except Exception as exc:
                 if type(exc).__name__ == "DataIdentifierAlreadyExists":
                     return False

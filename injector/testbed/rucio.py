@@ -1,0 +1,302 @@
+"""A throw-away REAL Rucio server (PyPI `rucio`, own virtual environment) for tests and the demo.
+
+Only the standard library is imported here: the server and its daemons run as subprocesses of
+their own venv with their own config (a process with a [database] section is a server; server
+and client configs must never share a process). PostgreSQL when reachable, else SQLite.
+
+    python -m injector.testbed.rucio --ensure-venv    # create the server venv (idempotent)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+RUCIO_VERSION = "41.5.1"
+DEFAULT_VENV = Path.home() / ".cache" / "rucio-injector" / f"rucio-{RUCIO_VERSION}-server"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
+USERNAME, PASSWORD = "ddmlab", "secret"
+DAEMONS = Path(__file__).with_name("daemons_main.py")
+
+
+class TestbedError(RuntimeError):
+    """The throw-away service could not be set up; the message says why."""
+
+
+@dataclass(frozen=True)
+class HermesBroker:
+    """Where hermes sends Rucio's events ([messaging-hermes])."""
+
+    host: str = "127.0.0.1"
+    port: int = 61613
+    destination: str = "/topic/rucio.events"
+    username: str = "guest"
+    password: str = "guest"
+    vhost: str = "/"  # RabbitMQ refuses stomp.py's default (the host name)
+
+
+def ensure_server_venv(path: Path | None = None) -> Path:
+    """Create the server venv (rucio, gunicorn, psycopg) unless present; returns its python."""
+    venv = path or DEFAULT_VENV
+    python = venv / "bin" / "python"
+    marker = venv / ".rucio-injector-ready"
+    if marker.exists():
+        return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, f"rucio=={RUCIO_VERSION}", "gunicorn", "psycopg[binary]"], check=True)
+    marker.write_text(RUCIO_VERSION + "\n")
+    return python
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def postgres_available() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class RucioServer:
+    base_dir: Path
+    url: str
+    server_config: Path
+    client_config: Path
+    venv_python: Path
+    database: str
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def env(self) -> dict[str, str]:
+        """Environment for a CLIENT process (rucio-clients reads RUCIO_CONFIG)."""
+        return {**os.environ, "RUCIO_CONFIG": str(self.client_config)}
+
+    def run_daemons(self, *names: str, rses: list[str] | None = None, hermes: HermesBroker | None = None,
+                    timeout: float = 180) -> str:
+        """Run Rucio daemons ONE pass each, in order, in one server-side subprocess; returns the log."""
+        config = self.server_config
+        if hermes is not None:
+            config = self.base_dir / f"rucio-hermes-{hermes.port}.cfg"
+            config.write_text(_server_config(self.base_dir, self.database, hermes))
+        cmd = [str(self.venv_python), "-P", str(DAEMONS), "--rses", ",".join(rses or []), *names]
+        env = {**os.environ, "RUCIO_CONFIG": str(config), "PYTHONPATH": ""}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        out = done.stdout + done.stderr
+        if done.returncode != 0:
+            raise TestbedError(f"rucio daemons {names} failed (exit {done.returncode}):\n{out[-4000:]}")
+        return out
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.process = None
+        if self.database.startswith("rucio_testbed_"):
+            _server_python(self.venv_python, _DROP_DB.format(db=self.database), self.base_dir, check=False)
+
+    def __enter__(self) -> RucioServer:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+
+def start_server(base_dir: Path, *, venv_python: Path, database: str = "auto",
+                 hermes: HermesBroker | None = None) -> RucioServer:
+    """Create a database, bootstrap it, serve the REST API with gunicorn; returns once it answers."""
+    base_dir.mkdir(parents=True, exist_ok=True)
+    (base_dir / "log").mkdir(exist_ok=True)
+    if database == "auto":
+        database = "postgresql" if postgres_available() else "sqlite"
+    if database == "postgresql":
+        db = f"rucio_testbed_{secrets.token_hex(4)}"
+        _server_python(venv_python, _CREATE_DB.format(db=db), base_dir)
+    else:
+        db = str(base_dir / "rucio.db")
+    server_cfg = base_dir / "rucio-server.cfg"
+    server_cfg.write_text(_server_config(base_dir, db, hermes or HermesBroker()))
+    (base_dir / "alembic.ini").write_text(_ALEMBIC.format(
+        script_location=_site_packages(venv_python) / "rucio" / "db" / "sqla" / "migrate_repo",
+        db_url=_db_url(db)))
+    try:
+        _server_python(venv_python, _BOOTSTRAP, base_dir, {"RUCIO_CONFIG": str(server_cfg)})
+    except TestbedError:
+        if db.startswith("rucio_testbed_"):
+            _server_python(venv_python, _DROP_DB.format(db=db), base_dir, check=False)
+        raise
+    port = free_port()
+    workers = ["-w", "2", "--threads", "4"] if not db.startswith("/") else ["-w", "1", "--threads", "1"]
+    log = open(base_dir / "log" / "gunicorn.log", "ab")  # noqa: SIM115 - owned by the server process
+    proc = subprocess.Popen(
+        [str(venv_python.parent / "gunicorn"), "--no-control-socket", "-b", f"127.0.0.1:{port}", *workers,
+         "--timeout", "120", "rucio.web.rest.flaskapi.v1.main:application"],
+        env={**os.environ, "RUCIO_CONFIG": str(server_cfg), "PYTHONPATH": ""}, stdout=log, stderr=log,
+        cwd=base_dir, start_new_session=True)
+    client_cfg = base_dir / "rucio-client.cfg"
+    client_cfg.write_text(_CLIENT.format(url=f"http://127.0.0.1:{port}", base=base_dir, user=USERNAME,
+                                         password=PASSWORD))
+    server = RucioServer(base_dir, f"http://127.0.0.1:{port}", server_cfg, client_cfg, venv_python, db, proc)
+    _wait_until_up(server, base_dir / "log" / "gunicorn.log")
+    return server
+
+
+def _wait_until_up(server: RucioServer, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.process is not None
+        if server.process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(server.url + "/ping", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    server.stop()
+    raise TestbedError(f"Rucio server did not come up on {server.url}:\n{log.read_text()[-3000:]}")
+
+
+def _site_packages(python: Path) -> Path:
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def _server_python(python: Path, code: str, cwd: Path, env: dict[str, str] | None = None,
+                   check: bool = True) -> None:
+    done = subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": "", **(env or {})}, check=False)
+    if check and done.returncode != 0:
+        raise TestbedError(f"rucio server set-up step failed:\n{(done.stdout + done.stderr)[-3000:]}")
+
+
+def _db_url(db: str) -> str:
+    return f"sqlite:///{db}" if db.startswith("/") else PG_URL.format(db=db)
+
+
+def _server_config(base: Path, db: str, hermes: HermesBroker) -> str:
+    return _SERVER.format(base=base, db_url=_db_url(db), user=USERNAME, password=PASSWORD, h=hermes)
+
+
+_CREATE_DB = """
+import psycopg
+with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as c:
+    c.execute('CREATE DATABASE "{db}"')
+"""
+_DROP_DB = """
+import psycopg
+with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as c:
+    c.execute('DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+"""
+_BOOTSTRAP = """
+from rucio.common.types import InternalAccount
+from rucio.core.account import add_account_attribute
+from rucio.db.sqla.session import get_session
+from rucio.db.sqla.util import build_database, create_base_vo, create_root_account
+build_database()
+create_base_vo()
+create_root_account()
+session = get_session()
+add_account_attribute(InternalAccount('root'), 'admin', True, session=session)
+session.commit()
+"""
+_SERVER = """[common]
+logdir = {base}/log
+loglevel = INFO
+[database]
+default = {db_url}
+pool_size = 10
+[bootstrap]
+userpass_identity = {user}
+userpass_pwd = {password}
+userpass_email = ops@example.org
+[alembic]
+cfg = {base}/alembic.ini
+[policy]
+permission = generic
+schema = generic
+lfn2pfn_algorithm_default = hash
+support = ops@example.org
+support_rucio = https://github.com/rucio/rucio/issues
+[conveyor]
+scheme = file
+transfertool = mock
+[hermes]
+services_list = activemq
+[messaging-hermes]
+brokers = {h.host}
+port = {h.port}
+nonssl_port = {h.port}
+use_ssl = False
+username = {h.username}
+password = {h.password}
+broker_virtual_host = {h.vhost}
+destination = {h.destination}
+voname = testbed
+"""
+_CLIENT = """[client]
+rucio_host = {url}
+auth_host = {url}
+auth_type = userpass
+username = {user}
+password = {password}
+account = root
+auth_token_file_path = {base}/token
+request_retries = 2
+"""
+_ALEMBIC = """[alembic]
+script_location = {script_location}
+sqlalchemy.url = {db_url}
+[loggers]
+keys = root
+[handlers]
+keys = console
+[formatters]
+keys = generic
+[logger_root]
+level = WARN
+handlers = console
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+level = NOTSET
+formatter = generic
+[formatter_generic]
+format = %(levelname)-5.5s [%(name)s] %(message)s
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ensure-venv", action="store_true", help="create the Rucio server venv if missing")
+    p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    args = p.parse_args(argv)
+    if args.ensure_venv:
+        print(ensure_server_venv(args.venv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
