@@ -142,18 +142,22 @@ class ClientGateway:
     """RucioGateway over rucio-clients."""
 
     def __init__(self, settings: RucioSettings, client: Any | None = None,
-                 observe: Callable[[str, float, str], None] | None = None) -> None:
+                 observe: Callable[[str, float, str], None] | None = None,
+                 factory: Callable[[], Any] | None = None) -> None:
         self._settings = settings
         self._client = client
+        self._factory = factory  # builds the rucio client lazily (default: rucio.client.Client())
         self._observe = observe  # (operation, seconds, outcome) → metrics
         self._rse_cache: dict[str, tuple[float, frozenset[str]]] = {}
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            from rucio.client import Client
+            if self._factory is None:
+                from rucio.client import Client
 
-            self._client = self._call("connect", Client)
+                self._factory = Client
+            self._client = self._call("connect", self._factory)
         return self._client
 
     def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

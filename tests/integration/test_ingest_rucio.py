@@ -1,0 +1,219 @@
+"""Ingest on the real RabbitMQ and a real Rucio server: asserted through Rucio's API, not our return values."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from consumers.services import ingest_worker
+from injector import deadletter, topology
+from injector.config import Settings
+from injector.events import FileClosed, encode
+from injector.gateway import ClientGateway
+from injector.transport import connection
+from producers.publish import DaqPublisher, file_closed
+from tests.integration.conftest import ARCHIVE, SOURCE, Lab
+from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def settings_for(lab: Lab, *streams: dict, **sections: object) -> Settings:
+    return unique_settings({"streams": list(streams) or [lab.stream()]},
+                           ingest={"batch_window": 0.1, **sections.pop("ingest", {})}, **sections)
+
+
+def adler(data: bytes) -> str:
+    return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+def files(lab: Lab, n: int, night: str = "20261124") -> list[FileClosed]:
+    out = []
+    for i in range(n):
+        path = lab.write(f"{night}/LST-1.1.Run{i:05d}.fits.fz", os.urandom(64) + str(i).encode())
+        out.append(file_closed(path, site="ORM", instrument="LST1", night=night, run=i))
+    return out
+
+
+def write_config(s: Settings, path: Path, streams_toml: str, ingest: str = "") -> Path:
+    b, i = s.broker, s.ingest
+    path.write_text(
+        f'[broker]\nurls = ["{b.urls[0]}"]\ndaq_exchange = "{b.daq_exchange}"\n'
+        f'dead_letter_exchange = "{b.dead_letter_exchange}"\n'
+        f'[ingest]\nqueue = "{i.queue}"\nbatch_window = 0.1\n{ingest}[metrics]\ningest_port = 0\n' + streams_toml)
+    return path
+
+
+def stream_toml(lab: Lab) -> str:
+    s = lab.stream()
+    return (f'[[streams]]\nname = "{s["name"]}"\nsite = "ORM"\ninstrument = "LST1"\nsource_rse = "{SOURCE}"\n'
+            f'storage_root = "{s["storage_root"]}"\nscope = "lst"\ndataset = "{s["dataset"]}"\n'
+            f'rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscriptions" }}]\n')
+
+
+def test_cli_publish_and_ingest_register_the_file_in_place_with_dataset_and_rule(lab, tmp_path):
+    s = settings_for(lab)
+    data = b"LST-1 raw data " * 1000
+    path = lab.write("20261124/LST-1.1.Run00042.0000.fits.fz", data)
+    with declared(s):
+        cfg = write_config(s, tmp_path / "injector.toml", stream_toml(lab))
+        env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
+        ingest = subprocess.Popen([sys.executable, "-m", "injector.cli", "ingest"], env=env,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            started = time.monotonic()
+            pub = subprocess.run([sys.executable, "-m", "injector.cli", "publish", str(path), "--site", "ORM",
+                                  "--instrument", "LST1", "--night", "20261124", "--run", "42"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert pub.returncode == 0, pub.stderr
+            wait_for(lambda: lab.content(f"LST1_{lab.tag}_20261124_raw") == [str(path)], timeout=30,
+                     what="the file attached in Rucio")
+            print(f"\npublish → attached in Rucio: {time.monotonic() - started:.2f}s")
+        finally:
+            ingest.send_signal(signal.SIGTERM)
+            _, err = ingest.communicate(timeout=30)
+        assert ingest.returncode == 0, err
+    rep = lab.replicas([str(path)])[str(path)]
+    assert rep["rses"] == {SOURCE: [f"file://localhost{path}"]}
+    assert (rep["bytes"], rep["adler32"], rep["states"][SOURCE]) == (len(data), adler(data), "AVAILABLE")
+    (rule,) = lab.rules(f"LST1_{lab.tag}_20261124_raw")
+    assert (rule["rse_expression"], rule["copies"], rule["activity"]) == (ARCHIVE, 1, "User Subscriptions")
+    assert "registered" in err and f"lst:{path}" in err  # the log says what happened, per event
+
+
+def test_duplicates_redeliveries_and_reordering_leave_exactly_one_of_everything(lab):
+    s = settings_for(lab)
+    events = files(lab, 30) + files(lab, 10, night="20261125")
+    again = [FileClosed.create(**{**e.model_dump(exclude={"event_id", "schema_"})}) for e in events[:10]]
+    stream = events * 3 + again
+    random.Random(7).shuffle(stream)
+    with declared(s):
+        with DaqPublisher(s.broker) as daq:
+            daq.publish(stream)
+        worker = ingest_worker(s)
+        with running(worker):
+            wait_for(lambda: worker.stats.messages == len(stream), timeout=60)
+    assert worker.stats.outcomes == {"registered": 40, "already-registered": len(stream) - 40}
+    for night, n in (("20261124", 30), ("20261125", 10)):
+        ds = f"LST1_{lab.tag}_{night}_raw"
+        assert len(lab.content(ds)) == n
+        assert len(lab.rules(ds)) == 1
+    reps = lab.replicas([e.path for e in events])
+    assert all(list(r["states"]) == [SOURCE] for r in reps.values()) and len(reps) == 40
+
+
+def test_two_ingest_processes_racing_on_one_queue_make_one_replica_attachment_and_rule_set(lab, tmp_path):
+    s = settings_for(lab, ingest={"batch_size": 50})
+    events = files(lab, 300)
+    stream = events + [FileClosed.create(**e.model_dump(exclude={"event_id", "schema_"})) for e in events]
+    random.Random(3).shuffle(stream)
+    with declared(s):
+        cfg = write_config(s, tmp_path / "c.toml", stream_toml(lab), ingest="batch_size = 50\nprefetch = 100\n")
+        env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
+        logs = [tmp_path / f"ingest{i}.log" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-m", "injector.cli", "ingest"], env=env,
+                                  stderr=log.open("w"), text=True) for log in logs]
+        try:
+            with DaqPublisher(s.broker) as daq:
+                daq.publish(stream)
+            wait_for(lambda: len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 300, timeout=90,
+                     what="300 files attached")
+            wait_for(lambda: _queue_empty(s), timeout=30, what="queue drained and acked")
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+        assert not get_all(s, topology.dead_letter_queue(s.ingest.queue))
+    done = [[line.split(" done ")[1].split()[0] for line in log.read_text().splitlines() if " done " in line]
+            for log in logs]
+    assert all(done), "both processes must have taken part"
+    labels = done[0] + done[1]
+    # Each file is "registered" by whoever saw it absent first (both, when they raced), never lost.
+    assert len(labels) == 600 and set(labels) == {"registered", "already-registered"}
+    assert labels.count("registered") >= 300
+    assert len(lab.rules(f"LST1_{lab.tag}_20261124_raw")) == 1
+    reps = lab.replicas([e.path for e in events])
+    assert len(reps) == 300 and all(r["rses"] == {SOURCE: [f"file://localhost{r['name']}"]} for r in reps.values())
+
+
+def _queue_empty(s: Settings) -> bool:
+    with connection(s.broker) as conn:
+        ok = conn.channel().queue_declare(s.ingest.queue, passive=True)
+        return ok.message_count == 0 and ok.consumer_count >= 1
+
+
+def test_same_name_with_other_checksum_is_dead_lettered_and_rucio_keeps_the_original(lab):
+    s = settings_for(lab)
+    (first,) = files(lab, 1)
+    forged = FileClosed.create(**{**first.model_dump(exclude={"event_id", "schema_"}), "adler32": "deadbeef"})
+    with declared(s):
+        with DaqPublisher(s.broker) as daq:
+            daq.publish([first])
+            worker = ingest_worker(s)
+            with running(worker):
+                wait_for(lambda: worker.stats.messages == 1)
+                daq.publish([forged])
+                wait_for(lambda: worker.stats.messages == 2)
+        (dead,) = get_all(s, topology.dead_letter_queue(s.ingest.queue))
+    h = dead.properties["application_headers"]
+    assert h[deadletter.REASON] == "checksum-conflict" and "deadbeef" in h[deadletter.ERROR]
+    assert dead.body == encode(forged)
+    assert lab.replicas([first.path])[first.path]["adler32"] == first.adler32
+
+
+def test_a_file_rucio_refuses_is_dead_lettered_without_delaying_its_neighbours(lab, tmp_path):
+    outside = tmp_path / "not-under-the-rse-prefix"
+    bad_stream = lab.stream(name="lst2-raw", instrument="LST2", storage_root=str(outside))
+    s = settings_for(lab, lab.stream(), bad_stream)
+    good = files(lab, 20)
+    bad_path = outside / "run.fits.fz"
+    outside.mkdir()
+    bad_path.write_bytes(b"x")
+    bad = file_closed(bad_path, site="ORM", instrument="LST2", night="20261124")
+    batch = good[:10] + [bad] + good[10:]
+    with declared(s):
+        with DaqPublisher(s.broker) as daq:
+            daq.publish(batch)
+        worker = ingest_worker(s)
+        with running(worker):
+            wait_for(lambda: worker.stats.messages == 21)
+        (dead,) = get_all(s, topology.dead_letter_queue(s.ingest.queue))
+    assert worker.stats.batches == 1, "the bad file was isolated inside the batch"
+    h = dead.properties["application_headers"]
+    assert h[deadletter.REASON] == "rucio-refused" and "RSEFileNameNotSupported" in h[deadletter.ERROR]
+    assert len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 20
+
+
+def test_rucio_unreachable_is_retried_then_dead_lettered_as_rucio_unavailable(lab, tmp_path):
+    from rucio.client import Client
+
+    s = settings_for(lab, broker={"delivery_limit": 2}, rucio={"retry_attempts": 2, "retry_max_wait": 0.2})
+    (event,) = files(lab, 1)
+
+    def dead_client() -> Client:
+        return Client(rucio_host="http://127.0.0.1:9", auth_host="http://127.0.0.1:9", account="root",
+                      auth_type="userpass", creds={"username": "ddmlab", "password": "secret"}, timeout=2)
+
+    with declared(s):
+        with DaqPublisher(s.broker) as daq:
+            daq.publish([event])
+        worker = ingest_worker(s, ClientGateway(s.rucio, factory=dead_client))
+        worker.batching.retry_pause = 0.1
+        with running(worker):
+            wait_for(lambda: dead_letters(s) == 1, timeout=60, what="dead letter")
+        (dead,) = get_all(s, topology.dead_letter_queue(s.ingest.queue))
+    h = dead.properties["application_headers"]
+    assert h[deadletter.REASON] == "rucio-unavailable" and h[deadletter.ATTEMPTS] == 2
+
+
+def dead_letters(s: Settings) -> int:
+    with connection(s.broker) as conn:
+        return conn.channel().queue_declare(topology.dead_letter_queue(s.ingest.queue), passive=True).message_count
