@@ -64,6 +64,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from consumers.services import run_cleanup
+
+    run_cleanup(_settings(args), _stop_on_signals(), args.metrics_port)
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from injector import topology
 
@@ -89,6 +96,14 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return dlq_cli.run(args, _settings(args))
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from injector import demo
+
+    opts = demo.Options(files=args.files, size=args.size, pace=args.pace, timeout=args.timeout, keep=args.keep,
+                        amqp_url=args.broker or demo.DEFAULT_AMQP, stomp_port=args.stomp_port)
+    return demo.run(opts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rucio-injector", description=__doc__)
     p.add_argument("--version", action="version", version=f"rucio-injector {__version__}")
@@ -111,11 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz here (0 = off)")
     ing.set_defaults(func=cmd_ingest)
 
+    cln = sub.add_parser("cleanup", help="run the cleanup consumer (Rucio events → source release → file-archived)")
+    cln.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz here (0 = off)")
+    cln.set_defaults(func=cmd_cleanup)
+
     brk = sub.add_parser("broker", help="broker topology")
     brk.add_argument("action", choices=["setup", "definitions"],
                      help="setup: declare exchanges/queues/bindings (idempotent); definitions: print them "
                           "as RabbitMQ definitions JSON")
     brk.set_defaults(func=cmd_broker)
+
+    dem = sub.add_parser("demo", help="run the whole pipeline on a throw-away Rucio server (no config needed)")
+    dem.add_argument("--files", type=int, default=25, help="files per instrument (MAGIC and LST1)")
+    dem.add_argument("--size", type=int, default=1 << 20, help="mean file size in bytes")
+    dem.add_argument("--pace", type=float, default=0.1, help="seconds between files the DAQ closes")
+    dem.add_argument("--timeout", type=float, default=300, help="give up after this many seconds")
+    dem.add_argument("--broker", help="AMQP URL (default: the local RabbitMQ)")
+    dem.add_argument("--stomp-port", type=int, default=61613, help="the broker's STOMP port, for hermes")
+    dem.add_argument("--keep", action="store_true", help="keep server and files after the summary until Ctrl-C")
+    dem.set_defaults(func=cmd_demo)
 
     from injector import dlq_cli
 

@@ -34,8 +34,12 @@ class Delivery:
     content_type: str
     generation: int = 0
     received_at: float = field(default_factory=time.monotonic)
+    ack_id: str | None = None  # STOMP: the frame's ack header
+    deliveries: int | None = None  # counted by the consumer where the broker sends no count (ActiveMQ)
 
     @property
     def attempts(self) -> int:
         """Deliveries so far, this one included (quorum queues count in x-delivery-count)."""
+        if self.deliveries is not None:
+            return self.deliveries
         return int(self.headers.get("x-delivery-count", 0) or 0) + 1

@@ -1,6 +1,7 @@
-"""The batching consumer loop shared by AMQP consumers.
+"""The batching consumer loop shared by every consumer, whatever the transport (AMQP or STOMP).
 
-The connection thread only receives, heartbeats and settles; each batch is processed on a
+A `Link` is one live broker connection with one subscription; the loop thread only pumps it
+(receive, heartbeat) and settles; each batch is processed on a
 worker thread so that slow Rucio calls never starve heartbeats. While a batch is in flight
 the next one fills up (bounded by the prefetch). On SIGTERM (stop event) the consumer is
 cancelled, the batches already received are finished and settled, then the loop returns.
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import amqp
 import kombu
@@ -24,12 +26,30 @@ from injector.config import Broker
 from injector.errors import BrokerUnavailable
 from injector.messages import Delivery
 from injector.metrics import Metrics
-from injector.settle import Outcome, Route, settle
+from injector.settle import Outcome, Route, Session, settle
 from injector.transport import AmqpSession, Publisher, connection, drain, to_delivery
 
 log = logging.getLogger(__name__)
 
 Process = Callable[[list[Delivery]], Sequence[Outcome]]
+
+# What a lost connection looks like, whatever the transport: the loop reconnects.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    BrokerUnavailable, OSError, amqp.exceptions.ConnectionError, amqp.exceptions.RecoverableChannelError)
+
+
+class Link(Protocol):
+    """One broker connection consuming one queue; `pump` moves received deliveries into the
+    buffer given at connect time (waiting up to `timeout`) and raises when the connection is lost."""
+
+    session: Session
+
+    def pump(self, timeout: float) -> None: ...
+    def cancel(self) -> None: ...
+    def close(self) -> None: ...
+
+
+Connect = Callable[[int, list[Delivery]], Link]  # (generation, buffer) → a consuming link
 
 
 @dataclass
@@ -49,9 +69,9 @@ class Stats:
 
 
 class BatchWorker:
-    def __init__(self, broker: Broker, route: Route, process: Process, batching: Batching,
+    def __init__(self, connect: Connect, route: Route, process: Process, batching: Batching,
                  metrics: Metrics | None = None) -> None:
-        self.broker = broker
+        self.connect = connect
         self.route = route
         self.process = process
         self.batching = batching
@@ -68,8 +88,7 @@ class BatchWorker:
             while not stop.is_set():
                 try:
                     self._session(stop)
-                except (BrokerUnavailable, OSError, amqp.exceptions.ConnectionError,
-                        amqp.exceptions.RecoverableChannelError) as exc:
+                except CONNECTION_LOST as exc:
                     if stop.is_set():
                         break
                     self.stats.reconnects += 1
@@ -82,35 +101,27 @@ class BatchWorker:
 
     def _session(self, stop: threading.Event) -> None:
         self._generation += 1
-        generation = self._generation
         buffer: list[Delivery] = []
         self._unsettled = [buffer]
-        conn: kombu.Connection = connection(self.broker)
+        link = self.connect(self._generation, buffer)
         try:
-            channel = conn.channel()
-            channel.basic_qos(0, self.batching.prefetch, False)
-            tag = channel.basic_consume(
-                self.route.queue, callback=lambda m: buffer.append(to_delivery(m, generation)))
-            session = AmqpSession(channel, Publisher(conn), generation)
-            log.info("consuming %s (prefetch %d, batch %d/%.2fs)", self.route.queue,
-                     self.batching.prefetch, self.batching.size, self.batching.window)
-            self._loop(conn, channel, tag, session, buffer, stop)
+            log.info("consuming %s (batch %d/%.2fs)", self.route.queue, self.batching.size, self.batching.window)
+            self._loop(link, buffer, stop)
         finally:
             with contextlib.suppress(Exception):  # closing a dead connection may itself fail
-                conn.release()
+                link.close()
 
-    def _loop(self, conn: kombu.Connection, channel: amqp.Channel, tag: str, session: AmqpSession,
-              buffer: list[Delivery], stop: threading.Event) -> None:
+    def _loop(self, link: Link, buffer: list[Delivery], stop: threading.Event) -> None:
         inflight: tuple[Future[Sequence[Outcome]], list[Delivery], float] | None = None
         resume_at = 0.0
         cancelled = False
         while True:
             self.metrics.heartbeat()
             if stop.is_set() and not cancelled:
-                channel.basic_cancel(tag)
+                link.cancel()
                 cancelled = True
             if inflight is not None and inflight[0].done():
-                retried = self._settle(session, *inflight)
+                retried = self._settle(link.session, *inflight)
                 inflight = None
                 if retried:
                     resume_at = time.monotonic() + self.batching.retry_pause
@@ -121,7 +132,7 @@ class BatchWorker:
                 self._unsettled = [buffer, batch]
             if cancelled and inflight is None and not buffer:
                 return
-            drain(conn, 0.02 if inflight is not None or buffer else 1.0)
+            link.pump(0.02 if inflight is not None or buffer else 1.0)
 
     def _oldest_age(self) -> float:
         oldest = [d.received_at for group in self._unsettled for d in group[:1]]
@@ -134,7 +145,7 @@ class BatchWorker:
         aged = time.monotonic() - buffer[0].received_at >= self.batching.window
         return full or aged or cancelled
 
-    def _settle(self, session: AmqpSession, future: Future[Sequence[Outcome]], batch: list[Delivery],
+    def _settle(self, session: Session, future: Future[Sequence[Outcome]], batch: list[Delivery],
                 started: float) -> bool:
         try:
             outcomes = list(future.result())
@@ -151,3 +162,39 @@ class BatchWorker:
         self._unsettled = self._unsettled[:1]
         self.metrics.observe_batch(final, time.monotonic() - started)
         return any(o.kind == "retry" for o in final)
+
+
+class AmqpLink:
+    """A kombu connection consuming one queue with a bounded prefetch."""
+
+    def __init__(self, broker: Broker, queue: str, prefetch: int, generation: int, buffer: list[Delivery]) -> None:
+        self.conn: kombu.Connection = connection(broker)
+        try:
+            self.channel: amqp.Channel = self.conn.channel()
+            self.channel.basic_qos(0, prefetch, False)
+            self.tag = self.channel.basic_consume(
+                queue, callback=lambda m: buffer.append(to_delivery(m, generation)))
+            self.session: Session = AmqpSession(self.channel, Publisher(self.conn), generation)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.conn.release()
+            raise
+
+    def pump(self, timeout: float) -> None:
+        drain(self.conn, timeout)
+
+    def cancel(self) -> None:
+        self.channel.basic_cancel(self.tag)
+
+    def close(self) -> None:
+        self.conn.release()
+
+
+def amqp_worker(broker: Broker, route: Route, process: Process, batching: Batching,
+                metrics: Metrics | None = None) -> BatchWorker:
+    """A BatchWorker consuming `route.queue` over AMQP."""
+
+    def connect(generation: int, buffer: list[Delivery]) -> Link:
+        return AmqpLink(broker, route.queue, batching.prefetch, generation, buffer)
+
+    return BatchWorker(connect, route, process, batching, metrics)

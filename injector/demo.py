@@ -1,0 +1,446 @@
+"""`rucio-injector demo`: the whole pipeline on a throw-away Rucio server, in one command.
+
+What runs (all real, nothing mocked except the transfer tool, which really copies the bytes):
+  * a Rucio server from PyPI (own venv; PostgreSQL when it answers on 127.0.0.1:5432, else SQLite)
+    with a non-deterministic buffer RSE (ORM-BUFFER) and a deterministic archive (PIC-ARCHIVE);
+  * the local RabbitMQ (AMQP for the DAQ and the consumers, its STOMP plugin for hermes), with a
+    topology of its own (demo-<tag>.*) deleted at the end;
+  * a simulated DAQ writing real files for MAGIC and LST1 and publishing file-closed events;
+  * the ingest and cleanup consumers, and Rucio's daemons in a loop (judge, conveyor with the
+    mock transfer tool, hermes, reaper);
+  * a DAQ inbox receiving file-archived.
+
+Stages per file: closed → registered → replicated → source released → archived. The live
+display and the latency figures come from what each part reports (Rucio's replicas for
+registered/replicated, the cleanup consumer's verified release, the DAQ's file-archived inbox),
+and the final proof is read from disk and from Rucio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import socket
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from injector import topology
+from injector.checksum import size_and_adler32
+from injector.config import Settings, parse
+from injector.errors import InjectorError
+from injector.events import FileClosed
+
+log = logging.getLogger(__name__)
+
+SOURCE, ARCHIVE = "ORM-BUFFER", "PIC-ARCHIVE"
+STAGES = ("closed", "registered", "replicated", "released", "archived")
+INSTRUMENTS = (("MAGIC", "magic", "MAGIC_{night}_raw"), ("LST1", "lst", "LST1_{night}_raw"))
+DAEMON_PASS = ("judge-evaluator", "submitter", "poller", "finisher", "hermes", "reaper", "hermes")
+DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+class DemoError(InjectorError):
+    """The demo could not run; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Options:
+    files: int = 25  # per instrument
+    size: int = 1 << 20
+    pace: float = 0.1  # seconds between files the DAQ closes
+    amqp_url: str = DEFAULT_AMQP
+    stomp_port: int = 61613
+    timeout: float = 300.0
+    keep: bool = False  # keep the server and files after the summary until Ctrl-C
+    live: bool = True
+
+
+@dataclass
+class Track:
+    """Stage timestamps (monotonic) of one file, keyed by scope:name."""
+
+    instrument: str
+    size: int
+    adler32: str
+    at: dict[str, float] = field(default_factory=dict)
+
+
+class Tracker:
+    def __init__(self) -> None:
+        self.files: dict[str, Track] = {}
+        self.lock = threading.Lock()
+
+    def closed(self, did: str, event: FileClosed) -> None:
+        with self.lock:
+            self.files[did] = Track(event.instrument, event.size, event.adler32, {"closed": time.monotonic()})
+
+    def mark(self, did: str, stage: str) -> None:
+        with self.lock:
+            track = self.files.get(did)
+            if track is not None and stage not in track.at:
+                track.at[stage] = time.monotonic()
+
+    def pending(self, stage: str) -> list[str]:
+        with self.lock:
+            return [d for d, t in self.files.items() if stage not in t.at]
+
+    def count(self, instrument: str, stage: str) -> int:
+        with self.lock:
+            return sum(1 for t in self.files.values() if t.instrument == instrument and stage in t.at)
+
+    def latencies(self, stage: str) -> list[float]:
+        with self.lock:
+            return sorted(t.at[stage] - t.at["closed"] for t in self.files.values() if stage in t.at)
+
+
+class _OutcomeLog(logging.Handler):
+    """Listens to what the consumers report per event (injector.settle logs outcome + did)."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__(logging.INFO)
+        self.tracker = tracker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        did = getattr(record, "did", None)
+        if getattr(record, "outcome", None) == "released" and did:
+            self.tracker.mark(did, "released")
+
+
+def run(options: Options, console: Console | None = None) -> int:
+    console = console or Console()
+    from injector.testbed.rucio import HermesBroker, ensure_server_venv, start_server
+
+    amqp = urlparse(options.amqp_url)
+    _require_port(amqp.hostname or "127.0.0.1", amqp.port or 5672, "RabbitMQ (AMQP)", options.amqp_url)
+    _require_port(amqp.hostname or "127.0.0.1", options.stomp_port, "RabbitMQ STOMP plugin",
+                  "enable it: rabbitmq-plugins enable rabbitmq_stomp")
+    with console.status("Rucio server venv (first run installs rucio from PyPI, ~2 min)"):
+        venv_python = ensure_server_venv()
+    tag = uuid.uuid4().hex[:6]
+    tmp = Path(tempfile.mkdtemp(prefix=f"rucio-injector-demo-{tag}-"))
+    stop = threading.Event()
+    log_file = Path(tempfile.gettempdir()) / f"rucio-injector-demo-{tag}.log"
+    console.print(f"logs of every component: {log_file}")
+    with _logs_to(log_file):
+        try:
+            with console.status("starting a throw-away Rucio server"):
+                server = start_server(tmp / "rucio", venv_python=venv_python)
+            with server:
+                os.environ["RUCIO_CONFIG"] = str(server.client_config)
+                client = _rucio_client()
+                buffer, archive = _rses(client, tmp / "data")
+                settings = _settings(options, tag, buffer)
+                console.print(f"Rucio {server.url} ({server.database}), buffer {buffer}, archive {archive}")
+                console.print(f"broker {options.amqp_url} (demo topology demo-{tag}.*, hermes → STOMP "
+                              f"/topic/{settings.cleanup.topic})")
+                hermes = HermesBroker(host=amqp.hostname or "127.0.0.1", port=options.stomp_port,
+                                      destination=settings.cleanup.hermes_destination,
+                                      username=amqp.username or "guest", password=amqp.password or "guest")
+                with _topology(settings):
+                    tracker = Tracker()
+                    ok = _pipeline(options, settings, server, hermes, client, tracker, buffer, stop, console)
+                    _summary(tracker, options, console)
+                    proof = _proof(tracker, client, buffer, console)
+                    _look_yourself(server, client, tracker, console)
+                    if options.keep:
+                        console.print("[bold]--keep[/]: server and files stay until Ctrl-C")
+                        with contextlib.suppress(KeyboardInterrupt):
+                            while True:
+                                time.sleep(3600)
+                    return 0 if ok and proof else 1
+        except KeyboardInterrupt:
+            stop.set()
+            console.print("[yellow]interrupted: stopping everything[/]")
+            return 130
+        finally:
+            stop.set()
+            if not options.keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path) -> Iterator[None]:
+    """The consumers log every event; during the demo that goes to a file, the screen shows progress."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s"))
+    root.handlers = [handler]
+    root.setLevel(min(root.level, logging.INFO) or logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers = saved
+        handler.close()
+
+
+def _require_port(host: str, port: int, what: str, hint: str) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return
+    except OSError as exc:
+        raise DemoError(f"{what} is not reachable on {host}:{port} ({exc}); {hint}") from None
+
+
+def _rucio_client() -> Any:
+    from rucio.client import Client
+
+    return Client()
+
+
+def _rses(client: Any, root: Path) -> tuple[Path, Path]:
+    from injector.testbed.rses import create_rses
+
+    buffer, archive = create_rses(client, root, source=SOURCE, archive=ARCHIVE)
+    for _, scope, _ in INSTRUMENTS:
+        client.add_scope("root", scope)
+    return buffer, archive
+
+
+def _settings(options: Options, tag: str, buffer: Path) -> Settings:
+    stomp_host = urlparse(options.amqp_url).hostname or "127.0.0.1"
+    return parse({
+        "broker": {"urls": [options.amqp_url], "daq_exchange": f"demo-{tag}.daq",
+                   "dead_letter_exchange": f"demo-{tag}.dlx"},
+        "ingest": {"queue": f"demo-{tag}.ingest", "batch_window": 0.2},
+        "cleanup": {"flavour": "rabbitmq", "stomp_hosts": [f"{stomp_host}:{options.stomp_port}"],
+                    "hermes_destination": f"/topic/demo-{tag}.rucio.events", "queue": f"demo-{tag}.cleanup",
+                    "batch_window": 0.2},
+        "metrics": {"ingest_port": 0, "cleanup_port": 0, "reconcile_port": 0},
+        "streams": [
+            {"name": f"{inst.lower()}-raw", "site": "ORM", "instrument": inst, "source_rse": SOURCE,
+             "storage_root": str(buffer / inst), "pfn_prefix": "file://localhost", "scope": scope,
+             "dataset": dataset, "rules": [{"rse_expression": ARCHIVE, "copies": 1, "activity": "Demo"}]}
+            for inst, scope, dataset in INSTRUMENTS],
+    }, source="<demo>")
+
+
+@contextlib.contextmanager
+def _topology(settings: Settings) -> Iterator[None]:
+    from injector.transport import connection
+
+    decl = topology.declare(settings)
+    conn = connection(settings.broker)
+    try:
+        topology.apply(conn, decl)
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            ch = conn.channel()
+            for q in decl.queues:
+                ch.queue_delete(q.name)
+            for e in decl.exchanges:
+                if not e.name.startswith("amq."):
+                    ch.exchange_delete(e.name)
+        conn.release()
+
+
+def _pipeline(options: Options, settings: Settings, server: Any, hermes: Any, client: Any, tracker: Tracker,
+              buffer: Path, stop: threading.Event, console: Console) -> bool:
+    from consumers.services import cleanup_worker, ingest_worker
+
+    handler = _OutcomeLog(tracker)
+    logging.getLogger("injector.settle").addHandler(handler)
+    ingest, cleanup = ingest_worker(settings), cleanup_worker(settings)
+    errors: list[str] = []
+    threads = [
+        _thread("ingest", ingest.run, stop, errors),
+        _thread("cleanup", cleanup.run, stop, errors),
+        _thread("daq", lambda s: _daq(options, settings, buffer, tracker, s), stop, errors),
+        _thread("inbox", lambda s: _inbox(settings, tracker, s), stop, errors),
+        _thread("rucio-daemons", lambda s: _daemons(server, hermes, s), stop, errors),
+        _thread("watch-rucio", lambda s: _watch_rucio(client, tracker, s), stop, errors),
+    ]
+    total = options.files * len(INSTRUMENTS)
+    deadline = time.monotonic() + options.timeout
+    try:
+        with Live(_display(tracker, options), console=console, refresh_per_second=4,
+                  transient=False, auto_refresh=options.live) as live:
+            while time.monotonic() < deadline and not errors:
+                if len(tracker.latencies("archived")) == total:
+                    break
+                time.sleep(0.25)
+                live.update(_display(tracker, options))
+            live.update(_display(tracker, options))
+        console.print()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+        logging.getLogger("injector.settle").removeHandler(handler)
+    for e in errors:
+        console.print(f"[red]{e}[/]")
+    done = len(tracker.latencies("archived"))
+    if done < total and not errors:
+        console.print(f"[red]timed out after {options.timeout:.0f}s: {done}/{total} files archived[/]")
+    return done == total and not errors
+
+
+def _thread(name: str, target: Callable[[threading.Event], None], stop: threading.Event,
+            errors: list[str]) -> threading.Thread:
+    def body() -> None:
+        try:
+            target(stop)
+        except Exception as exc:  # surfaced in the summary and the exit code
+            log.exception("%s failed", name)
+            errors.append(f"{name} failed: {type(exc).__name__}: {exc}")
+
+    t = threading.Thread(target=body, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def _daq(options: Options, settings: Settings, buffer: Path, tracker: Tracker, stop: threading.Event) -> None:
+    """A DAQ closing files for two instruments, announcing each one as it closes."""
+    from producers.publish import DaqPublisher, file_closed
+
+    night = time.strftime("%Y%m%d", time.gmtime())
+    rng = random.Random(20261125)
+    with DaqPublisher(settings.broker) as daq:
+        for i in range(options.files):
+            for inst, scope, _ in INSTRUMENTS:
+                if stop.is_set():
+                    return
+                path = buffer / inst / night / f"{inst}.Run{1000 + i:05d}.{i:04d}.fits.fz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(rng.randbytes(max(1, options.size + rng.randint(-options.size // 4,
+                                                                                 options.size // 4))))
+                event = file_closed(path, site="ORM", instrument=inst, night=night, run=1000 + i)
+                tracker.closed(f"{scope}:{path}", event)
+                daq.publish([event])
+            stop.wait(options.pace)
+
+
+def _inbox(settings: Settings, tracker: Tracker, stop: threading.Event) -> None:
+    """The DAQ's side: file-archived arrives on its inbox queue."""
+    from injector.events import decode_file_archived
+    from injector.transport import connection
+
+    conn = connection(settings.broker)
+    try:
+        channel = conn.channel()
+        while not stop.is_set():
+            msg = channel.basic_get(topology.archived_queue(settings), no_ack=False)
+            if msg is None:
+                stop.wait(0.2)
+                continue
+            ev = decode_file_archived(msg.body)
+            tracker.mark(f"{ev.scope}:{ev.name}", "archived")
+            channel.basic_ack(msg.delivery_tag)
+    finally:
+        conn.release()
+
+
+def _daemons(server: Any, hermes: Any, stop: threading.Event) -> None:
+    """Rucio's daemons, one pass each, in a loop (as a site runs them continuously)."""
+    while not stop.is_set():
+        server.run_daemons(*DAEMON_PASS, rses=[SOURCE, ARCHIVE], hermes=hermes)
+        stop.wait(0.5)
+
+
+def _watch_rucio(client: Any, tracker: Tracker, stop: threading.Event) -> None:
+    """registered = Rucio holds the source replica; replicated = the archive copy is AVAILABLE."""
+    while not stop.wait(0.5):
+        todo = [d for d in tracker.pending("replicated")]
+        for i in range(0, len(todo), 500):
+            dids = [dict(zip(("scope", "name"), d.split(":", 1), strict=True)) for d in todo[i:i + 500]]
+            for rep in client.list_replicas(dids, all_states=True):
+                did = f"{rep['scope']}:{rep['name']}"
+                states = rep.get("states", {})
+                if SOURCE in states or ARCHIVE in states:
+                    tracker.mark(did, "registered")
+                if states.get(ARCHIVE) == "AVAILABLE":
+                    tracker.mark(did, "replicated")
+
+
+def _display(tracker: Tracker, options: Options) -> Group:
+    total = options.files
+    table = Table(title="rucio-injector demo: files per stage", expand=False)
+    table.add_column("instrument")
+    for s in STAGES:
+        table.add_column(s, justify="right")
+    for inst, _, _ in INSTRUMENTS:
+        table.add_row(inst, *(f"{tracker.count(inst, s)}/{total}" for s in STAGES))
+    bars = Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    for s in STAGES:
+        bars.add_task(s, total=total * len(INSTRUMENTS), completed=len(tracker.latencies(s)) if s != "closed"
+                      else sum(tracker.count(i, "closed") for i, _, _ in INSTRUMENTS))
+    return Group(table, bars)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def _summary(tracker: Tracker, options: Options, console: Console) -> None:
+    with tracker.lock:
+        n, nbytes = len(tracker.files), sum(t.size for t in tracker.files.values())
+    table = Table(title=f"{n} files, {nbytes / 1e6:.1f} MB: latency from file closed")
+    table.add_column("stage")
+    table.add_column("files", justify="right")
+    table.add_column("p50", justify="right")
+    table.add_column("p99", justify="right")
+    for s in STAGES[1:]:
+        lat = tracker.latencies(s)
+        p50 = f"{statistics.median(lat):.1f}s" if lat else "-"
+        p99 = f"{_percentile(lat, 0.99):.1f}s" if lat else "-"
+        table.add_row(s, str(len(lat)), p50, p99)
+    console.print(table)
+
+
+def _proof(tracker: Tracker, client: Any, buffer: Path, console: Console) -> bool:
+    """The buffer is empty; the archive holds every file with the adler32 the DAQ announced."""
+    left = sorted(p for p in buffer.rglob("*") if p.is_file())
+    with tracker.lock:
+        files = dict(tracker.files)
+    dids = [dict(zip(("scope", "name"), d.split(":", 1), strict=True)) for d in files]
+    good, bad = 0, []
+    pfns: dict[str, str] = {}
+    for i in range(0, len(dids), 500):
+        for rep in client.list_replicas(dids[i:i + 500], rse_expression=ARCHIVE):
+            for pfn in rep.get("rses", {}).get(ARCHIVE, []):
+                pfns[f"{rep['scope']}:{rep['name']}"] = pfn
+    for did, track in files.items():
+        pfn = pfns.get(did)
+        path = Path(urlparse(pfn).path) if pfn else None
+        if path is not None and path.is_file() and size_and_adler32(path) == (track.size, track.adler32):
+            good += 1
+        else:
+            bad.append(f"{did}: {'no archive replica' if path is None else f'{path} missing or other adler32'}")
+    ok = not left and not bad
+    style = "green" if ok else "red"
+    console.print(f"[{style}]proof: buffer holds {len(left)} file(s); archive holds {good}/{len(files)} files "
+                  f"with the DAQ's adler32[/]")
+    for line in [str(p) for p in left[:5]] + bad[:5]:
+        console.print(f"[red]  {line}[/]")
+    return ok
+
+
+def _look_yourself(server: Any, client: Any, tracker: Tracker, console: Console) -> None:
+    with tracker.lock:
+        did = next(iter(tracker.files), "lst:<name>")
+    scope = did.split(":", 1)[0]
+    datasets = sorted(client.list_dids(scope, {"name": "*"}, did_type="dataset")) if ":" in did else []
+    dataset = f"{scope}:{datasets[0]}" if datasets else f"{scope}:<dataset>"
+    console.print("Look for yourself (run with --keep to keep the server up after the summary):")
+    console.print(f"  export RUCIO_CONFIG={server.client_config}\n"
+                  f"  rucio replica list file --all-states {did}\n"
+                  f"  rucio did list --filter type=dataset '{scope}:*'\n"
+                  f"  rucio did content list {dataset}\n"
+                  f"  rucio rule list --did {dataset}", soft_wrap=True)
