@@ -83,3 +83,12 @@ class Lab:
 @pytest.fixture
 def lab(rucio_client: Any, rucio_server: RucioServer) -> Lab:
     return Lab(rucio_client, rucio_server)
+
+
+@pytest.fixture(scope="session")
+def activemq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A throw-away ActiveMQ Classic running broker-config/activemq/activemq.xml."""
+    from injector.testbed.activemq import start_activemq
+
+    with start_activemq(tmp_path_factory.mktemp("activemq")) as broker:
+        yield broker

@@ -71,13 +71,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
 
 
 @contextmanager
-def running(worker: BatchWorker) -> Iterator[threading.Event]:
+def running(*workers: BatchWorker) -> Iterator[threading.Event]:
     stop = threading.Event()
-    t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    t.start()
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
     try:
         yield stop
     finally:
         stop.set()
-        t.join(30)
-        assert not t.is_alive(), "worker did not stop within 30 s of the stop signal"
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive(), "worker did not stop within 30 s of the stop signal"

@@ -1,0 +1,245 @@
+"""Cleanup end to end on real parts: publish → ingest → Rucio's daemons (transfers really copy bytes,
+hermes sends over STOMP) → cleanup → reaper → file-archived; on RabbitMQ-STOMP and on ActiveMQ."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import stomp
+
+from consumers.services import cleanup_worker, ingest_worker
+from injector import topology
+from injector.checksum import size_and_adler32
+from injector.config import Settings
+from injector.events import FileClosed, decode_file_archived
+from injector.testbed.rucio import HermesBroker
+from injector.worker import BatchWorker
+from producers.publish import DaqPublisher
+from tests.integration.conftest import ARCHIVE, SOURCE, Lab
+from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
+from tests.integration.test_ingest_rucio import files
+
+pytestmark = pytest.mark.integration
+
+RABBIT_STOMP = ("127.0.0.1", 61613)
+
+
+@pytest.fixture(params=["rabbitmq", "activemq"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def broker(flavour: str, request: pytest.FixtureRequest) -> tuple[str, str, int]:
+    if flavour == "activemq":
+        amq = request.getfixturevalue("activemq")
+        return flavour, "127.0.0.1", amq.stomp_port
+    return flavour, *RABBIT_STOMP
+
+
+def cleanup_settings(lab: Lab, broker: tuple[str, str, int], **over: Any) -> Settings:
+    flavour, host, port = broker
+    tag = lab.tag
+    cleanup: dict[str, Any] = {"flavour": flavour, "stomp_hosts": [f"{host}:{port}"], "batch_window": 0.1,
+                               "heartbeat_ms": 2000}
+    if flavour == "rabbitmq":
+        cleanup |= {"hermes_destination": f"/topic/t-{tag}.rucio.events", "queue": f"t-{tag}.cleanup"}
+    else:
+        cleanup |= {"hermes_destination": f"/topic/VirtualTopic.t-{tag}", "app": f"app-{tag}"}
+    return unique_settings({"streams": [lab.stream(**over)]}, ingest={"batch_window": 0.1}, cleanup=cleanup,
+                           broker={"delivery_limit": 3})
+
+
+def hermes_for(settings: Settings) -> HermesBroker:
+    host, _, port = settings.cleanup.stomp_hosts[0].rpartition(":")
+    return HermesBroker(host=host, port=int(port), destination=settings.cleanup.hermes_destination)
+
+
+@contextmanager
+def cleanup_running(settings: Settings, n: int = 1) -> Iterator[list[BatchWorker]]:
+    workers = [cleanup_worker(settings) for _ in range(n)]
+    for w in workers:
+        w.batching.retry_pause = 0.2
+    with running(*workers):
+        # ActiveMQ creates the virtual topic's consumer queue at the first SUBSCRIBE; wait for it.
+        wait_for(lambda: all(w.metrics.health()[0] for w in workers), timeout=30, what="cleanup subscribed")
+        yield workers
+
+
+def ingested(settings: Settings, events: list[FileClosed]) -> None:
+    with DaqPublisher(settings.broker) as daq:
+        daq.publish(events)
+    worker = ingest_worker(settings)
+    with running(worker):
+        wait_for(lambda: worker.stats.messages == len(events), timeout=60, what="ingest")
+
+
+def outcomes(workers: list[BatchWorker], label: str) -> int:
+    return sum(w.stats.outcomes.get(label, 0) for w in workers)
+
+
+def archive_path(lab: Lab, name: str) -> Path | None:
+    for rep in lab.client.list_replicas([{"scope": "lst", "name": name}], rse_expression=ARCHIVE):
+        for pfn in rep["rses"].get(ARCHIVE, []):
+            return Path(urlparse(pfn).path)
+    return None
+
+
+def test_transfer_release_reap_and_file_archived_end_to_end(lab, broker):
+    s = cleanup_settings(lab, broker)
+    events = files(lab, 4)
+    with declared(s), cleanup_running(s) as workers:
+        ingested(s, events)
+        lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", "hermes",
+                               rses=[SOURCE, ARCHIVE], hermes=hermes_for(s))
+        wait_for(lambda: outcomes(workers, "released") == 4, timeout=60, what="4 sources released")
+        lab.server.run_daemons("reaper", "hermes", rses=[SOURCE, ARCHIVE], hermes=hermes_for(s))
+        wait_for(lambda: outcomes(workers, "archived") == 4, timeout=60, what="4 file-archived")
+        archived = [decode_file_archived(m.body) for m in get_all(s, topology.archived_queue(s))]
+        assert not get_all(s, topology.dead_letter_queue(s.ingest.queue))
+    for e in events:
+        assert not Path(e.path).exists(), f"{e.path} still in the buffer"
+        copy = archive_path(lab, e.path)
+        assert copy is not None and size_and_adler32(copy) == (e.size, e.adler32)
+        assert list(lab.replicas([e.path])[e.path]["states"]) == [ARCHIVE]
+    assert sorted(a.name for a in archived) == sorted(e.path for e in events)
+    assert all(a.destinations == [ARCHIVE] and a.routing_key == "file.archived.ORM.LST1" for a in archived)
+
+
+class _Hermes:
+    """Sends hand-made hermes frames to the topic the cleanup consumers listen to."""
+
+    def __init__(self, settings: Settings) -> None:
+        host, _, port = settings.cleanup.stomp_hosts[0].rpartition(":")
+        self.destination = settings.cleanup.hermes_destination
+        self.conn = stomp.Connection12([(host, int(port))], vhost="/")
+        self.conn.connect("guest", "guest", wait=True)
+
+    def send(self, event_type: str, payload: dict[str, Any], created_at: str = "2026-11-25 01:02:03.000000") -> None:
+        body = json.dumps({"event_type": event_type, "payload": payload, "created_at": created_at})
+        self.conn.send(self.destination, body, headers={"event_type": event_type, "persistent": "true"})
+
+    def close(self) -> None:
+        self.conn.disconnect()
+
+
+def transfer_done(e: FileClosed, adler: str | None = None) -> dict[str, Any]:
+    return {"scope": "lst", "name": e.path, "src-rse": SOURCE, "dst-rse": ARCHIVE, "checksum-adler": adler or e.adler32,
+            "file-size": e.size, "bytes": e.size, "activity": "User Subscriptions"}
+
+
+def test_transfer_done_before_the_archive_copy_is_safe_releases_nothing(lab, broker):
+    s = cleanup_settings(lab, broker)
+    early, forged = files(lab, 2)
+    with declared(s), cleanup_running(s) as workers:
+        ingested(s, [early, forged])
+        hermes = _Hermes(s)
+        try:
+            hermes.send("transfer-done", transfer_done(early))  # no transfer has happened
+            hermes.send("transfer-done", transfer_done(forged, adler="00000001"))  # other checksum
+        finally:
+            hermes.close()
+        wait_for(lambda: sum(w.stats.messages for w in workers) >= 2, timeout=30, what="both events handled")
+        assert outcomes(workers, "not-yet-safe") == 1 and outcomes(workers, "released") == 0
+        wait_for(lambda: len(dead_letters(s)) >= 1, timeout=20, what="the forged event dead-lettered")
+        dead = dead_letters(s)
+    lab.server.run_daemons("reaper", rses=[SOURCE])
+    for e in (early, forged):
+        assert Path(e.path).exists(), "the source was deleted without a verified archive copy"
+        assert SOURCE in lab.replicas([e.path])[e.path]["states"]
+    (h,) = dead
+    assert h["dlq-reason"] == "checksum-mismatch" and forged.path in h["dlq-error"]
+
+
+_seen_dead: dict[str, list[dict[str, Any]]] = {}
+
+
+def dead_letters(s: Settings) -> list[dict[str, Any]]:
+    """Headers of what the cleanup consumer dead-lettered: RabbitMQ <queue>.dlq, ActiveMQ DLQ.<queue>."""
+    if s.cleanup.flavour == "rabbitmq":
+        dlq = topology.dead_letter_queue(s.cleanup.queue)
+        got = [dict(m.properties["application_headers"]) for m in get_all(s, dlq)]
+    else:
+        got = _stomp_take(s, s.cleanup.dead_letter_destination)
+    _seen_dead.setdefault(s.cleanup.queue + s.cleanup.app, []).extend(got)
+    return _seen_dead[s.cleanup.queue + s.cleanup.app]
+
+
+def _stomp_take(s: Settings, destination: str, wait: float = 1.0) -> list[dict[str, Any]]:
+    host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
+    frames: list[dict[str, Any]] = []
+    conn = stomp.Connection12([(host, int(port))], vhost="/")
+
+    class Take(stomp.ConnectionListener):
+        def on_message(self, frame: Any) -> None:
+            frames.append(dict(frame.headers))
+            conn.ack(frame.headers["ack"])
+
+    conn.set_listener("take", Take())
+    conn.connect("guest", "guest", wait=True)
+    conn.subscribe(destination, id="take", ack="client-individual")
+    time.sleep(wait)
+    conn.disconnect()
+    return frames
+
+
+def test_duplicated_shuffled_events_with_two_consumers_one_release_and_one_file_archived_per_file(lab, broker):
+    s = cleanup_settings(lab, broker)
+    events = files(lab, 5)
+    with declared(s), cleanup_running(s, n=2) as workers:
+        ingested(s, events)
+        # Transfers really happen, but hermes' own events stay in Rucio until later.
+        lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", rses=[SOURCE, ARCHIVE])
+        assert all(lab.replicas([e.path])[e.path]["states"].get(ARCHIVE) == "AVAILABLE" for e in events)
+        hermes = _Hermes(s)
+        try:
+            frames = [("transfer-queued", {"scope": "lst", "name": e.path, "dst-rse": ARCHIVE}) for e in events]
+            frames += [("transfer-done", transfer_done(e)) for e in events] * 3
+            random.Random(11).shuffle(frames)
+            for kind, payload in frames:
+                hermes.send(kind, payload)
+            wait_for(lambda: sum(w.stats.messages for w in workers) == len(frames), timeout=60, what="frames")
+            lab.server.run_daemons("reaper", rses=[SOURCE])
+            assert not any(Path(e.path).exists() for e in events)
+            gone = [("deletion-done", {"scope": "lst", "name": e.path, "rse": SOURCE, "bytes": e.size,
+                                       "url": f"file://localhost{e.path}"}) for e in events] * 3
+            random.Random(12).shuffle(gone)
+            for kind, payload in gone:
+                hermes.send(kind, payload)
+            wait_for(lambda: outcomes(workers, "archived") == len(gone), timeout=60, what="deletion-done handled")
+        finally:
+            hermes.close()
+        received = [decode_file_archived(m.body) for m in get_all(s, topology.archived_queue(s))]
+    assert all(w.stats.messages > 0 for w in workers), "both consumers took part"
+    assert outcomes(workers, "released") + outcomes(workers, "source-gone") == 15
+    # One outcome per file, whoever handled which duplicate: the DAQ dedupes on the deterministic event_id.
+    by_file: dict[str, set[tuple[str, str]]] = {}
+    for a in received:
+        by_file.setdefault(a.name, set()).add((str(a.event_id), a.archived_at.isoformat()))
+    assert sorted(by_file) == sorted(e.path for e in events)
+    assert all(len(v) == 1 for v in by_file.values()), by_file
+    for e in events:
+        copy = archive_path(lab, e.path)
+        assert copy is not None and size_and_adler32(copy) == (e.size, e.adler32)
+
+
+def test_events_for_files_no_stream_manages_are_acked_and_counted(lab, broker):
+    s = cleanup_settings(lab, broker)
+    with declared(s), cleanup_running(s) as workers:
+        hermes = _Hermes(s)
+        try:
+            hermes.send("transfer-done", {"scope": "atlas", "name": "other.root", "dst-rse": "CERN"})
+            hermes.send("deletion-done", {"scope": "lst", "name": "/elsewhere/x", "rse": "OTHER-RSE"})
+            hermes.send("rule_ok", {"scope": "lst", "name": "x", "rule_id": "0"})
+        finally:
+            hermes.close()
+        wait_for(lambda: sum(w.stats.messages for w in workers) == 3, timeout=30, what="3 events")
+        assert outcomes(workers, "unmanaged") == 2 and outcomes(workers, "ignored-rule_ok") == 1
