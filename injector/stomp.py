@@ -6,11 +6,15 @@ Works with RabbitMQ's STOMP plugin (a durable quorum queue bound to amq.topic, s
 effect; stomp.py's receiver thread only enqueues (a slow Rucio call never starves heartbeats);
 a lost connection is reconnected and RESUBSCRIBED by the BatchWorker loop (stomp.py does not).
 
-Redelivery counting: RabbitMQ quorum queues put `x-delivery-count` on redeliveries; ActiveMQ
-sends no count, so deliveries of a message id are counted in this process (`DeliveryCounts`) and
-the broker's own redeliveryPlugin limit (broker-config/activemq) catches a message bouncing
-between processes. Dead letters on ActiveMQ go to its DLQ.<queue> over STOMP with a receipt;
-file-archived always goes to the DAQ exchange over AMQP with publisher confirms.
+Retries and their count differ per broker, so that both dead-letter after `delivery_limit`:
+- RabbitMQ: NACK requeues; the quorum queue counts deliveries in `x-delivery-count`.
+- ActiveMQ sends no count on STOMP (only `redelivered: true`; its redelivery plugin keeps the
+  counter inside the broker), so a retry SENDs a copy carrying the count in `injector-retries`
+  (receipted, delayed with AMQ_SCHEDULED_DELAY) to the same consumer queue, then ACKs the
+  original: the count is exact across competing processes and restarts. Should that send fail,
+  the message is NACKed and the broker's redelivery plugin redelivers it after a delay.
+Dead letters on ActiveMQ go to DLQ.<queue> over STOMP with a receipt; file-archived always goes to
+the DAQ exchange over AMQP with publisher confirms.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import logging
 import queue
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,44 +41,28 @@ from injector.worker import Batching, BatchWorker, Link, Process
 log = logging.getLogger(__name__)
 
 RECEIPT_TIMEOUT = 30.0
-
-
-class DeliveryCounts:
-    """Deliveries per message id seen by this process (ActiveMQ sends no delivery count)."""
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self._seen: OrderedDict[str, int] = OrderedDict()
-        self._limit = limit
-        self._lock = threading.Lock()
-
-    def seen(self, message_id: str) -> int:
-        with self._lock:
-            n = self._seen.pop(message_id, 0) + 1
-            self._seen[message_id] = n
-            while len(self._seen) > self._limit:
-                self._seen.popitem(last=False)
-            return n
-
-    def forget(self, message_id: str | None) -> None:
-        with self._lock:
-            if message_id is not None:
-                self._seen.pop(message_id, None)
+RETRIES = "injector-retries"  # ActiveMQ: deliveries of this event before this copy
+RETRY_DELAY_MS = (1000, 120_000)  # ActiveMQ: first delay, cap; doubles per retry
+# Frame headers that describe one delivery, not the event: never copied onto a retry or dead letter.
+_DELIVERY_HEADERS = frozenset({
+    "message-id", "destination", "subscription", "ack", "content-length", "content-type", "redelivered",
+    "expires", "priority", "timestamp", "persistent", "original-destination", "receipt", "redeliveryDelay",
+    "scheduledJobId", "correlation-id"})
 
 
 class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
     """Runs on stomp.py's receiver thread: it only enqueues and records."""
 
-    def __init__(self, cfg: Cleanup, generation: int, counts: DeliveryCounts) -> None:
+    def __init__(self, cfg: Cleanup, generation: int) -> None:
         self.cfg = cfg
         self.generation = generation
-        self.counts = counts
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         self.lost = threading.Event()
         self.errors: list[str] = []
         self.receipts: dict[str, threading.Event] = {}
 
     def on_message(self, frame: Any) -> None:
-        self.inbox.put(to_delivery(frame, self.generation, self.cfg.flavour, self.counts))
+        self.inbox.put(to_delivery(frame, self.generation, self.cfg.flavour))
 
     def on_receipt(self, frame: Any) -> None:
         event = self.receipts.get(frame.headers.get("receipt-id", ""))
@@ -99,20 +86,33 @@ def _text(body: bytes | str | None) -> str:
     return body.decode(errors="replace") if isinstance(body, bytes) else (body or "")
 
 
-def to_delivery(frame: Any, generation: int, flavour: str, counts: DeliveryCounts) -> Delivery:
+def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
+    """A received MESSAGE frame; `headers` keeps the event's own headers (and RabbitMQ's count)."""
     h = dict(frame.headers)
     body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()
-    message_id = h.get("message-id")
+    headers = {k: v for k, v in h.items() if k not in _DELIVERY_HEADERS and not k.startswith("AMQ_")}
     deliveries = None
-    if flavour == "activemq" and message_id:
-        deliveries = counts.seen(message_id)
-    elif "x-delivery-count" in h:
-        h["x-delivery-count"] = int(h["x-delivery-count"])
+    if flavour == "activemq":
+        deliveries = _int(headers.get(RETRIES)) + 1
+    elif "x-delivery-count" in headers:
+        headers["x-delivery-count"] = _int(headers["x-delivery-count"])
     destination = h.get("destination", "")
-    return Delivery(body=body, headers=h, exchange=destination, routing_key=destination, delivery_tag=0,
-                    redelivered=h.get("redelivered") == "true", message_id=message_id,
+    return Delivery(body=body, headers=headers, exchange=destination, routing_key=destination, delivery_tag=0,
+                    redelivered=h.get("redelivered") == "true", message_id=h.get("message-id"),
                     content_type=h.get("content-type", "application/json"), generation=generation,
-                    ack_id=h.get("ack") or message_id, deliveries=deliveries)
+                    ack_id=h.get("ack") or h.get("message-id"), deliveries=deliveries)
+
+
+def _int(value: Any) -> int:
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def retry_delay_ms(attempts: int) -> int:
+    first, cap = RETRY_DELAY_MS
+    return min(first * 2 ** max(attempts - 1, 0), cap)
 
 
 class StompSession:
@@ -129,11 +129,14 @@ class StompSession:
     def ack(self, delivery: Delivery) -> None:
         if self._current(delivery):
             self.link.conn.ack(delivery.ack_id)
-            self.link.counts.forget(delivery.message_id)
 
     def requeue(self, delivery: Delivery) -> None:
-        if self._current(delivery):
-            self.link.conn.nack(delivery.ack_id)
+        if not self._current(delivery):
+            return
+        if self.link.cfg.flavour == "activemq":
+            self.link.retry(delivery)
+        else:
+            self.link.conn.nack(delivery.ack_id)  # the quorum queue requeues it and counts
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         self.link.publisher().publish(messages)
@@ -148,14 +151,12 @@ class StompSession:
 class StompLink:
     """One STOMP connection with one client-individual subscription (a BatchWorker Link)."""
 
-    def __init__(self, cfg: Cleanup, broker: Broker, generation: int, buffer: list[Delivery],
-                 counts: DeliveryCounts) -> None:
+    def __init__(self, cfg: Cleanup, broker: Broker, generation: int, buffer: list[Delivery]) -> None:
         self.cfg = cfg
         self.broker = broker
         self.generation = generation
         self.buffer = buffer
-        self.counts = counts
-        self.listener = _Listener(cfg, generation, counts)
+        self.listener = _Listener(cfg, generation)
         self.subscription_id = f"cleanup-{uuid.uuid4().hex[:8]}"
         self._amqp: Any = None
         self._publisher: Publisher | None = None
@@ -165,16 +166,23 @@ class StompLink:
                                        auto_decode=False, reconnect_attempts_max=1, timeout=10)
         self.conn.set_listener("injector", self.listener)
         try:
-            self.conn.connect(cfg.username, cfg.password, wait=True,
-                              headers={"client-id": f"rucio-injector-{uuid.uuid4().hex[:8]}"}
-                              if cfg.flavour == "activemq" else None)
-        except (stomp.exception.StompException, OSError) as exc:
-            raise BrokerUnavailable(f"cannot connect to STOMP {cfg.stomp_hosts}: {type(exc).__name__}: {exc}") \
-                from None
-        prefetch = ({"prefetch-count": str(cfg.prefetch)} if cfg.flavour == "rabbitmq"
-                    else {"activemq.prefetchSize": str(cfg.prefetch)})
-        self.conn.subscribe(cfg.subscription, id=self.subscription_id, ack="client-individual", headers=prefetch)
+            self._subscribe()
+        except BaseException:
+            self.close()
+            raise
         self.session: Session = StompSession(self)
+
+    def _subscribe(self) -> None:
+        cfg = self.cfg
+        try:
+            client = {"client-id": f"rucio-injector-{uuid.uuid4().hex[:8]}"} if cfg.flavour == "activemq" else None
+            self.conn.connect(cfg.username, cfg.password, wait=True, headers=client)
+            prefetch = ({"prefetch-count": str(cfg.prefetch)} if cfg.flavour == "rabbitmq"
+                        else {"activemq.prefetchSize": str(cfg.prefetch)})
+            self.conn.subscribe(cfg.subscription, id=self.subscription_id, ack="client-individual", headers=prefetch)
+        except (stomp.exception.StompException, OSError) as exc:
+            raise BrokerUnavailable(f"cannot subscribe on STOMP {cfg.stomp_hosts}: {type(exc).__name__}: {exc}") \
+                from None
         log.info("subscribed to %s on %s (%s, prefetch %d)", cfg.subscription, cfg.stomp_hosts, cfg.flavour,
                  cfg.prefetch)
 
@@ -184,6 +192,19 @@ class StompLink:
             self._publisher = Publisher(self._amqp)
         return self._publisher
 
+    def retry(self, d: Delivery) -> None:
+        """ActiveMQ: a delayed copy carrying the delivery count, then ACK; NACK if it cannot be sent."""
+        headers = {**d.headers, RETRIES: d.attempts, "AMQ_SCHEDULED_DELAY": retry_delay_ms(d.attempts)}
+        copy = Outgoing(self.cfg.subscription, "", d.body, headers, d.message_id, d.content_type)
+        try:
+            self.send_confirmed(self.cfg.subscription, [copy])
+        except PublishFailed as exc:
+            log.warning("could not queue the retry (%s); NACK: the broker redelivers it", exc,
+                        extra={"event_id": d.message_id})
+            self.conn.nack(d.ack_id)
+            return
+        self.conn.ack(d.ack_id)
+
     def send_confirmed(self, destination: str, messages: Sequence[Outgoing]) -> None:
         """SEND each message with a receipt; returns when the broker has receipted all."""
         waits = []
@@ -191,14 +212,14 @@ class StompLink:
             for m in messages:
                 receipt = uuid.uuid4().hex
                 event = self.listener.receipts[receipt] = threading.Event()
-                headers = {k: str(v) for k, v in m.headers.items()}
+                headers = {k: str(v) for k, v in m.headers.items() if k not in _DELIVERY_HEADERS}
                 headers["persistent"] = "true"
                 if m.message_id:
                     headers["correlation-id"] = m.message_id
                 self.conn.send(destination, m.body, content_type=m.content_type, headers=headers, receipt=receipt)
                 waits.append((receipt, event))
             for _, event in waits:
-                if not event.wait(RECEIPT_TIMEOUT):
+                if not event.wait(RECEIPT_TIMEOUT) or self.listener.lost.is_set():
                     raise PublishFailed(f"no receipt from the broker for a message sent to {destination}")
         except (stomp.exception.StompException, OSError) as exc:
             raise PublishFailed(f"cannot send to {destination}: {type(exc).__name__}: {exc}") from None
@@ -244,9 +265,8 @@ class StompLink:
 def stomp_worker(cfg: Cleanup, broker: Broker, route: Route, process: Process, batching: Batching,
                  metrics: Metrics | None = None) -> BatchWorker:
     """A BatchWorker consuming the cleanup subscription over STOMP."""
-    counts = DeliveryCounts()
 
     def connect(generation: int, buffer: list[Delivery]) -> Link:
-        return StompLink(cfg, broker, generation, buffer, counts)
+        return StompLink(cfg, broker, generation, buffer)
 
     return BatchWorker(connect, route, process, batching, metrics)
