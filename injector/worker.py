@@ -21,6 +21,7 @@ from typing import Protocol
 
 import amqp
 import kombu
+from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
 
 from injector.config import Broker
 from injector.errors import BrokerUnavailable
@@ -103,13 +104,22 @@ class BatchWorker:
         self._generation += 1
         buffer: list[Delivery] = []
         self._unsettled = [buffer]
-        link = self.connect(self._generation, buffer)
+        link = self._connect(stop, buffer)
         try:
             log.info("consuming %s (batch %d/%.2fs)", self.route.queue, self.batching.size, self.batching.window)
             self._loop(link, buffer, stop)
         finally:
             with contextlib.suppress(Exception):  # closing a dead connection may itself fail
                 link.close()
+
+    def _connect(self, stop: threading.Event, buffer: list[Delivery]) -> Link:
+        """Connect and subscribe, retried with jittered exponential backoff until it works or `stop`."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(CONNECTION_LOST), stop=stop_when_event_set(stop),
+            wait=wait_random_exponential(multiplier=0.5, max=30), sleep=lambda seconds: None if stop.wait(seconds) else None, reraise=True,
+            before_sleep=lambda state: log.warning("cannot connect (attempt %d): %s", state.attempt_number,
+                                                   state.outcome.exception() if state.outcome else "?"))
+        return retrying(self.connect, self._generation, buffer)
 
     def _loop(self, link: Link, buffer: list[Delivery], stop: threading.Event) -> None:
         inflight: tuple[Future[Sequence[Outcome]], list[Delivery], float] | None = None
