@@ -21,7 +21,7 @@ from typing import Protocol
 
 import amqp
 import kombu
-from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
 
 from injector.config import Broker
 from injector.errors import BrokerUnavailable
@@ -114,11 +114,17 @@ class BatchWorker:
 
     def _connect(self, stop: threading.Event, buffer: list[Delivery]) -> Link:
         """Connect and subscribe, retried with jittered exponential backoff until it works or `stop`."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(CONNECTION_LOST), stop=stop_when_event_set(stop),
-            wait=wait_random_exponential(multiplier=0.5, max=30), sleep=lambda seconds: None if stop.wait(seconds) else None, reraise=True,
-            before_sleep=lambda state: log.warning("cannot connect (attempt %d): %s", state.attempt_number,
-                                                   state.outcome.exception() if state.outcome else "?"))
+
+        def pause(seconds: float) -> None:
+            stop.wait(seconds)  # SIGTERM ends the wait at once
+
+        def report(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning("cannot connect (attempt %d): %s", state.attempt_number, error)
+
+        retrying = Retrying(retry=retry_if_exception_type(CONNECTION_LOST), stop=stop_when_event_set(stop),
+                            wait=wait_random_exponential(multiplier=0.5, max=30), sleep=pause, reraise=True,
+                            before_sleep=report)
         return retrying(self.connect, self._generation, buffer)
 
     def _loop(self, link: Link, buffer: list[Delivery], stop: threading.Event) -> None:
