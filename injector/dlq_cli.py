@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from consumers.dlq import RabbitDlq, dead_letter_queues, export_line
+from consumers.dlq import ActiveMqDlq, RabbitDlq, dead_letter_queues, dlq_for, export_line
 from injector import config
 from injector.deadletter import Filter, Record, parse_duration
 from injector.errors import InjectorError
@@ -64,25 +64,27 @@ def _filter(args: argparse.Namespace) -> Filter:
 
 
 def run(args: argparse.Namespace, settings: config.Settings) -> int:
-    dlq = RabbitDlq(settings.broker)
     queues = dead_letter_queues(settings, getattr(args, "queue", None))
     if args.action == "show":
-        return _show(dlq, queues, args.id)
+        return _show(settings, queues, args.id)
     where = _filter(args)
     if args.action == "list":
-        records = [r for q in queues for r in dlq.peek(q, where)]
+        records = [r for q in queues for r in dlq_for(settings, q).peek(q, where)]
         _print_list(records, args.json)
         return 0
     if args.action == "export":
-        return _export(dlq, queues, where, args.file)
+        return _export(settings, queues, where, args.file)
     if args.action == "purge":
-        return _purge(dlq, queues, where, args.yes)
-    return _replay(dlq, queues, where, args)
+        return _purge(settings, queues, where, args.yes)
+    return _replay(settings, queues, where, args)
 
 
-def _show(dlq: RabbitDlq, queues: Sequence[str], ident: str) -> int:
+Dlq = RabbitDlq | ActiveMqDlq
+
+
+def _show(settings: config.Settings, queues: Sequence[str], ident: str) -> int:
     for q in queues:
-        for r in dlq.peek(q, Filter(ids=(ident,))):
+        for r in dlq_for(settings, q).peek(q, Filter(ids=(ident,))):
             print(json.dumps(json.loads(export_line(r)), indent=2))
             return 0
     raise InjectorError(f"no dead letter with id {ident!r} in {', '.join(queues)}")
@@ -106,12 +108,12 @@ def _print_list(records: list[Record], as_json: bool) -> None:
         out.print(f"  {n:6d}  {reason}")
 
 
-def _export(dlq: RabbitDlq, queues: Sequence[str], where: Filter, path: str) -> int:
+def _export(settings: config.Settings, queues: Sequence[str], where: Filter, path: str) -> int:
     fh = sys.stdout if path == "-" else open(path, "w")  # noqa: SIM115 - closed below unless stdout
     n = 0
     try:
         for q in queues:
-            for r in dlq.peek(q, where):
+            for r in dlq_for(settings, q).peek(q, where):
                 fh.write(export_line(r) + "\n")
                 n += 1
     finally:
@@ -121,19 +123,20 @@ def _export(dlq: RabbitDlq, queues: Sequence[str], where: Filter, path: str) -> 
     return 0
 
 
-def _purge(dlq: RabbitDlq, queues: Sequence[str], where: Filter, yes: bool) -> int:
+def _purge(settings: config.Settings, queues: Sequence[str], where: Filter, yes: bool) -> int:
     if not yes:
-        n = sum(len(dlq.peek(q, where)) for q in queues)
+        n = sum(len(dlq_for(settings, q).peek(q, where)) for q in queues)
         err.print(f"{n} dead letter(s) would be deleted; add --yes to delete them")
         return 1
     for q in queues:
-        err.print(f"purged {dlq.purge(q, where)} dead letter(s) from {q}")
+        err.print(f"purged {dlq_for(settings, q).purge(q, where)} dead letter(s) from {q}")
     return 0
 
 
-def _replay(dlq: RabbitDlq, queues: Sequence[str], where: Filter, args: argparse.Namespace) -> int:
+def _replay(settings: config.Settings, queues: Sequence[str], where: Filter, args: argparse.Namespace) -> int:
     failed = 0
     for q in queues:
+        dlq: Dlq = dlq_for(settings, q)
         total = min(dlq.depth(q), args.limit or 10**12)
         columns = (TextColumn(f"replay {q}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, disable=args.dry_run or total < 50) as bar:

@@ -1,0 +1,80 @@
+"""Dead-letter operations on ActiveMQ's DLQ.<queue> (the cleanup consumer's, over STOMP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stomp
+
+from consumers.dlq import ActiveMqDlq, dead_letter_queues
+from consumers.services import cleanup_worker
+from injector.deadletter import Filter
+from tests.integration.rabbit import declared, running, unique_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def settings_for(amq: Any) -> Any:
+    tag = uuid.uuid4().hex[:8]
+    return unique_settings({"streams": []}, cleanup={
+        "flavour": "activemq", "stomp_hosts": [f"127.0.0.1:{amq.stomp_port}"], "app": f"app-{tag}",
+        "hermes_destination": f"/topic/VirtualTopic.t-{tag}", "batch_window": 0.05})
+
+
+def send(s: Any, *bodies: str) -> None:
+    host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
+    conn = stomp.Connection12([(host, int(port))])
+    conn.connect("guest", "guest", wait=True)
+    for b in bodies:
+        conn.send(s.cleanup.hermes_destination, b, headers={"persistent": "true"}, receipt=uuid.uuid4().hex)
+    conn.disconnect()
+
+
+def test_list_filter_replay_and_purge_on_activemq(activemq, tmp_path: Path):
+    s = settings_for(activemq)
+    (dlq_name,) = [q for q in dead_letter_queues(s) if q.startswith("DLQ.")]
+    dlq = ActiveMqDlq(s.cleanup)
+    worker = cleanup_worker(s)
+    with declared(s), running(worker):
+        wait_for(lambda: worker.metrics.health()[0], timeout=20, what="subscribed")
+        send(s, "not json at all", '{"event_type": "transfer-done"}', "{broken")
+        wait_for(lambda: dlq.depth(dlq_name) == 3, timeout=30, what="3 dead letters")
+        listed = dlq.peek(dlq_name)
+        assert [r.reason for r in listed] == ["invalid-event"] * 3
+        assert all(r.source_queue == s.cleanup.subscription.removeprefix("/queue/") for r in listed)
+        assert [(r.id, r.body) for r in dlq.peek(dlq_name)] == [(r.id, r.body) for r in listed], "nothing consumed"
+
+        cfg = tmp_path / "c.toml"
+        c = s.cleanup
+        cfg.write_text(f'[broker]\nurls = ["{s.broker.urls[0]}"]\ndaq_exchange = "{s.broker.daq_exchange}"\n'
+                       f'dead_letter_exchange = "{s.broker.dead_letter_exchange}"\n'
+                       f'[ingest]\nqueue = "{s.ingest.queue}"\n'
+                       f'[cleanup]\nflavour = "activemq"\nstomp_hosts = ["{c.stomp_hosts[0]}"]\napp = "{c.app}"\n'
+                       f'hermes_destination = "{c.hermes_destination}"\n')
+        env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
+        out = subprocess.run([sys.executable, "-m", "injector.cli", "dlq", "list", dlq_name, "--json"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["by_reason"] == {"invalid-event": 3}
+
+        first = listed[0]
+        dry = dlq.replay(dlq_name, Filter(ids=(first.id,)), dry_run=True)
+        assert dry.selected == 1 and dlq.depth(dlq_name) == 3
+        done = dlq.replay(dlq_name, Filter(ids=(first.id,)))
+        assert done.replayed == 1
+        # The consumer gets it back, still invalid: dead-lettered again, now with replay-count 1.
+        wait_for(lambda: any(r.replay_count == 1 for r in dlq.peek(dlq_name)), timeout=30, what="replayed copy")
+        assert dlq.depth(dlq_name) == 3
+        (again,) = [r for r in dlq.peek(dlq_name) if r.replay_count == 1]
+        assert again.body == first.body
+
+        assert dlq.purge(dlq_name, Filter(ids=(again.id,))) == 1
+        assert dlq.depth(dlq_name) == 2
+        assert dlq.purge(dlq_name) == 2 and dlq.depth(dlq_name) == 0
