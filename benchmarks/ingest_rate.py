@@ -101,6 +101,8 @@ def run(settings: Settings, buffer: Path, n: int, samples: int, client: Any) -> 
     ing = time.perf_counter() - t0
     print(f"ingest  : {n} files in {ing:.2f}s = {n / ing:,.0f} files/s "
           f"({worker.stats.batches} batches, outcomes {worker.stats.outcomes})")
+    print("          time in Rucio calls: " + ", ".join(
+        f"{op} {secs:.1f}s/{n}" for op, secs, n in rucio_time(worker.metrics.registry)))
     attached = sum(1 for _ in client.list_content("bench", f"LST1_{night}_bench"))
     print(f"          Rucio says: {attached} files attached to bench:LST1_{night}_bench")
 
@@ -121,6 +123,19 @@ def run(settings: Settings, buffer: Path, n: int, samples: int, client: Any) -> 
           f"p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms (batch window {settings.ingest.batch_window}s)")
     stop.set()
     thread.join(60)
+
+
+def rucio_time(registry: Any) -> list[tuple[str, float, int]]:
+    """(operation, seconds, calls) from the consumer's Rucio call histogram."""
+    out: dict[str, list[float]] = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            op = sample.labels.get("operation")
+            if op and sample.name.endswith("_sum"):
+                out.setdefault(op, [0.0, 0])[0] += sample.value
+            elif op and sample.name.endswith("_count"):
+                out.setdefault(op, [0.0, 0])[1] += sample.value
+    return sorted(((op, v[0], int(v[1])) for op, v in out.items()), key=lambda t: -t[1])
 
 
 if __name__ == "__main__":
