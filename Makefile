@@ -28,8 +28,9 @@ unit: venv
 test: setup lint
 	CI=$${CI:-true} $(BIN)/python -m pytest -q
 
-demo: setup
-	$(BIN)/rucio-injector demo
+demo: venv
+	bash .ci/setup-machine --demo
+	$(BIN)/rucio-injector demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
