@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from injector import marks
 from injector.config import Settings, Stream
 from injector.errors import Permanent, Transient
 from injector.events import FileArchived, RucioEvent, encode
@@ -180,6 +181,14 @@ def release_sources(rucio: RucioGateway, release: dict[tuple[str, str, str], lis
                 else:
                     log.warning("%s: source not released: %s", it.label, exc)
                     out[it.index] = Outcome.done("release-refused", it.label)
+    now = datetime.now(UTC).isoformat()
+    noted = [(key[0], key[1], {marks.RELEASED_AT: now}) for key, items in release.items()
+             if all(out[it.index].label == "released" for it in items)]
+    try:  # when: so the reconciler can tell a source the reaper should have deleted by now
+        for batch in chunks(noted, 1000):
+            rucio.mark(batch)
+    except (Permanent, Transient) as exc:
+        log.warning("released %d source(s) but could not note when: %s", len(noted), exc)
     return out
 
 
@@ -198,12 +207,26 @@ def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, s
         return Outcome.failed(exc, it.label)
     if meta is None or meta.bytes is None or meta.adler32 is None:
         return Outcome.failed(Transient(f"{it.label} has no size/adler32 in Rucio"), it.label)
+    try:
+        archived_at = decided_archived_at(rucio, it.did, _created_at(it.event))
+    except (Permanent, Transient) as exc:
+        return Outcome.failed(exc, it.label)
     prefix = stream.pfn_prefix
     path = url[len(prefix):] if isinstance(url, str) and url.startswith(prefix) else it.did[1]
     archived = FileArchived.create(
         site=stream.site, instrument=stream.instrument, path=path, size=meta.bytes, adler32=meta.adler32,
-        scope=it.did[0], name=it.did[1], destinations=destinations, archived_at=_created_at(it.event))
+        scope=it.did[0], name=it.did[1], destinations=destinations, archived_at=archived_at)
     return Outcome.done("archived", it.label, emit=(archived_message(archived, settings),))
+
+
+def decided_archived_at(rucio: RucioGateway, did: Did, proposed: datetime) -> datetime:
+    """The file's archive time, decided once and kept on the file in Rucio: whoever announces the file
+    (cleanup, its duplicates, the reconciler) publishes a byte-identical file-archived."""
+    known = rucio.marks([did]).get(did, {}).get(marks.ARCHIVED_AT)
+    if known:
+        return datetime.fromisoformat(str(known).replace("Z", "+00:00"))
+    rucio.mark([(did[0], did[1], {marks.ARCHIVED_AT: proposed.isoformat()})])
+    return proposed
 
 
 def archived_message(event: FileArchived, settings: Settings) -> Outgoing:

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from injector import marks
 from injector.config import Settings, Stream
 from injector.errors import ChecksumConflict, Permanent, Transient
 from injector.events import FileClosed
@@ -145,8 +146,10 @@ def _register(files: Sequence[_File], rucio: RucioGateway) -> None:
 
 
 def _replica(f: _File) -> NewReplica:
-    ev = f.event
-    return NewReplica(f.placement.scope, f.placement.name, ev.size, ev.adler32, f.placement.pfn, ev.md5)
+    ev, p = f.event, f.placement
+    # Recorded on the file in the same call, so the reconciler can repair attachments and name paths.
+    meta = ((marks.PATH, ev.path), (marks.DATASET, f"{p.scope}:{p.dataset}"), (marks.STREAM, p.stream.name))
+    return NewReplica(p.scope, p.name, ev.size, ev.adler32, p.pfn, ev.md5, meta)
 
 
 def _ensure_datasets(files: Sequence[_File], rucio: RucioGateway, memo: DatasetMemo) -> None:

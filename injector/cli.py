@@ -71,6 +71,51 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from consumers import reconcile
+    from consumers.services import _serve_metrics
+    from injector.metrics import Metrics
+
+    settings = _settings(args)
+    options = reconcile.Options(dry_run=args.dry_run, fix=args.fix, grace=timedelta(seconds=args.grace))
+    metrics = None
+    if args.every:
+        metrics = Metrics("reconcile")
+        port = settings.metrics.reconcile_port if args.metrics_port is None else args.metrics_port
+        _serve_metrics(metrics, settings.metrics.host, port)
+
+    def report(findings: list[reconcile.Finding]) -> None:
+        if args.json:
+            print(json.dumps(reconcile.findings_json(findings)), flush=True)
+            return
+        for f in findings:
+            print(f"{f.stream:<14} {f.line()}", flush=True)
+        counts: dict[str, int] = {}
+        for f in findings:
+            counts[f"{f.action} {f.kind}"] = counts.get(f"{f.action} {f.kind}", 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to do"
+        print(f"reconcile{' (dry run)' if args.dry_run else ''}: {summary}", file=sys.stderr, flush=True)
+
+    stop = _stop_on_signals()
+    findings = reconcile.run(settings, options, args.stream, args.every, report, stop, metrics)
+    return 1 if any(f.action == "report" for f in findings) else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from consumers import status
+    from injector.gateway import ClientGateway
+
+    settings = _settings(args)
+    data = status.collect(settings, ClientGateway(settings.rucio), args.stream, args.night)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        status.render(data)
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from injector import topology
 
@@ -129,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     cln = sub.add_parser("cleanup", help="run the cleanup consumer (Rucio events → source release → file-archived)")
     cln.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz here (0 = off)")
     cln.set_defaults(func=cmd_cleanup)
+
+    rec = sub.add_parser("reconcile", help="finish from Rucio's state what lost events left undone; explain the rest")
+    rec.add_argument("--stream", action="append", default=[], help="only this stream (repeatable)")
+    rec.add_argument("--every", type=float, metavar="SECONDS", help="sweep again every SECONDS until stopped")
+    rec.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
+    rec.add_argument("--fix", action="store_true",
+                     help="also apply the safe repairs: attach unattached files, add missing dataset rules, "
+                          "boost STUCK rules")
+    rec.add_argument("--grace", type=float, default=3600,
+                     help="seconds after its release before an undeleted source is diagnosed (default 3600)")
+    rec.add_argument("--json", action="store_true", help="one JSON list of findings per sweep")
+    rec.add_argument("--metrics-port", type=int, help="with --every: serve /metrics and /healthz here (0 = off)")
+    rec.set_defaults(func=cmd_reconcile)
+
+    sta = sub.add_parser("status", help="files per stage per stream and dataset (from Rucio), queue depths")
+    sta.add_argument("--stream", action="append", default=[], help="only this stream (repeatable)")
+    sta.add_argument("--night", help="only datasets whose name contains this night (YYYYMMDD)")
+    sta.add_argument("--json", action="store_true")
+    sta.set_defaults(func=cmd_status)
 
     brk = sub.add_parser("broker", help="broker topology")
     brk.add_argument("action", choices=["setup", "definitions"],

@@ -36,6 +36,7 @@ TRANSIENT = frozenset({
 })
 # Two processes inserting the same new DID or replica at once: one loses with one of these.
 # The retry finds the row and skips it, so they are passing, not permanent.
+MARK_PREFIX = "injector_"  # the project's own DID metadata keys
 RACES = frozenset({"Duplicate", "DataIdentifierAlreadyExists", "FileAlreadyExists", "FileReplicaAlreadyExists",
                    "DuplicateContent"})
 DENIED = frozenset({"AccessDenied", "ScopeAccessDenied", "RSEAccessDenied", "CannotAuthorize"})
@@ -72,6 +73,7 @@ class NewReplica:
     adler32: str
     pfn: str
     md5: str | None = None
+    meta: tuple[tuple[str, str], ...] = ()  # custom DID metadata set in the same call
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,14 @@ class RucioGateway(Protocol):
 
     def set_tombstones(self, replicas: Sequence[tuple[str, str, str]]) -> None:
         """Mark (scope, name, rse) replicas for immediate deletion by the reaper."""
+        ...
+
+    def marks(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The project's own DID metadata (injector_*) of those DIDs that exist."""
+        ...
+
+    def mark(self, items: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        """Set the project's own DID metadata: (scope, name, {key: value})."""
         ...
 
 
@@ -272,11 +282,84 @@ class ClientGateway:
         body = [{"scope": s, "name": n, "rse": r} for s, n, r in replicas]
         self._call("set_tombstone", self.client.set_tombstone, body)
 
+    def marks(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        if not dids:
+            return {}
+        request = [{"scope": s, "name": n} for s, n in dids]
+
+        def fetch() -> list[dict[str, Any]]:
+            try:
+                return list(self.client.get_metadata_bulk(request, plugin="JSON"))
+            except Exception as exc:
+                if type(exc).__name__ == "DataIdentifierNotFound":
+                    return []
+                raise
+
+        return {(r["scope"], r["name"]): {k: v for k, v in r.items() if k.startswith(MARK_PREFIX)}
+                for r in self._call("get_metadata_bulk", fetch)}
+
+    def mark(self, items: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        if items:
+            body = [{"scope": s, "name": n, "meta": meta} for s, n, meta in items]
+            self._call("set_dids_metadata_bulk", self.client.set_dids_metadata_bulk, body)
+
+    # Inspection for the reconciler and status (read-only unless named otherwise).
+
+    def list_files(self, scope: str, pattern: str) -> list[str]:
+        """Names of the files in `scope` matching a wildcard pattern (Rucio's `*`)."""
+        return self._call("list_dids", lambda: list(self.client.list_dids(scope, [{"name": pattern}],
+                                                                          did_type="file")))
+
+    def list_datasets(self, scope: str, pattern: str) -> list[str]:
+        return self._call("list_dids", lambda: list(self.client.list_dids(scope, [{"name": pattern}],
+                                                                          did_type="dataset")))
+
+    def content(self, scope: str, dataset: str) -> set[tuple[str, str]]:
+        def fetch() -> set[tuple[str, str]]:
+            try:
+                return {(d["scope"], d["name"]) for d in self.client.list_content(scope, dataset)}
+            except Exception as exc:
+                if type(exc).__name__ == "DataIdentifierNotFound":
+                    return set()
+                raise
+
+        return self._call("list_content", fetch)
+
+    def rules_of(self, scope: str, name: str) -> list[dict[str, Any]]:
+        """Full rule records of a DID (state, expires_at, locked, child_rule_id, error, ...)."""
+        return self._call("list_did_rules", lambda: list(self.client.list_did_rules(scope, name)))
+
+    def rules_for_file(self, scope: str, name: str) -> list[dict[str, Any]]:
+        """Every rule holding locks on a file (also through its datasets)."""
+        return self._call("list_associated_rules_for_file",
+                          lambda: list(self.client.list_associated_rules_for_file(scope, name)))
+
+    def rse_info(self, rse: str) -> dict[str, Any]:
+        info = dict(self._call("get_rse", self.client.get_rse, rse))
+        info["attributes"] = dict(self._call("list_rse_attributes", self.client.list_rse_attributes, rse))
+
+        def protocols() -> list[dict[str, Any]]:
+            try:
+                return list(self.client.get_protocols(rse))
+            except Exception as exc:
+                if type(exc).__name__ == "RSEProtocolNotSupported":
+                    return []
+                raise
+
+        info["protocols"] = self._call("get_protocols", protocols)
+        return info
+
+    def boost_rule(self, rule_id: str) -> None:
+        """Ask the judge to retry a rule's stuck locks now (Rucio's `boost_rule`)."""
+        self._call("update_replication_rule", self.client.update_replication_rule, rule_id, {"boost_rule": True})
+
 
 def _replica_dict(r: NewReplica) -> dict[str, Any]:
     d: dict[str, Any] = {"scope": r.scope, "name": r.name, "bytes": r.bytes, "adler32": r.adler32, "pfn": r.pfn}
     if r.md5:
         d["md5"] = r.md5
+    if r.meta:
+        d["meta"] = dict(r.meta)
     return d
 
 

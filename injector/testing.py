@@ -35,6 +35,7 @@ class FakeRucio:
         self.prefixes = dict(rses or {})  # name -> PFN prefix its protocol accepts
         self.scopes = set(scopes)
         self.files: dict[tuple[str, str], FileMeta] = {}
+        self.meta: dict[tuple[str, str], dict[str, Any]] = {}
         self.datasets: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self.closed: set[tuple[str, str]] = set()
         self.pfns: dict[tuple[str, str, str], str] = {}  # (rse, scope, name) -> pfn
@@ -77,6 +78,8 @@ class FakeRucio:
         for r in replicas:
             self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, r.adler32))
             self.pfns.setdefault((rse, r.scope, r.name), r.pfn)
+            if r.meta and (r.scope, r.name) not in self.meta:
+                self.meta[(r.scope, r.name)] = dict(r.meta)
 
     def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
         self._enter("add_dataset")
@@ -139,6 +142,17 @@ class FakeRucio:
             if (rse, scope, name) not in self.pfns:
                 raise RucioRefused(f"ReplicaNotFound: {scope}:{name} at {rse}")
         self.tombstoned.update((rse, scope, name) for scope, name, rse in replicas)
+
+    def marks(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        self._enter("marks")
+        return {d: dict(self.meta.get(d, {})) for d in dids if d in self.files}
+
+    def mark(self, items: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        self._enter("mark")
+        for scope, name, meta in items:
+            if (scope, name) not in self.files:
+                raise RucioRefused(f"DataIdentifierNotFound: {scope}:{name}")
+            self.meta.setdefault((scope, name), {}).update(meta)
 
     def add_replica(self, rse: str, scope: str, name: str, pfn: str = "", state: str = "AVAILABLE") -> None:
         """Test set-up: a replica as a transfer would leave it."""

@@ -1,0 +1,13 @@
+"""The project's own DID metadata on files (Rucio's JSON metadata plugin): one place for the keys.
+
+PATH, DATASET, STREAM are written by ingest with the replica. ARCHIVED_AT is the archive time decided
+once (by cleanup on deletion-done, or by the reconciler) so every file-archived for a file is
+byte-identical; ANNOUNCED says the reconciler has published it; RELEASED_AT is when a source was released.
+"""
+
+PATH = "injector_path"
+DATASET = "injector_dataset"
+STREAM = "injector_stream"
+RELEASED_AT = "injector_released_at"
+ARCHIVED_AT = "injector_archived_at"
+ANNOUNCED = "injector_announced"
