@@ -12,7 +12,8 @@ from injector import marks, topology
 from injector.config import Settings
 from injector.gateway import ClientGateway
 
-STAGES = ("registered", "replicating", "replicated", "released", "archived", "stuck", "source-lost")
+STAGES = ("registered", "replicating", "replicated", "released", "archived", "stuck", "source-lost",
+          "dead-lettered")
 
 
 def file_stage(settings: Settings, stream: Any, reps: Any, file_marks: dict[str, Any],
@@ -31,6 +32,7 @@ def collect(settings: Settings, rucio: ClientGateway, streams: Sequence[str] = (
             night: str | None = None) -> dict[str, Any]:
     """Counts per stream and dataset; `stuck` counts replicating files of datasets with a STUCK rule."""
     out: dict[str, Any] = {"streams": {}}
+    dead = dead_lettered(settings)
     for stream in settings.streams:
         if streams and stream.name not in streams:
             continue
@@ -48,9 +50,35 @@ def collect(settings: Settings, rucio: ClientGateway, streams: Sequence[str] = (
             per[dataset][stage] += 1
             if stage == "replicating" and dataset in stuck_datasets:
                 per[dataset]["stuck"] += 1
+        for dataset, n in dead.get(stream.name, {}).items():
+            if not night or night in dataset:
+                per[dataset]["dead-lettered"] += n
         out["streams"][stream.name] = {ds: {s: c.get(s, 0) for s in STAGES} for ds, c in sorted(per.items())}
+    out["dead_letters_without_stream"] = dead.get("(none)", {})
     out["queues"] = queue_depths(settings)
     return out
+
+
+def dead_lettered(settings: Settings) -> dict[str, dict[str, int]]:
+    """file-closed events in the ingest dead-letter queue, per stream and dataset (peeked, not consumed).
+    Events that match no stream are counted under the stream "(none)" by reason."""
+    from consumers.dlq import RabbitDlq
+    from injector.errors import Permanent
+    from injector.events import decode_file_closed
+    from injector.streams import place
+
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    try:
+        records = RabbitDlq(settings.broker).peek(topology.dead_letter_queue(settings.ingest.queue))
+    except Exception:  # no broker or no queue: queue_depths says so
+        return {}
+    for r in records:
+        try:
+            p = place(settings.streams, decode_file_closed(r.body))
+            counts[p.stream.name][f"{p.scope}:{p.dataset}"] += 1
+        except Permanent:
+            counts["(none)"][f"({r.reason})"] += 1
+    return {k: dict(v) for k, v in counts.items()}
 
 
 def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:

@@ -18,7 +18,7 @@ from consumers import reconcile, status
 from consumers.services import ingest_worker
 from injector import topology
 from injector.config import Settings
-from injector.events import decode_file_archived
+from injector.events import FileClosed, decode_file_archived
 from injector.gateway import ClientGateway
 from injector.testbed.rses import file_protocol
 from injector.transport import Publisher, connection
@@ -160,7 +160,8 @@ def test_status_counts_equal_what_rucio_shows_with_files_in_every_stage(lab, tmp
         sweep(s)  # b: released, the reaper has not run
         ingest(s, c)
         lab.server.run_daemons(*TRANSFER, rses=[SOURCE, ARCHIVE])  # c: replicated, not released
-        ingest(s, d)  # d: replicating
+        forged = FileClosed.create(**{**d[0].model_dump(exclude={"event_id", "schema_"}), "adler32": "0badf00d"})
+        ingest(s, [*d, forged])  # d: replicating; the forged one: dead-lettered (checksum-conflict)
         data = status.collect(s, ClientGateway(s.rucio))
         cfg = tmp_path / "c.toml"
         cfg.write_text(_toml(s, lab))
@@ -169,9 +170,10 @@ def test_status_counts_equal_what_rucio_shows_with_files_in_every_stage(lab, tmp
                              timeout=120)
     stages = {ds.split("_")[-2]: counts for ds, counts in data["streams"]["lst1-raw"].items()}
     expected = {"20261120": "archived", "20261121": "released", "20261122": "replicated", "20261123": "replicating"}
+    assert stages["20261123"]["dead-lettered"] == 1 and stages["20261120"]["dead-lettered"] == 0
     for night, stage in expected.items():
         assert stages[night]["registered"] == 2 and stages[night][stage] == 2, (night, stages[night])
-        assert sum(stages[night][k] for k in status.STAGES if k not in ("registered", "stuck")) == 2
+        assert sum(stages[night][k] for k in status.STAGES if k not in ("registered", "stuck", "dead-lettered")) == 2
     # ... and Rucio's own API agrees, file by file.
     for batch, night in ((a, "20261120"), (b, "20261121"), (c, "20261122"), (d, "20261123")):
         reps = lab.replicas([e.path for e in batch])
@@ -183,6 +185,7 @@ def test_status_counts_equal_what_rucio_shows_with_files_in_every_stage(lab, tmp
         else:
             assert all(st == {SOURCE: "AVAILABLE", ARCHIVE: "AVAILABLE"} for st in states)
     assert data["queues"][s.ingest.queue] == {"messages": 0, "consumers": 0}
+    assert data["queues"][topology.dead_letter_queue(s.ingest.queue)]["messages"] == 1
     assert cli.returncode == 0, cli.stderr
     only = json.loads(cli.stdout)["streams"]["lst1-raw"]
     assert list(only) == [f"lst:LST1_{lab.tag}_20261123_raw"]
