@@ -24,6 +24,9 @@ def unique_settings(base: dict[str, Any], **sections: Any) -> Settings:
     data["broker"] = {"urls": [AMQP_URL], "daq_exchange": f"t-{tag}.daq", "dead_letter_exchange": f"t-{tag}.dlx",
                       **sections.pop("broker", {})}
     data["ingest"] = {"queue": f"t-{tag}.ingest", **sections.pop("ingest", {})}
+    # Nothing shared between tests (or test sessions): the cleanup queue and hermes topic are unique too.
+    data["cleanup"] = {"queue": f"t-{tag}.cleanup", "hermes_destination": f"/topic/t-{tag}.rucio.events",
+                       **sections.pop("cleanup", {})}
     data.update(sections)
     return parse(data)
 
