@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -277,7 +275,7 @@ class ActiveMqDlq:
                     summary.failed += 1
                     summary.errors.append(f"{r.id}: no original destination recorded; left in {queue}")
                 else:
-                    headers = {k: v for k, v in replay_headers(r).items() if not k.startswith(_BROKER_HEADERS)}
+                    headers = replay_headers(r)
                     try:
                         link.send_confirmed(destination, r.body, headers, r.tag[1])
                     except PublishFailed as exc:
@@ -297,16 +295,12 @@ class ActiveMqDlq:
         return summary
 
 
-# Headers describing one STOMP delivery or the consumer's retry bookkeeping, not the event.
-_BROKER_HEADERS = ("message-id", "destination", "subscription", "ack", "content-length", "content-type",
-                   "redelivered", "expires", "priority", "timestamp", "original-destination", "persistent",
-                   "correlation-id", "injector-", "AMQ_", "receipt")
-
-
 def _activemq_record(queue: str, frame: Any) -> Record:
+    from injector.stomp import event_headers
+
     h = dict(frame.headers)
     body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()
-    headers = {k: v for k, v in h.items() if not k.startswith(_BROKER_HEADERS) or k == "original-destination"}
+    headers = event_headers(h)
     if EXCHANGE not in headers and h.get("original-destination"):
         # The broker itself dead-lettered it (its redelivery limit): no reason headers of ours.
         headers[EXCHANGE] = h["original-destination"]
@@ -318,24 +312,16 @@ def _activemq_record(queue: str, frame: Any) -> Record:
 class _StompClient:
     """A short-lived STOMP connection for operator commands, with receipted sends."""
 
-    RECEIPT_TIMEOUT = 30.0
-
     def __init__(self, cfg: Cleanup, listener: Any) -> None:
         import stomp
 
-        receipts: dict[str, threading.Event] = {}
-        self.receipts = receipts
+        from injector.stomp import Receipts
 
-        class Receipts(stomp.ConnectionListener):  # type: ignore[misc]
-            def on_receipt(self, frame: Any) -> None:
-                event = receipts.get(frame.headers.get("receipt-id", ""))
-                if event is not None:
-                    event.set()
-
+        self.receipts = Receipts()
         hosts = [(h, int(p)) for h, _, p in (hp.rpartition(":") for hp in cfg.stomp_hosts)]
         self.conn = stomp.Connection12(hosts, vhost=cfg.vhost, auto_decode=False, reconnect_attempts_max=1)
         self.conn.set_listener("records", listener)
-        self.conn.set_listener("receipts", Receipts())
+        self.conn.set_listener("receipts", self.receipts)
         try:
             self.conn.connect(cfg.username, cfg.password, wait=True)
         except (stomp.exception.StompException, OSError) as exc:
@@ -343,17 +329,7 @@ class _StompClient:
                 from None
 
     def send_confirmed(self, destination: str, body: bytes, headers: dict[str, Any], content_type: str) -> None:
-        receipt = uuid.uuid4().hex
-        event = self.receipts[receipt] = threading.Event()
-        try:
-            self.conn.send(destination, body, content_type=content_type, receipt=receipt,
-                           headers={**{k: str(v) for k, v in headers.items()}, "persistent": "true"})
-            if not event.wait(self.RECEIPT_TIMEOUT):
-                raise PublishFailed(f"no receipt from the broker for a message sent to {destination}")
-        except OSError as exc:
-            raise PublishFailed(f"cannot send to {destination}: {exc}") from None
-        finally:
-            self.receipts.pop(receipt, None)
+        self.receipts.send(self.conn, destination, [Outgoing(destination, "", body, headers, None, content_type)])
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

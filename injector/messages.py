@@ -35,7 +35,7 @@ class Delivery:
     generation: int = 0
     received_at: float = field(default_factory=time.monotonic)
     ack_id: str | None = None  # STOMP: the frame's ack header
-    deliveries: int | None = None  # counted by the consumer where the broker sends no count (ActiveMQ)
+    deliveries: int | None = None  # where the broker sends no count (ActiveMQ): from our retry copy's header
 
     @property
     def attempts(self) -> int:

@@ -23,8 +23,9 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import stomp
@@ -41,6 +42,7 @@ from injector.worker import Batching, BatchWorker, Link, Process
 log = logging.getLogger(__name__)
 
 RECEIPT_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 15.0
 RETRIES = "injector-retries"  # ActiveMQ: deliveries of this event before this copy
 RETRY_DELAY_MS = (1000, 120_000)  # ActiveMQ: first delay, cap; doubles per retry
 # Frame headers that describe one delivery, not the event: never copied onto a retry or dead letter.
@@ -59,15 +61,9 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         self.lost = threading.Event()
         self.errors: list[str] = []
-        self.receipts: dict[str, threading.Event] = {}
 
     def on_message(self, frame: Any) -> None:
         self.inbox.put(to_delivery(frame, self.generation, self.cfg.flavour))
-
-    def on_receipt(self, frame: Any) -> None:
-        event = self.receipts.get(frame.headers.get("receipt-id", ""))
-        if event is not None:
-            event.set()
 
     def on_error(self, frame: Any) -> None:
         text = f"{frame.headers.get('message', '')} {_text(frame.body)}".strip()
@@ -90,10 +86,11 @@ def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
     """A received MESSAGE frame; `headers` keeps the event's own headers (and RabbitMQ's count)."""
     h = dict(frame.headers)
     body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()
-    headers = {k: v for k, v in h.items() if k not in _DELIVERY_HEADERS and not k.startswith("AMQ_")}
+    # The count lives in `deliveries`, not in headers: a dead letter replayed later starts afresh.
+    headers = event_headers(h)
     deliveries = None
     if flavour == "activemq":
-        deliveries = _int(headers.get(RETRIES)) + 1
+        deliveries = _int(h.get(RETRIES)) + 1
     elif "x-delivery-count" in headers:
         headers["x-delivery-count"] = _int(headers["x-delivery-count"])
     destination = h.get("destination", "")
@@ -101,6 +98,49 @@ def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
                     redelivered=h.get("redelivered") == "true", message_id=h.get("message-id"),
                     content_type=h.get("content-type", "application/json"), generation=generation,
                     ack_id=h.get("ack") or h.get("message-id"), deliveries=deliveries)
+
+
+def event_headers(frame_headers: dict[str, Any]) -> dict[str, Any]:
+    """A frame's headers without those describing one delivery (or the consumer's retry count)."""
+    return {k: v for k, v in frame_headers.items()
+            if k not in _DELIVERY_HEADERS and k != RETRIES and not k.startswith("AMQ_")}
+
+
+class Receipts(stomp.ConnectionListener):  # type: ignore[misc]
+    """Receipted SENDs on one connection: `send` returns once the broker has receipted every frame."""
+
+    def __init__(self, lost: threading.Event | None = None) -> None:
+        self.pending: dict[str, threading.Event] = {}
+        self.lost = lost or threading.Event()
+
+    def on_receipt(self, frame: Any) -> None:
+        event = self.pending.get(frame.headers.get("receipt-id", ""))
+        if event is not None:
+            event.set()
+
+    def on_disconnected(self) -> None:
+        self.lost.set()
+
+    def send(self, conn: Any, destination: str, messages: Sequence[Outgoing]) -> None:
+        waits = []
+        try:
+            for m in messages:
+                receipt = uuid.uuid4().hex
+                event = self.pending[receipt] = threading.Event()
+                headers = {k: str(v) for k, v in m.headers.items() if k not in _DELIVERY_HEADERS}
+                headers["persistent"] = "true"
+                if m.message_id:
+                    headers["correlation-id"] = m.message_id
+                conn.send(destination, m.body, content_type=m.content_type, headers=headers, receipt=receipt)
+                waits.append((receipt, event))
+            for _, event in waits:
+                if not event.wait(RECEIPT_TIMEOUT) or self.lost.is_set():
+                    raise PublishFailed(f"no receipt from the broker for a message sent to {destination}")
+        except (stomp.exception.StompException, OSError) as exc:
+            raise PublishFailed(f"cannot send to {destination}: {type(exc).__name__}: {exc}") from None
+        finally:
+            for receipt, _ in waits:
+                self.pending.pop(receipt, None)
 
 
 def _int(value: Any) -> int:
@@ -113,6 +153,17 @@ def _int(value: Any) -> int:
 def retry_delay_ms(attempts: int) -> int:
     first, cap = RETRY_DELAY_MS
     return min(first * 2 ** max(attempts - 1, 0), cap)
+
+
+@contextlib.contextmanager
+def _connection_gone_is_fine(d: Delivery) -> Iterator[None]:
+    # The connection died between the check and the frame: the broker redelivers what was not acked,
+    # and the next pump() notices the loss and reconnects.
+    try:
+        yield
+    except (stomp.exception.StompException, OSError) as exc:
+        log.warning("could not settle, connection gone (%s): the broker redelivers it", type(exc).__name__,
+                    extra={"event_id": d.message_id})
 
 
 class StompSession:
@@ -128,15 +179,17 @@ class StompSession:
 
     def ack(self, delivery: Delivery) -> None:
         if self._current(delivery):
-            self.link.conn.ack(delivery.ack_id)
+            with _connection_gone_is_fine(delivery):
+                self.link.conn.ack(delivery.ack_id)
 
     def requeue(self, delivery: Delivery) -> None:
         if not self._current(delivery):
             return
-        if self.link.cfg.flavour == "activemq":
-            self.link.retry(delivery)
-        else:
-            self.link.conn.nack(delivery.ack_id)  # the quorum queue requeues it and counts
+        with _connection_gone_is_fine(delivery):
+            if self.link.cfg.flavour == "activemq":
+                self.link.retry(delivery)
+            else:
+                self.link.conn.nack(delivery.ack_id)  # the quorum queue requeues it and counts
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         self.link.publisher().publish(messages)
@@ -165,6 +218,8 @@ class StompLink:
         self.conn = stomp.Connection12(hosts, heartbeats=(cfg.heartbeat_ms, cfg.heartbeat_ms), vhost=cfg.vhost,
                                        auto_decode=False, reconnect_attempts_max=1, timeout=10)
         self.conn.set_listener("injector", self.listener)
+        self.receipts = Receipts(self.listener.lost)
+        self.conn.set_listener("receipts", self.receipts)
         try:
             self._subscribe()
         except BaseException:
@@ -176,7 +231,8 @@ class StompLink:
         cfg = self.cfg
         try:
             client = {"client-id": f"rucio-injector-{uuid.uuid4().hex[:8]}"} if cfg.flavour == "activemq" else None
-            self.conn.connect(cfg.username, cfg.password, wait=True, headers=client)
+            self.conn.connect(cfg.username, cfg.password, wait=False, headers=client)
+            self._await_connected()
             prefetch = ({"prefetch-count": str(cfg.prefetch)} if cfg.flavour == "rabbitmq"
                         else {"activemq.prefetchSize": str(cfg.prefetch)})
             self.conn.subscribe(cfg.subscription, id=self.subscription_id, ack="client-individual", headers=prefetch)
@@ -185,6 +241,16 @@ class StompLink:
                 from None
         log.info("subscribed to %s on %s (%s, prefetch %d)", cfg.subscription, cfg.stomp_hosts, cfg.flavour,
                  cfg.prefetch)
+
+    def _await_connected(self) -> None:
+        # stomp.py's own wait (connect(wait=True)) never gives up on a broker that accepts the
+        # socket but never answers CONNECT; this one does, so the reconnect loop goes on.
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while not self.conn.is_connected():
+            if self.listener.errors or self.listener.lost.is_set() or time.monotonic() > deadline:
+                why = "; ".join(self.listener.errors[-3:]) or f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s"
+                raise BrokerUnavailable(f"STOMP {self.cfg.stomp_hosts} refused the connection: {why}")
+            time.sleep(0.01)
 
     def publisher(self) -> Publisher:
         if self._publisher is None:
@@ -207,25 +273,7 @@ class StompLink:
 
     def send_confirmed(self, destination: str, messages: Sequence[Outgoing]) -> None:
         """SEND each message with a receipt; returns when the broker has receipted all."""
-        waits = []
-        try:
-            for m in messages:
-                receipt = uuid.uuid4().hex
-                event = self.listener.receipts[receipt] = threading.Event()
-                headers = {k: str(v) for k, v in m.headers.items() if k not in _DELIVERY_HEADERS}
-                headers["persistent"] = "true"
-                if m.message_id:
-                    headers["correlation-id"] = m.message_id
-                self.conn.send(destination, m.body, content_type=m.content_type, headers=headers, receipt=receipt)
-                waits.append((receipt, event))
-            for _, event in waits:
-                if not event.wait(RECEIPT_TIMEOUT) or self.listener.lost.is_set():
-                    raise PublishFailed(f"no receipt from the broker for a message sent to {destination}")
-        except (stomp.exception.StompException, OSError) as exc:
-            raise PublishFailed(f"cannot send to {destination}: {type(exc).__name__}: {exc}") from None
-        finally:
-            for receipt, _ in waits:
-                self.listener.receipts.pop(receipt, None)
+        self.receipts.send(self.conn, destination, messages)
 
     def pump(self, timeout: float) -> None:
         if self.cancelled:  # what arrives now stays unacked: the broker redelivers it after we disconnect

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,20 +117,42 @@ def test_transfer_release_reap_and_file_archived_end_to_end(lab, broker):
 
 
 class _Hermes:
-    """Sends hand-made hermes frames to the topic the cleanup consumers listen to."""
+    """Sends frames as hermes does (persistent, to the topic the cleanup consumers listen to), but with
+    receipts awaited before disconnecting: RabbitMQ's STOMP plugin drops the last frames of a connection
+    that closes before it routed them (measured here: 6 of 610 frames lost without receipts, 0 with)."""
 
     def __init__(self, settings: Settings) -> None:
         host, _, port = settings.cleanup.stomp_hosts[0].rpartition(":")
         self.destination = settings.cleanup.hermes_destination
+        self.pending: set[str] = set()
+        self.receipted = threading.Condition()
+        hermes = self
+
+        class Receipts(stomp.ConnectionListener):  # type: ignore[misc]
+            def on_receipt(self, frame: Any) -> None:
+                with hermes.receipted:
+                    hermes.pending.discard(frame.headers.get("receipt-id"))
+                    hermes.receipted.notify_all()
+
         self.conn = stomp.Connection12([(host, int(port))], vhost="/")
+        self.conn.set_listener("receipts", Receipts())
         self.conn.connect("guest", "guest", wait=True)
 
     def send(self, event_type: str, payload: dict[str, Any], created_at: str = "2026-11-25 01:02:03.000000") -> None:
         body = json.dumps({"event_type": event_type, "payload": payload, "created_at": created_at})
-        self.conn.send(self.destination, body, headers={"event_type": event_type, "persistent": "true"})
+        self.send_raw(body, {"event_type": event_type})
+
+    def send_raw(self, body: str, headers: dict[str, str] | None = None) -> None:
+        receipt = uuid.uuid4().hex
+        with self.receipted:
+            self.pending.add(receipt)
+        self.conn.send(self.destination, body, headers={**(headers or {}), "persistent": "true"}, receipt=receipt)
 
     def close(self) -> None:
+        with self.receipted:
+            done = self.receipted.wait_for(lambda: not self.pending, timeout=30)
         self.conn.disconnect()
+        assert done, f"the broker did not receipt {len(self.pending)} frame(s)"
 
 
 def transfer_done(e: FileClosed, adler: str | None = None) -> dict[str, Any]:

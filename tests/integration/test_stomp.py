@@ -1,8 +1,12 @@
-"""The STOMP consumer loop on both brokers, without Rucio: ack after effect, NACK → redelivery →
-our own dead letter at the delivery limit, reconnect + resubscribe after the broker drops us."""
+"""The STOMP consumer loop on both brokers, without Rucio: ack after effect, retry → redelivery →
+our own dead letter at the delivery limit (counted across competing consumers), reconnect + resubscribe
+after the network or the broker drops us, SIGTERM finishing the batch in flight."""
 
 from __future__ import annotations
 
+import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +20,7 @@ from injector.stomp import stomp_worker
 from injector.worker import Batching, BatchWorker
 from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, running, unique_settings, wait_for
-from tests.integration.test_cleanup_rucio import dead_letters
+from tests.integration.test_cleanup_rucio import _Hermes, dead_letters
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +63,12 @@ def worker_for(s: Any, process: Recorder) -> BatchWorker:
 
 
 def send(s: Any, *bodies: str) -> None:
-    host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
-    conn = stomp.Connection12([(host, int(port))], vhost="/")
-    conn.connect("guest", "guest", wait=True)
-    for b in bodies:
-        conn.send(s.cleanup.hermes_destination, b, headers={"persistent": "true"}, receipt=uuid.uuid4().hex)
-    conn.disconnect()  # DISCONNECT with receipt: everything sent before is on the broker
+    hermes = _Hermes(s)
+    try:
+        for b in bodies:
+            hermes.send_raw(b)
+    finally:
+        hermes.close()  # returns once the broker receipted every frame
 
 
 def test_ack_after_effect_and_retry_then_our_dead_letter_at_the_limit(broker):
@@ -107,3 +111,111 @@ def test_reconnects_and_resubscribes_after_the_broker_drops_the_connection(broke
             wait_for(lambda: b"after-restart" in rec.seen, timeout=60, what="a message after a broker restart")
     proxy.close()
     assert w.stats.outcomes.get("ok", 0) >= 2
+
+
+class Slow(Recorder):
+    """Takes `pause` seconds per batch, so that deliveries spread over competing consumers."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__()
+        self.pause = pause
+        self.started = threading.Event()
+        self.finished: list[bytes] = []
+
+    def __call__(self, batch: list[Delivery]) -> Sequence[Outcome]:
+        self.started.set()
+        time.sleep(self.pause)
+        outcomes = super().__call__(batch)
+        self.finished.extend(d.body for d in batch)
+        return outcomes
+
+
+def with_prefetch(s: Any, prefetch: int) -> Any:
+    return s.model_copy(update={"cleanup": s.cleanup.model_copy(update={"prefetch": prefetch})})
+
+
+def test_two_consumers_share_the_work_and_a_failing_event_is_tried_delivery_limit_times_in_all(broker):
+    s = with_prefetch(settings_for(*broker), 4)
+    recs = [Slow(0.02), Slow(0.02)]
+    workers = [worker_for(s, r) for r in recs]
+    bodies = [f"m{i}" for i in range(60)]
+    with declared(s), running(*workers):
+        wait_for(lambda: all(w.metrics.health()[0] for w in workers), timeout=20, what="both subscribed")
+        send(s, "poison", *bodies)
+        wait_for(lambda: sum(w.stats.outcomes.get("ok", 0) for w in workers) == 60, timeout=40, what="60 done")
+        wait_for(lambda: len(dead_letters(s)) == 1, timeout=30, what="poison dead-lettered")
+        (h,) = dead_letters(s)
+    seen = recs[0].seen + recs[1].seen
+    assert sorted(b for b in seen if b != b"poison") == sorted(b.encode() for b in bodies)  # each exactly once
+    assert all(any(b.startswith(b"m") for b in r.seen) for r in recs), "both consumers took part"
+    # the count travels with the event, whichever consumer gets it: limit 3 means 3 tries in all
+    assert seen.count(b"poison") == 3 and int(h["dlq-attempts"]) == 3
+
+
+def test_stop_finishes_the_batch_in_flight_and_loses_nothing(broker):
+    s = with_prefetch(settings_for(*broker), 2)
+    first, second = Slow(1.0), Slow(0.0)
+    w1 = worker_for(s, first)
+    bodies = [f"m{i}" for i in range(8)]
+    with declared(s):
+        with running(w1) as stop:
+            wait_for(lambda: w1.metrics.health()[0], timeout=20, what="subscribed")
+            send(s, *bodies)
+            assert first.started.wait(20)
+            stop.set()  # what SIGTERM does; running() then joins the worker thread
+        assert first.finished == first.seen and w1.stats.messages == len(first.seen) > 0  # nothing half-done
+        w2 = worker_for(s, second)
+        with running(w2):
+            wait_for(lambda: len(first.seen) + len(second.seen) >= len(bodies), timeout=30, what="the rest")
+            time.sleep(0.5)  # would a settled event come back?
+    assert sorted(first.seen + second.seen) == sorted(b.encode() for b in bodies)
+
+
+def test_acks_follow_the_effect_so_a_batch_whose_connection_died_is_delivered_again(broker):
+    flavour, amq = broker
+    s = settings_for(flavour, amq)
+    host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
+    proxy = Proxy((host, int(port)))
+    rec = Slow(1.0)
+    w = worker_for(s.model_copy(update={"cleanup": s.cleanup.model_copy(
+        update={"stomp_hosts": [f"127.0.0.1:{proxy.port}"]})}), rec)
+    with declared(s), running(w):
+        wait_for(lambda: w.metrics.health()[0], timeout=20, what="subscribed")
+        send(s, "x")
+        assert rec.started.wait(20)
+        proxy.drop()  # while the batch is being processed: its ack can no longer be sent
+        wait_for(lambda: rec.finished.count(b"x") == 2, timeout=30, what="x delivered again after the reconnect")
+        rec.pause = 0
+        send(s, "y")
+        wait_for(lambda: b"y" in rec.finished, timeout=30, what="y")
+        time.sleep(0.5)
+    proxy.close()
+    assert rec.finished.count(b"x") == 2  # the second time it was acked: no third delivery
+
+
+def test_rabbitmq_closing_the_consumers_connection_is_survived():
+    """The broker itself closes the connection (ERROR frame, then the socket): reconnect, resubscribe."""
+    vhost = f"t-{uuid.uuid4().hex[:8]}"  # closing the connections of this vhost only spares other tests
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_vhost", vhost], check=True, capture_output=True)
+    try:
+        subprocess.run([*ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True,
+                       capture_output=True)
+        s = unique_settings({"streams": []}, broker={"urls": [f"amqp://guest:guest@127.0.0.1:5672/{vhost}"]},
+                            cleanup={"queue": "cleanup", "hermes_destination": "/topic/events", "vhost": vhost,
+                                     "heartbeat_ms": 1000, "batch_window": 0.05})
+        rec = Recorder()
+        w = worker_for(s, rec)
+        with declared(s), running(w):
+            wait_for(lambda: w.metrics.health()[0], timeout=20, what="subscribed")
+            closed = subprocess.run([*ctl, "close_all_connections", "--vhost", vhost, "test"], check=True,
+                                    capture_output=True, text=True).stdout
+            assert "Closed 1 connections" in closed
+            wait_for(lambda: w.stats.reconnects >= 1, timeout=30, what="reconnect")
+            conn = stomp.Connection12([("127.0.0.1", 61613)], vhost=vhost)
+            conn.connect("guest", "guest", wait=True)
+            conn.send("/topic/events", "after", headers={"persistent": "true"})
+            conn.disconnect()
+            wait_for(lambda: b"after" in rec.seen, timeout=30, what="a message after the broker closed us")
+    finally:
+        subprocess.run([*ctl, "delete_vhost", vhost], check=False, capture_output=True)
