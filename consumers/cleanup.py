@@ -14,12 +14,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from injector import marks
 from injector.config import Settings, Stream
 from injector.errors import Permanent, Transient
 from injector.events import FileArchived, RucioEvent, encode
-from injector.gateway import FileReplicas, RucioGateway, chunks, isolate
+from injector.gateway import FileMeta, FileReplicas, RucioGateway, chunks, isolate
 from injector.messages import Outgoing
 from injector.settle import Outcome
 
@@ -173,23 +174,31 @@ def _transfers_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: R
 def release_sources(rucio: RucioGateway, release: dict[tuple[str, str, str], list[_Item]]) -> dict[int, Outcome]:
     """Epoch tombstones in bulk; a replica Rucio refuses (e.g. locked by a rule) is isolated."""
     out = {it.index: Outcome.done("released", it.label) for items in release.values() for it in items}
-    for part in chunks(list(release), 1000):
-        for key, exc in isolate(part, rucio.set_tombstones):
-            for it in release[key]:
-                if isinstance(exc, Transient):
-                    out[it.index] = Outcome.failed(exc, it.label)
-                else:
-                    log.warning("%s: source not released: %s", it.label, exc)
-                    out[it.index] = Outcome.done("release-refused", it.label)
+    for key, exc in release_replicas(rucio, list(release)).items():
+        for it in release[key]:
+            if isinstance(exc, Transient):
+                out[it.index] = Outcome.failed(exc, it.label)
+            else:
+                log.warning("%s: source not released: %s", it.label, exc)
+                out[it.index] = Outcome.done("release-refused", it.label)
+    return out
+
+
+def release_replicas(rucio: RucioGateway, replicas: Sequence[tuple[str, str, str]]
+                     ) -> dict[tuple[str, str, str], Permanent | Transient]:
+    """Release (scope, name, source RSE) replicas whose files passed `missing_destinations` (cleanup and the
+    reconciler both call only that): epoch tombstones in bulk, then note when. Returns the refused ones."""
+    refused: dict[tuple[str, str, str], Permanent | Transient] = {}
+    for part in chunks(replicas, 1000):
+        refused.update(isolate(part, rucio.set_tombstones))
     now = datetime.now(UTC).isoformat()
-    noted = [(key[0], key[1], {marks.RELEASED_AT: now}) for key, items in release.items()
-             if all(out[it.index].label == "released" for it in items)]
+    noted = [(key[0], key[1], {marks.RELEASED_AT: now}) for key in replicas if key not in refused]
     try:  # when: so the reconciler can tell a source the reaper should have deleted by now
         for batch in chunks(noted, 1000):
             rucio.mark(batch)
     except (Permanent, Transient) as exc:
         log.warning("released %d source(s) but could not note when: %s", len(noted), exc)
-    return out
+    return refused
 
 
 def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, settings: Settings) -> Outcome:
@@ -201,32 +210,63 @@ def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, s
         return Outcome.done("source-still-present", it.label)
     try:
         meta = rucio.file_metadata([it.did]).get(it.did)
-        destinations = sorted(r for rule in stream.rules for r in rucio.rses(rule.rse_expression)
-                              if files is not None and files.available(r))
     except (Permanent, Transient) as exc:
         return Outcome.failed(exc, it.label)
     if meta is None or meta.bytes is None or meta.adler32 is None:
         return Outcome.failed(Transient(f"{it.label} has no size/adler32 in Rucio"), it.label)
     try:
-        archived_at = decided_archived_at(rucio, it.did, _created_at(it.event))
+        lacking = missing_destinations(stream, files, rucio) if files is not None else ["no replica left at all"]
     except (Permanent, Transient) as exc:
         return Outcome.failed(exc, it.label)
+    if lacking:  # the source is gone without a safe copy: never announce that as archived
+        return Outcome.failed(Permanent(f"{it.label}: deleted at {rse} but not safe elsewhere: {'; '.join(lacking)}",
+                                        reason="source-lost"), it.label)
     prefix = stream.pfn_prefix
     path = url[len(prefix):] if isinstance(url, str) and url.startswith(prefix) else it.did[1]
-    archived = FileArchived.create(
-        site=stream.site, instrument=stream.instrument, path=path, size=meta.bytes, adler32=meta.adler32,
-        scope=it.did[0], name=it.did[1], destinations=destinations, archived_at=archived_at)
+    try:  # announced: from here the unacked deletion-done carries the announcement, so the reconciler leaves it
+        archived_at = decided_archived_at(rucio, it.did, _created_at(it.event), announced=True)
+        archived = archived_event(stream, meta, files, path, archived_at, rucio)
+    except (Permanent, Transient) as exc:
+        return Outcome.failed(exc, it.label)
     return Outcome.done("archived", it.label, emit=(archived_message(archived, settings),))
 
 
-def decided_archived_at(rucio: RucioGateway, did: Did, proposed: datetime) -> datetime:
+def archived_event(stream: Stream, meta: FileMeta, files: FileReplicas | None, path: str, archived_at: datetime,
+                   rucio: RucioGateway) -> FileArchived:
+    """A file's file-archived, built only here: cleanup and the reconciler announce a file identically."""
+    if meta.bytes is None or meta.adler32 is None:
+        raise Transient(f"{meta.scope}:{meta.name} has no size/adler32 in Rucio")
+    destinations = sorted(r for rule in stream.rules for r in rucio.rses(rule.rse_expression)
+                          if files is not None and files.available(r))
+    return FileArchived.create(
+        site=stream.site, instrument=stream.instrument, path=path, size=meta.bytes, adler32=meta.adler32,
+        scope=meta.scope, name=meta.name, destinations=destinations, archived_at=archived_at)
+
+
+def decided_archived_at(rucio: RucioGateway, did: Did, proposed: datetime, announced: bool = False) -> datetime:
     """The file's archive time, decided once and kept on the file in Rucio: whoever announces the file
     (cleanup, its duplicates, the reconciler) publishes a byte-identical file-archived."""
-    known = rucio.marks([did]).get(did, {}).get(marks.ARCHIVED_AT)
-    if known:
-        return datetime.fromisoformat(str(known).replace("Z", "+00:00"))
-    rucio.mark([(did[0], did[1], {marks.ARCHIVED_AT: proposed.isoformat()})])
-    return proposed
+    return archive_times(rucio, rucio.marks([did]), proposed, announced).get(did, proposed)
+
+
+def archive_times(rucio: RucioGateway, known: dict[Did, dict[str, Any]], proposed: datetime,
+                  announced: bool = False) -> dict[Did, datetime]:
+    """`decided_archived_at` for many files whose marks are `known`, in bulk. `announced` also notes
+    (injector_announced) that the caller now owns the announcement: cleanup says so before it emits, because its
+    unacked deletion-done keeps the obligation until the broker confirmed the file-archived."""
+    out: dict[Did, datetime] = {}
+    updates = []
+    for did, m in known.items():
+        decided = m.get(marks.ARCHIVED_AT)
+        out[did] = datetime.fromisoformat(str(decided).replace("Z", "+00:00")) if decided else proposed
+        update = {} if decided else {marks.ARCHIVED_AT: proposed.isoformat()}
+        if announced and not m.get(marks.ANNOUNCED):
+            update[marks.ANNOUNCED] = datetime.now(UTC).isoformat()
+        if update:
+            updates.append((did[0], did[1], update))
+    for batch in chunks(updates, 1000):
+        rucio.mark(batch)
+    return out
 
 
 def archived_message(event: FileArchived, settings: Settings) -> Outgoing:

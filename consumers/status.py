@@ -7,48 +7,55 @@ from collections.abc import Sequence
 from typing import Any
 
 from consumers.cleanup import missing_destinations
-from consumers.reconcile import dataset_pattern, files_of
+from consumers.inventory import dataset_pattern, files_of, selected
 from injector import marks, topology
-from injector.config import Settings
-from injector.gateway import ClientGateway
+from injector.config import Settings, Stream
+from injector.gateway import FileReplicas, RucioInspector
 
-STAGES = ("registered", "replicating", "replicated", "released", "archived", "stuck", "source-lost",
+Did = tuple[str, str]
+# Every file is `registered` and in exactly one of the stages after it; `stuck` counts the replicating ones
+# whose lock is STUCK; `dead-lettered` counts file-closed events in the ingest dead-letter queue.
+STAGES = ("registered", "replicating", "replicated", "released", "archived", "source-lost", "stuck",
           "dead-lettered")
 
 
-def file_stage(settings: Settings, stream: Any, reps: Any, file_marks: dict[str, Any],
-               rucio: ClientGateway) -> str:
+def file_stage(stream: Stream, reps: FileReplicas, file_marks: dict[str, Any], rucio: RucioInspector) -> str:
     """One file's stage (besides `registered`, which every file is)."""
     lacking = missing_destinations(stream, reps, rucio)
-    at_source = stream.source_rse in reps.states
-    if at_source:
+    if stream.source_rse in reps.states:
         if lacking:
             return "replicating"
         return "released" if file_marks.get(marks.RELEASED_AT) else "replicated"
     return "source-lost" if lacking else "archived"
 
 
-def collect(settings: Settings, rucio: ClientGateway, streams: Sequence[str] = (),
+def stuck_files(stream: Stream, rucio: RucioInspector) -> set[Did]:
+    """Files holding a STUCK lock of a rule on one of the stream's datasets."""
+    out: set[Did] = set()
+    for dataset in rucio.list_datasets(stream.scope, dataset_pattern(stream)):
+        for rule in rucio.rules_of(stream.scope, dataset):
+            if int(rule.get("locks_stuck_cnt") or 0) or rule.get("state") == "STUCK":
+                out |= {(str(lk["scope"]), str(lk["name"])) for lk in rucio.rule_locks(str(rule["id"]))
+                        if lk.get("state") == "STUCK"}
+    return out
+
+
+def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = (),
             night: str | None = None) -> dict[str, Any]:
-    """Counts per stream and dataset; `stuck` counts replicating files of datasets with a STUCK rule."""
+    """Counts per stream and dataset (the dataset recorded on each file by ingest), and the queues."""
     out: dict[str, Any] = {"streams": {}}
     dead = dead_lettered(settings)
-    for stream in settings.streams:
-        if streams and stream.name not in streams:
-            continue
-        stuck_datasets = {f"{stream.scope}:{d}" for d in rucio.list_datasets(stream.scope, dataset_pattern(stream))
-                          if any(r.get("state") == "STUCK" for r in rucio.rules_of(stream.scope, d))}
+    for stream in selected(settings, streams):
+        stuck = stuck_files(stream, rucio)
         per: dict[str, Counter[str]] = defaultdict(Counter)
         for f in files_of(stream, rucio):
             dataset = str(f.marks.get(marks.DATASET) or "(no dataset recorded)")
             if night and night not in dataset:
                 continue
-            if f.replicas is None:
-                continue
-            stage = file_stage(settings, stream, f.replicas, f.marks, rucio)
+            stage = file_stage(stream, f.replicas, f.marks, rucio)
             per[dataset]["registered"] += 1
             per[dataset][stage] += 1
-            if stage == "replicating" and dataset in stuck_datasets:
+            if stage == "replicating" and f.did in stuck:
                 per[dataset]["stuck"] += 1
         for dataset, n in dead.get(stream.name, {}).items():
             if not night or night in dataset:
@@ -107,17 +114,18 @@ def render(data: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title="files per stage (from Rucio)")
-    table.add_column("stream")
-    table.add_column("dataset")
-    for s in STAGES:
-        table.add_column(s, justify="right")
+    if not console.is_terminal:  # piped or mailed: no terminal width to fit, keep every column whole
+        console.width = max(console.width, 200)
     for stream, datasets in data["streams"].items():
-        if not datasets:
-            table.add_row(stream, "-", *["0"] * len(STAGES))
+        table = Table(title=f"stream {stream}: files per stage (from Rucio)")
+        table.add_column("dataset", no_wrap=True)
+        for s in STAGES:
+            table.add_column(s, justify="right")
         for ds, counts in datasets.items():
-            table.add_row(stream, ds, *(str(counts[s]) for s in STAGES))
-    console.print(table)
+            table.add_row(ds, *(str(counts[s]) for s in STAGES))
+        if not datasets:
+            table.add_row("(no files)", *["0"] * len(STAGES))
+        console.print(table)
     queues = Table(title="queues (RabbitMQ)")
     queues.add_column("queue")
     queues.add_column("ready", justify="right")

@@ -74,33 +74,19 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from consumers import reconcile
-    from consumers.services import _serve_metrics
-    from injector.metrics import Metrics
+    from consumers import findings, reconcile
 
     settings = _settings(args)
     options = reconcile.Options(dry_run=args.dry_run, fix=args.fix, grace=timedelta(seconds=args.grace))
-    metrics = None
-    if args.every:
-        metrics = Metrics("reconcile")
-        port = settings.metrics.reconcile_port if args.metrics_port is None else args.metrics_port
-        _serve_metrics(metrics, settings.metrics.host, port)
 
-    def report(findings: list[reconcile.Finding]) -> None:
+    def report(found: list[findings.Finding]) -> None:
         if args.json:
-            print(json.dumps(reconcile.findings_json(findings)), flush=True)
-            return
-        for f in findings:
-            print(f"{f.stream:<14} {f.line()}", flush=True)
-        counts: dict[str, int] = {}
-        for f in findings:
-            counts[f"{f.action} {f.kind}"] = counts.get(f"{f.action} {f.kind}", 0) + 1
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to do"
-        print(f"reconcile{' (dry run)' if args.dry_run else ''}: {summary}", file=sys.stderr, flush=True)
+            findings.print_json(found)
+        else:
+            findings.print_text(found, args.dry_run)
 
-    stop = _stop_on_signals()
-    findings = reconcile.run(settings, options, args.stream, args.every, report, stop, metrics)
-    return 1 if any(f.action == "report" for f in findings) else 0
+    last = reconcile.run(settings, options, args.stream, args.every, report, _stop_on_signals(), args.metrics_port)
+    return 1 if args.every is None and findings.needs_a_person(last) else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -181,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
     rec.add_argument("--fix", action="store_true",
                      help="also apply the safe repairs: attach unattached files, add missing dataset rules, "
-                          "boost STUCK rules")
+                          "boost STUCK rules, set again the epoch tombstone of a released source the reaper left "
+                          "without a visible cause")
     rec.add_argument("--grace", type=float, default=3600,
                      help="seconds after its release before an undeleted source is diagnosed (default 3600)")
     rec.add_argument("--json", action="store_true", help="one JSON list of findings per sweep")

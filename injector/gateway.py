@@ -131,6 +131,45 @@ class RucioGateway(Protocol):
         ...
 
 
+class RucioInspector(RucioGateway, Protocol):
+    """What the reconciler and `status` also need: reading Rucio's state (and boosting a rule)."""
+
+    def list_files(self, scope: str, pattern: str) -> list[str]:
+        """Names of the files in `scope` matching a wildcard pattern (Rucio's `*`)."""
+        ...
+
+    def list_datasets(self, scope: str, pattern: str) -> list[str]:
+        ...
+
+    def content(self, scope: str, dataset: str) -> set[tuple[str, str]]:
+        """The files attached to a dataset (empty while it does not exist)."""
+        ...
+
+    def rules_of(self, scope: str, name: str) -> list[dict[str, Any]]:
+        """Full rule records of a DID (id, state, expires_at, locked, child_rule_id, error, ...)."""
+        ...
+
+    def rules_for_file(self, scope: str, name: str) -> list[dict[str, Any]]:
+        """Every rule that covers a file (also through its datasets)."""
+        ...
+
+    def rule_locks(self, rule_id: str) -> list[dict[str, Any]]:
+        """The replica locks of a rule: scope, name, rse, state (OK, REPLICATING, STUCK)."""
+        ...
+
+    def rse_info(self, rse: str) -> dict[str, Any]:
+        """An RSE's settings (availability_delete, ...), with `attributes` and `protocols`."""
+        ...
+
+    def transfers_from(self, source: str, destination: str) -> set[tuple[str, str]]:
+        """Files with a transfer in flight (submitted, not finished) from `source` to `destination`."""
+        ...
+
+    def boost_rule(self, rule_id: str) -> None:
+        """Ask the judge to retry a rule's stuck locks now."""
+        ...
+
+
 def classify(exc: BaseException) -> Exception:
     """Map anything a rucio-clients call raised onto the project's error tree."""
     name = type(exc).__name__
@@ -333,6 +372,14 @@ class ClientGateway:
         """Every rule holding locks on a file (also through its datasets)."""
         return self._call("list_associated_rules_for_file",
                           lambda: list(self.client.list_associated_rules_for_file(scope, name)))
+
+    def rule_locks(self, rule_id: str) -> list[dict[str, Any]]:
+        return self._call("list_replica_locks", lambda: list(self.client.list_replica_locks(rule_id)))
+
+    def transfers_from(self, source: str, destination: str) -> set[tuple[str, str]]:
+        # Q/G/S/W/P: queued, submitting, submitted, waiting, preparing. Only a submitted request names its source.
+        rows = self._call("list_requests", lambda: list(self.client.list_requests(source, destination, "Q,G,S,W,P")))
+        return {(str(r["scope"]), str(r["name"])) for r in rows}
 
     def rse_info(self, rse: str) -> dict[str, Any]:
         info = dict(self._call("get_rse", self.client.get_rse, rse))

@@ -2,7 +2,8 @@
 
 PATH, DATASET, STREAM are written by ingest with the replica. ARCHIVED_AT is the archive time decided
 once (by cleanup on deletion-done, or by the reconciler) so every file-archived for a file is
-byte-identical; ANNOUNCED says the reconciler has published it; RELEASED_AT is when a source was released.
+byte-identical; ANNOUNCED says the file-archived was published (reconciler: set after the broker confirmed) or
+is owed by an unacked deletion-done (cleanup: set before it emits); RELEASED_AT is when a source was released.
 """
 
 PATH = "injector_path"

@@ -22,8 +22,9 @@ STALL_SECONDS = 60.0  # a loop silent for longer than this is reported unhealthy
 
 
 class Metrics:
-    def __init__(self, consumer: str) -> None:
+    def __init__(self, consumer: str, stall_seconds: float = STALL_SECONDS) -> None:
         self.consumer = consumer
+        self.stall_seconds = stall_seconds  # a periodic verb (reconcile --every) is silent between passes
         self.registry = CollectorRegistry()
         r = self.registry
         self.events = Counter("rucio_injector_events", "Messages settled, by outcome", ["consumer", "kind", "outcome"],
@@ -78,7 +79,7 @@ class Metrics:
         silent = time.monotonic() - self._alive
         if not self._connected:
             return False, "not connected to the broker"
-        if silent > STALL_SECONDS:
+        if silent > self.stall_seconds:
             return False, f"consumer loop silent for {silent:.0f}s"
         return True, "ok"
 

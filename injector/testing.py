@@ -11,12 +11,16 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 from injector.config import Rule
 from injector.errors import PermissionDenied, RucioRefused, RucioUnavailable
 from injector.gateway import Attachment, FileMeta, FileReplicas, NewReplica
 from injector.messages import Delivery, Outgoing
+
+_rule_ids = itertools.count(1)
 
 
 @dataclass
@@ -26,10 +30,20 @@ class FakeRule:
     rse_expression: str
     copies: int
     activity: str
+    id: str = field(default_factory=lambda: f"rule{next(_rule_ids)}")
+    state: str = "OK"
+    expires_at: datetime | None = None
+    locked: bool = False
+    child_rule_id: str | None = None
+    error: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The rule as Rucio's list_did_rules shows it."""
+        return dict(vars(self))
 
 
 class FakeRucio:
-    """In-memory RucioGateway. `fail(op, exc, times)` makes the next calls of `op` raise."""
+    """In-memory RucioGateway (and RucioInspector). `fail(op, exc, times)` makes the next calls of `op` raise."""
 
     def __init__(self, rses: dict[str, str] | None = None, scopes: Sequence[str] = ("lst", "magic")) -> None:
         self.prefixes = dict(rses or {})  # name -> PFN prefix its protocol accepts
@@ -46,6 +60,10 @@ class FakeRucio:
         self.rules: list[FakeRule] = []
         self.calls: Counter[str] = Counter()
         self.denied_scopes: set[str] = set()
+        self.lock_table: list[dict[str, Any]] = []  # replica locks: scope, name, rse, state, rule_id
+        self.rse_settings: dict[str, dict[str, Any]] = {}  # rse -> overrides of rse_info()
+        self.in_flight: set[tuple[str, str, str, str]] = set()  # (source, destination, scope, name)
+        self.boosted: list[str] = []
         self._faults: dict[str, list[Exception]] = {}
 
     def fail(self, op: str, exc: Exception, times: int = 1) -> None:
@@ -167,6 +185,55 @@ class FakeRucio:
             self.states.pop((rse, s, n), None)
         self.tombstoned = {t for t in self.tombstoned if t[0] != rse}
         return gone
+
+
+    # RucioInspector: what the reconciler and status read.
+
+    def list_files(self, scope: str, pattern: str) -> list[str]:
+        self._enter("list_files")
+        return sorted(n for s, n in self.files if s == scope and fnmatchcase(n, pattern))
+
+    def list_datasets(self, scope: str, pattern: str) -> list[str]:
+        self._enter("list_datasets")
+        return sorted(n for s, n in self.datasets if s == scope and fnmatchcase(n, pattern))
+
+    def content(self, scope: str, dataset: str) -> set[tuple[str, str]]:
+        self._enter("content")
+        return set(self.datasets.get((scope, dataset), set()))
+
+    def rules_of(self, scope: str, name: str) -> list[dict[str, Any]]:
+        self._enter("rules_of")
+        return [r.record() for r in self.rules if (r.scope, r.name) == (scope, name)]
+
+    def rules_for_file(self, scope: str, name: str) -> list[dict[str, Any]]:
+        self._enter("rules_for_file")
+        holders = {(scope, name)} | {ds for ds, files in self.datasets.items() if (scope, name) in files}
+        return [r.record() for r in self.rules if (r.scope, r.name) in holders]
+
+    def rule_locks(self, rule_id: str) -> list[dict[str, Any]]:
+        self._enter("rule_locks")
+        return [dict(lock) for lock in self.lock_table if lock["rule_id"] == rule_id]
+
+    def rse_info(self, rse: str) -> dict[str, Any]:
+        self._enter("rse_info")
+        delete = {"read": 1, "write": 1, "delete": 1}
+        info: dict[str, Any] = {"rse": rse, "availability_delete": True, "attributes": {},
+                                "protocols": [{"scheme": "file", "hostname": "localhost",
+                                               "domains": {"lan": delete, "wan": delete}}]}
+        return {**info, **self.rse_settings.get(rse, {})}
+
+    def transfers_from(self, source: str, destination: str) -> set[tuple[str, str]]:
+        self._enter("transfers_from")
+        return {(s, n) for src, dst, s, n in self.in_flight if (src, dst) == (source, destination)}
+
+    def boost_rule(self, rule_id: str) -> None:
+        self._enter("boost_rule")
+        self.boosted.append(rule_id)
+
+    def add_lock(self, rule: FakeRule, scope: str, name: str, rse: str, state: str = "OK") -> None:
+        """Test set-up: a replica lock of `rule` (a locked replica cannot be tombstoned)."""
+        self.lock_table.append({"scope": scope, "name": name, "rse": rse, "state": state, "rule_id": rule.id})
+        self.locked.add((rse, scope, name))
 
 
 class Unavailable(RucioUnavailable):

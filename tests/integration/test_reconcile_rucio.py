@@ -1,26 +1,34 @@
-"""The reconciler and status on the real Rucio server + RabbitMQ: lost events are finished from
-Rucio's state; what cannot be finished is named."""
+"""The reconciler and status on the real Rucio server + RabbitMQ: lost events are finished from Rucio's state,
+what cannot be finished is named; every claim is checked through Rucio's API, the disk or the broker."""
 
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
 import sys
-import time
-from datetime import timedelta
+import threading
+import urllib.request
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import kombu
 import pytest
 
 from consumers import reconcile, status
+from consumers.cleanup import release_replicas
+from consumers.findings import Finding
 from consumers.services import ingest_worker
 from injector import topology
 from injector.config import Settings
-from injector.events import FileClosed, decode_file_archived
+from injector.events import FileClosed, archived_event_id, decode_file_archived
 from injector.gateway import ClientGateway
 from injector.testbed.rses import file_protocol
+from injector.testbed.rucio import free_port
 from injector.transport import Publisher, connection
 from producers.publish import DaqPublisher
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
@@ -44,7 +52,7 @@ def ingest(s: Settings, events: list[Any]) -> None:
         wait_for(lambda: worker.stats.messages == len(events), timeout=60, what="ingest")
 
 
-def sweep(s: Settings, **options: Any) -> list[reconcile.Finding]:
+def sweep(s: Settings, **options: Any) -> list[Finding]:
     conn = connection(s.broker)
     try:
         return reconcile.sweep(s, ClientGateway(s.rucio), Publisher(conn).publish, reconcile.Options(**options))
@@ -52,48 +60,116 @@ def sweep(s: Settings, **options: Any) -> list[reconcile.Finding]:
         conn.release()
 
 
-def kinds(findings: list[reconcile.Finding]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for f in findings:
-        out[f"{f.action} {f.kind}"] = out.get(f"{f.action} {f.kind}", 0) + 1
-    return out
+def kinds(findings: list[Finding]) -> dict[str, int]:
+    return dict(Counter(f"{f.action} {f.kind}" for f in findings))
 
 
-def test_lost_transfer_done_and_deletion_done_are_finished_by_reconcile(lab, tmp_path):
+def config_file(s: Settings, path: Path) -> Path:
+    st = s.streams[0]
+    path.write_text(
+        f'[broker]\nurls = ["{s.broker.urls[0]}"]\ndaq_exchange = "{s.broker.daq_exchange}"\n'
+        f'dead_letter_exchange = "{s.broker.dead_letter_exchange}"\n[ingest]\nqueue = "{s.ingest.queue}"\n'
+        f'[metrics]\nreconcile_port = 0\n[[streams]]\nname = "{st.name}"\nsite = "ORM"\ninstrument = "LST1"\n'
+        f'source_rse = "{st.source_rse}"\nstorage_root = "{st.storage_root}"\nscope = "lst"\n'
+        f'dataset = "{st.dataset}"\nrules = [{{ rse_expression = "{ARCHIVE}", copies = 1 }}]\n')
+    return path
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it (RUCIO_CONFIG comes from the environment, as for any rucio client)."""
+    return subprocess.run([sys.executable, "-m", "injector.cli", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@contextmanager
+def probe(s: Settings) -> Any:
+    """A queue of the test's own bound to the DAQ exchange: what a DAQ would receive as file-archived."""
+    name = f"probe-{uuid.uuid4().hex[:8]}"
+    with kombu.Connection(s.broker.urls[0]) as conn:
+        ch = conn.channel()
+        ch.queue_declare(name, durable=True, auto_delete=False)
+        ch.queue_bind(name, s.broker.daq_exchange, "file.archived.#")
+    try:
+        yield name
+    finally:
+        with kombu.Connection(s.broker.urls[0]) as conn:
+            conn.channel().queue_delete(name)
+
+
+def json_marks(lab: Lab, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in lab.client.get_metadata_bulk([{"scope": "lst", "name": n} for n in names],
+                                                               plugin="JSON")}
+
+
+class Lines:
+    """stdout lines of a running process, collected by a thread."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        threading.Thread(target=lambda: self.lines.extend(iter(stdout.readline, "")), daemon=True).start()
+
+
+def scrape(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_lost_transfer_done_and_deletion_done_are_finished_by_reconcile_announcing_each_file_once(lab, tmp_path):
     s = settings_for(lab)
     events = files(lab, 3)
-    with declared(s):
+    names = [e.path for e in events]
+    config = config_file(s, tmp_path / "injector.toml")
+    with declared(s), probe(s) as daq_inbox:
         ingest(s, events)
         lab.server.run_daemons(*TRANSFER, rses=[SOURCE, ARCHIVE])  # no cleanup consumer: transfer-done is lost
-        assert kinds(sweep(s, dry_run=True)) == {"would release-source": 3}
-        assert all(Path(e.path).exists() for e in events), "dry run changed nothing"
+        dry = cli(config, "reconcile", "--dry-run")
+        assert dry.returncode == 0 and dry.stderr.strip().endswith("reconcile (dry run): 3 would release-source")
+        assert sorted(line.split()[3] for line in dry.stdout.splitlines()) == sorted(f"lst:{n}" for n in names)
+        assert all(json_marks(lab, names)[n].get("injector_released_at") is None for n in names), "dry run"
+        assert all(r["states"][SOURCE] == "AVAILABLE" for r in lab.replicas(names).values())
 
-        cfg = tmp_path / "c.toml"
-        cfg.write_text(_toml(s, lab))
-        env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
-        cli = subprocess.run([sys.executable, "-m", "injector.cli", "reconcile", "--json"], env=env,
-                             capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 0, cli.stderr
-        assert sorted(f["subject"] for f in json.loads(cli.stdout) if f["kind"] == "release-source") == \
-            sorted(f"lst:{e.path}" for e in events)
-
+        released = cli(config, "reconcile", "--json")
+        assert released.returncode == 0, released.stderr
+        found = json.loads(released.stdout)
+        assert sorted(f["subject"] for f in found if (f["kind"], f["action"]) == ("release-source", "done")) == \
+            sorted(f"lst:{n}" for n in names) and len(found) == 3
+        assert all(json_marks(lab, names)[n].get("injector_released_at") for n in names)
         lab.server.run_daemons("reaper", rses=[SOURCE])
-        assert not any(Path(e.path).exists() for e in events), "the reaper deleted the released sources"
-        # deletion-done is lost too: the next sweep announces the files.
-        assert kinds(sweep(s)) == {"done announce-archived": 3}
-        assert kinds(sweep(s)) == {}, "announced once"
-        archived = [decode_file_archived(m.body) for m in get_all(s, topology.archived_queue(s))]
-    assert sorted(a.name for a in archived) == sorted(e.path for e in events)
-    assert all(a.destinations == [ARCHIVE] for a in archived)
+        assert not any(Path(n).exists() for n in names), "the reaper deleted the released sources"
+        assert all(r["states"] == {ARCHIVE: "AVAILABLE"} for r in lab.replicas(names).values())
 
-
-def _toml(s: Settings, lab: Lab) -> str:
-    st = s.streams[0]
-    return (f'[broker]\nurls = ["{s.broker.urls[0]}"]\ndaq_exchange = "{s.broker.daq_exchange}"\n'
-            f'dead_letter_exchange = "{s.broker.dead_letter_exchange}"\n[ingest]\nqueue = "{s.ingest.queue}"\n'
-            f'[metrics]\nreconcile_port = 0\n[[streams]]\nname = "{st.name}"\nsite = "ORM"\ninstrument = "LST1"\n'
-            f'source_rse = "{st.source_rse}"\nstorage_root = "{st.storage_root}"\nscope = "lst"\n'
-            f'dataset = "{st.dataset}"\nrules = [{{ rse_expression = "{ARCHIVE}", copies = 1 }}]\n')
+        # deletion-done is lost too. Within the grace period cleanup's deletion-done may still come: no announcement.
+        assert kinds(sweep(s)) == {}
+        # After it, the looping reconciler announces, then finds nothing more to do.
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "injector.cli", "--config", str(config), "reconcile",
+                                 "--every", "0.3", "--grace", "0", "--json", "--metrics-port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = Lines(proc)
+        try:
+            wait_for(lambda: len(out.lines) >= 3, timeout=60, what="three sweeps")
+            health, metrics = scrape(port, "/healthz"), scrape(port, "/metrics")[1]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        sweeps = [json.loads(line) for line in out.lines]
+        assert Counter((f["action"], f["kind"]) for f in sweeps[0]) == {("done", "announce-archived"): 3}
+        assert all(sweep == [] for sweep in sweeps[1:]), sweeps
+        assert health[0] == 200
+        assert 'rucio_injector_events_total{consumer="reconcile",kind="done",outcome="done:announce-archived"} 3.0' \
+            in metrics
+        assert "rucio_injector_rucio_call_seconds_bucket" in metrics
+        assert all(json_marks(lab, names)[n].get("injector_announced") for n in names)
+        got = get_all(s, daq_inbox)
+    archived = [decode_file_archived(m.body) for m in got]
+    assert sorted(a.name for a in archived) == sorted(names), "exactly one file-archived per file"
+    assert all(a.destinations == [ARCHIVE] and a.event_id == archived_event_id("lst", a.name) for a in archived)
+    assert {(a.path, a.adler32, a.size) for a in archived} == {(e.path, e.adler32, e.size) for e in events}
 
 
 def _own_source(lab: Lab, name: str) -> Path:
@@ -107,7 +183,7 @@ def _own_source(lab: Lab, name: str) -> Path:
     return root
 
 
-@pytest.mark.parametrize("breakage", ["availability_delete", "empty_hostname"])
+@pytest.mark.parametrize("breakage", ["availability_delete", "empty_hostname", "rule_lock"])
 def test_a_released_source_the_reaper_cannot_delete_is_diagnosed(lab, breakage):
     rse = f"BROKEN-{lab.tag.upper()}"
     root = _own_source(lab, rse)
@@ -118,74 +194,126 @@ def test_a_released_source_the_reaper_cannot_delete_is_diagnosed(lab, breakage):
         ingest(s, events)
         lab.server.run_daemons(*TRANSFER, rses=[rse, ARCHIVE])
         assert kinds(sweep(s)) == {"done release-source": 2}
+        pin = None
         if breakage == "availability_delete":
             lab.client.update_rse(rse, {"availability_delete": False})
-        else:
+        elif breakage == "empty_hostname":
             lab.client.delete_protocols(rse, "file")
             lab.client.add_protocol(rse, file_protocol(root, hostname=""))
-        lab.server.run_daemons("reaper", rses=[rse])
+        else:  # someone pins the dataset at the source after the release
+            (pin,) = lab.client.add_replication_rule([{"scope": "lst", "name": f"LST1_{lab.tag}_20261124_raw"}], 1,
+                                                     rse)
+        log = lab.server.run_daemons("reaper", rses=[rse])
         assert all(Path(e.path).exists() for e in events)
-        found = sweep(s, grace=timedelta(0))
-    stuck = [f for f in found if f.kind == "source-not-deleted"]
-    assert len(stuck) == 2, found
-    cause = "availability_delete false" if breakage == "availability_delete" else "empty hostname"
-    assert all(cause in f.detail for f in stuck), stuck[0].detail
+        assert all(r["states"].get(rse) == "AVAILABLE" for r in lab.replicas([e.path for e in events]).values())
+        assert kinds(sweep(s)) == {}, "within the grace period a released source is not yet suspicious"
+        found = sweep(s, grace=timedelta(0), fix=True)
+    assert kinds(found) == {"report source-not-deleted": 2}, "no tombstone is set again while the RSE blocks"
+    cause = {"availability_delete": "availability_delete false", "empty_hostname": "empty hostname",
+             "rule_lock": f"rule {pin} ({rse}, state OK) holds a lock on the source replica"}[breakage]
+    assert all(cause in f.detail for f in found), found[0].detail
+    if breakage == "empty_hostname":
+        assert "No default delete protocol" in log  # what the reaper itself said
 
 
-def test_rule_with_negative_remaining_lifetime_is_reported_with_its_cause(lab):
+def test_rules_past_their_lifetime_are_reported_with_id_state_lifetime_and_cause(lab):
     s = settings_for(lab)
     (event,) = files(lab, 1)
     with declared(s):
         ingest(s, [event])
     dataset = f"LST1_{lab.tag}_20261124_raw"
-    (rule_id,) = lab.client.add_replication_rule([{"scope": "lst", "name": dataset}], 1, f"{ARCHIVE}|{SOURCE}",
-                                                 lifetime=1, locked=True)
-    time.sleep(2)
+    c = lab.client
+    (locked,) = c.add_replication_rule([{"scope": "lst", "name": dataset}], 1, f"{ARCHIVE}|{SOURCE}", locked=True)
+    (plain,) = c.add_replication_rule([{"scope": "lst", "name": dataset}], 1, f"{SOURCE}|{ARCHIVE}")
+    for rule_id in (locked, plain):
+        c.update_replication_rule(rule_id, {"lifetime": -3600})  # expired an hour ago
+    found = {f.detail.split()[1]: f for f in sweep(s) if f.kind == "rule-expired"}
+    assert set(found) == {locked, plain}
+    for rule_id, f in found.items():
+        rule = c.get_replication_rule(rule_id)
+        assert f.subject == f"lst:{dataset}" and f"state {rule['state']}" in f.detail
+        assert "remaining lifetime -1h00m" in f.detail or "remaining lifetime -0h59m" in f.detail
+        assert rule["expires_at"].replace(tzinfo=UTC) < datetime.now(UTC)
+    assert "locked" in found[locked].detail and "judge-cleaner" in found[plain].detail
     lab.server.run_daemons("judge-cleaner")
-    found = [f for f in sweep(s) if f.kind == "rule-expired"]
-    assert len(found) == 1 and rule_id in found[0].detail and "remaining lifetime -" in found[0].detail
-    assert "locked" in found[0].detail
+    remaining = {r["id"] for r in lab.rules(dataset)}
+    assert locked in remaining and plain not in remaining, "Rucio itself: the cleaner keeps only the locked rule"
+    assert [f.detail.split()[1] for f in sweep(s) if f.kind == "rule-expired"] == [locked]
 
 
-def test_status_counts_equal_what_rucio_shows_with_files_in_every_stage(lab, tmp_path):
-    s = settings_for(lab)
-    a, b, c, d = (files(lab, 2, night=f"2026112{i}") for i in range(4))
-    with declared(s):
-        ingest(s, a)
-        lab.server.run_daemons(*TRANSFER, rses=[SOURCE, ARCHIVE])
-        sweep(s)
-        lab.server.run_daemons("reaper", rses=[SOURCE])  # a: archived (a sweep would announce them)
-        ingest(s, b)
-        lab.server.run_daemons(*TRANSFER, rses=[SOURCE, ARCHIVE])
-        sweep(s)  # b: released, the reaper has not run
-        ingest(s, c)
-        lab.server.run_daemons(*TRANSFER, rses=[SOURCE, ARCHIVE])  # c: replicated, not released
-        forged = FileClosed.create(**{**d[0].model_dump(exclude={"event_id", "schema_"}), "adler32": "0badf00d"})
-        ingest(s, [*d, forged])  # d: replicating; the forged one: dead-lettered (checksum-conflict)
-        data = status.collect(s, ClientGateway(s.rucio))
-        cfg = tmp_path / "c.toml"
-        cfg.write_text(_toml(s, lab))
-        cli = subprocess.run([sys.executable, "-m", "injector.cli", "status", "--json", "--night", "20261123"],
-                             env={**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}, capture_output=True, text=True,
-                             timeout=120)
-    stages = {ds.split("_")[-2]: counts for ds, counts in data["streams"]["lst1-raw"].items()}
-    expected = {"20261120": "archived", "20261121": "released", "20261122": "replicated", "20261123": "replicating"}
-    assert stages["20261123"]["dead-lettered"] == 1 and stages["20261120"]["dead-lettered"] == 0
-    for night, stage in expected.items():
-        assert stages[night]["registered"] == 2 and stages[night][stage] == 2, (night, stages[night])
-        assert sum(stages[night][k] for k in status.STAGES if k not in ("registered", "stuck", "dead-lettered")) == 2
-    # ... and Rucio's own API agrees, file by file.
-    for batch, night in ((a, "20261120"), (b, "20261121"), (c, "20261122"), (d, "20261123")):
-        reps = lab.replicas([e.path for e in batch])
-        states = [r["states"] for r in reps.values()]
-        if expected[night] == "archived":
-            assert all(st == {ARCHIVE: "AVAILABLE"} for st in states)
-        elif expected[night] == "replicating":
-            assert all(ARCHIVE not in st or st[ARCHIVE] != "AVAILABLE" for st in states)
+def rucio_counts(lab: Lab, dataset: str) -> dict[str, int]:
+    """The stages of a dataset's files computed straight from Rucio's API (independently of `status`)."""
+    c = lab.client
+    names = sorted(d["name"] for d in c.list_content("lst", dataset))
+    reps = lab.replicas(names)
+    meta = json_marks(lab, names)
+    stuck = {lk["name"] for r in lab.rules(dataset) for lk in c.list_replica_locks(r["id"]) if lk["state"] == "STUCK"}
+    counts = Counter({"registered": len(names)})
+    for n in names:
+        st = reps[n]["states"]
+        safe = st.get(ARCHIVE) == "AVAILABLE"
+        if SOURCE not in st:
+            counts["archived" if safe else "source-lost"] += 1
+        elif not safe:
+            counts["replicating"] += 1
+            counts["stuck"] += n in stuck
         else:
-            assert all(st == {SOURCE: "AVAILABLE", ARCHIVE: "AVAILABLE"} for st in states)
+            counts["released" if meta[n].get("injector_released_at") else "replicated"] += 1
+    return counts
+
+
+def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tmp_path):
+    s = settings_for(lab)
+    stage_of = {"20261120": "archived", "20261121": "released", "20261122": "replicated", "20261123": "source-lost",
+                "20261124": "replicating", "20261125": "stuck"}
+    batch = {night: files(lab, 2, night=night) for night in stage_of}
+    first = [e for night in ("20261120", "20261121", "20261122", "20261123") for e in batch[night]]
+    src = [(e.path, SOURCE) for e in batch["20261123"]]
+    with declared(s):
+        ingest(s, first)
+        # Source lost before its copy: the judge places the archive replica, an operator cancels the transfer (a
+        # queued transfer protects its source from the reaper), then the source is deleted. (Had the source been
+        # the file's last replica, Rucio would have removed the file DID itself.)
+        lab.server.run_daemons("judge-evaluator")
+        (lost_rule,) = lab.rules(f"LST1_{lab.tag}_20261123_raw")
+        lab.client.update_replication_rule(lost_rule["id"], {"state": "STUCK", "cancel_requests": True})
+        lab.client.set_tombstone([{"scope": "lst", "name": n, "rse": rse} for n, rse in src])
+        lab.server.run_daemons("reaper", *TRANSFER[1:], rses=[SOURCE])
+        gw = ClientGateway(s.rucio)
+        release_replicas(gw, [("lst", e.path, SOURCE) for e in batch["20261120"]])
+        lab.server.run_daemons("reaper", rses=[SOURCE])
+        release_replicas(gw, [("lst", e.path, SOURCE) for e in batch["20261121"]])
+        forged = FileClosed.create(**{**batch["20261124"][0].model_dump(exclude={"event_id", "schema_"}),
+                                      "adler32": "0badf00d"})
+        ingest(s, [*batch["20261124"], *batch["20261125"], forged])  # the forged one: dead-lettered (conflict)
+        lab.server.run_daemons("judge-evaluator")  # locks REPLICATING; no transfer runs any more
+        (stuck_rule,) = lab.rules(f"LST1_{lab.tag}_20261125_raw")
+        lab.client.update_replication_rule(stuck_rule["id"], {"state": "STUCK", "cancel_requests": True})
+        data = status.collect(s, gw)
+        config = config_file(s, tmp_path / "injector.toml")
+        one_night = cli(config, "status", "--json", "--night", "20261125")
+        table = cli(config, "status")
+    shown = data["streams"]["lst1-raw"]
+    assert sorted(shown) == sorted(f"lst:LST1_{lab.tag}_{night}_raw" for night in stage_of)
+    for night, stage in stage_of.items():
+        dataset = f"LST1_{lab.tag}_{night}_raw"
+        expected = rucio_counts(lab, dataset)
+        expected["dead-lettered"] = 1 if night == "20261124" else 0
+        assert shown[f"lst:{dataset}"] == {k: expected.get(k, 0) for k in status.STAGES}, night
+        assert expected[stage] == 2, (night, expected)  # the scenario really has every stage
     assert data["queues"][s.ingest.queue] == {"messages": 0, "consumers": 0}
     assert data["queues"][topology.dead_letter_queue(s.ingest.queue)]["messages"] == 1
-    assert cli.returncode == 0, cli.stderr
-    only = json.loads(cli.stdout)["streams"]["lst1-raw"]
-    assert list(only) == [f"lst:LST1_{lab.tag}_20261123_raw"]
+    assert one_night.returncode == 0, one_night.stderr
+    assert json.loads(one_night.stdout)["streams"]["lst1-raw"] == {
+        f"lst:LST1_{lab.tag}_20261125_raw": shown[f"lst:LST1_{lab.tag}_20261125_raw"]}
+    assert table.returncode == 0 and "source-lost" in table.stdout and s.ingest.queue in table.stdout
+    row = next(line for line in table.stdout.splitlines() if f"LST1_{lab.tag}_20261123_raw" in line)
+    assert [c.strip() for c in row.split("│")[2:-1]] == [str(shown[f"lst:LST1_{lab.tag}_20261123_raw"][k])
+                                                         for k in status.STAGES]
+
+
+def test_unknown_stream_is_refused_by_the_cli(lab, tmp_path):
+    s = settings_for(lab)
+    done = cli(config_file(s, tmp_path / "injector.toml"), "reconcile", "--stream", "nope")
+    assert done.returncode == 2 and "no stream named nope" in done.stderr
+

@@ -101,6 +101,14 @@ def test_duplicate_deletion_done_produces_the_identical_announcement(settings, r
     assert a.emit[0].body == b.emit[0].body and a.emit[0].message_id == b.emit[0].message_id
 
 
+def test_deletion_done_without_a_safe_archive_copy_is_never_announced_as_archived(settings, rucio):
+    rucio.tombstoned.add((SRC, "lst", NAME))  # released by someone else, no archive copy
+    rucio.reap(SRC)
+    (out,) = cleanup([deleted()], rucio, settings)
+    assert out.kind == "dead-letter" and out.reason == "source-lost" and not out.emit
+    assert "not safe elsewhere" in (out.error or "")
+
+
 def test_deletion_done_while_the_source_replica_still_exists_announces_nothing(settings, rucio):
     (out,) = cleanup([deleted()], rucio, settings)
     assert out.label == "source-still-present" and not out.emit

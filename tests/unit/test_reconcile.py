@@ -1,10 +1,257 @@
+"""The reconciler and status on the in-memory Rucio (the same behaviour is proven on the real server in
+tests/integration/test_reconcile_rucio.py)."""
+
 from datetime import UTC, datetime, timedelta
 
-from consumers.reconcile import dataset_pattern, diagnose_rule, stream_pattern
+import pytest
+
+from consumers import status
+from consumers.cleanup import cleanup
+from consumers.findings import diagnose_rule
+from consumers.ingest import ingest
+from consumers.inventory import dataset_pattern, stream_pattern
+from consumers.reconcile import Options, sweep
+from injector import marks
 from injector.config import parse
+from injector.errors import ConfigError, PublishFailed
+from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
+from injector.testing import FakeRucio, Unavailable
+from tests.conftest import STREAMS
 
+SRC, DST = "ORM-BUFFER", "PIC-ARCHIVE"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+NAMES = [f"/data/lst1/20261124/run{i:05d}.fits.fz" for i in range(3)]
+LATER = timedelta(0)  # a grace period already over: the sweep acts on sources released just now
 
+
+@pytest.fixture
+def rucio(settings):
+    r = FakeRucio(rses={SRC: "file://localhost/data/"})
+    events = [FileClosed.create(site="ORM", instrument="LST1", path=n, size=100 + i, adler32=f"0000000{i + 1}",
+                                night="20261124") for i, n in enumerate(NAMES)]
+    ingest(events, r, settings)
+    return r
+
+
+class Broker:
+    """Confirmed publishing as the reconciler sees it; `refuse` makes the next publish fail."""
+
+    def __init__(self):
+        self.messages = []
+        self.refuse = False
+
+    def __call__(self, messages):
+        if self.refuse and messages:
+            raise PublishFailed("nacked by the broker (test)")
+        self.messages.extend(messages)
+
+
+def run(settings, rucio, broker=None, **options):
+    found = sweep(settings, rucio, broker if broker is not None else Broker(), Options(**options), ["lst1-raw"])
+    return [(f.action, f.kind, f.subject.split(":", 1)[1]) for f in found]
+
+
+def archived(rucio, *names):
+    for n in names:
+        rucio.add_replica(DST, "lst", n)
+
+
+def test_a_verified_file_whose_transfer_done_was_lost_is_released_once(settings, rucio):
+    archived(rucio, *NAMES[:2])
+    assert sorted(run(settings, rucio)) == [("done", "release-source", n) for n in NAMES[:2]]
+    assert rucio.tombstoned == {(SRC, "lst", n) for n in NAMES[:2]}
+    assert all(rucio.meta[("lst", n)].get(marks.RELEASED_AT) for n in NAMES[:2])
+    assert run(settings, rucio) == [], "released once: within the grace period nothing more to do"
+
+
+def test_dry_run_changes_nothing_and_publishes_nothing(settings, rucio):
+    archived(rucio, NAMES[0])
+    broker = Broker()
+    assert run(settings, rucio, broker, dry_run=True, fix=True) == [("would", "release-source", NAMES[0])]
+    rucio.reap(SRC)
+    assert run(settings, rucio, broker, dry_run=True) == [("would", "release-source", NAMES[0])], "still there"
+    assert rucio.calls["set_tombstones"] == rucio.calls["mark"] == 0 and broker.messages == []
+
+
+@pytest.mark.parametrize("state", ["COPYING", "UNAVAILABLE", "BEING_DELETED"])
+def test_an_archive_copy_that_is_not_available_never_releases_the_source(settings, rucio, state):
+    rucio.add_replica(DST, "lst", NAMES[0], state=state)
+    assert run(settings, rucio) == [] and not rucio.tombstoned
+
+
+def test_every_rule_of_the_stream_must_be_satisfied_before_release(rucio):
+    two = {"streams": [dict(STREAMS["streams"][0], rules=[{"rse_expression": DST}, {"rse_expression": "T1S",
+                                                                                    "copies": 2}])]}
+    s = parse(two)
+    rucio.expressions["T1S"] = {"CNAF", "DESY"}
+    archived(rucio, NAMES[0])
+    rucio.add_replica("CNAF", "lst", NAMES[0])
+    assert [f for f in run(s, rucio) if f[1] == "release-source"] == []
+    rucio.add_replica("DESY", "lst", NAMES[0])
+    assert [f for f in run(s, rucio) if f[1] == "release-source"] == [("done", "release-source", NAMES[0])]
+
+
+def test_a_locked_source_is_reported_and_its_neighbours_are_still_released(settings, rucio):
+    archived(rucio, *NAMES[:2])
+    rucio.locked.add((SRC, "lst", NAMES[1]))
+    assert sorted(run(settings, rucio)) == [("done", "release-source", NAMES[0]),
+                                            ("report", "release-refused", NAMES[1])]
+    assert rucio.tombstoned == {(SRC, "lst", NAMES[0])}
+
+
+def test_a_file_gone_from_the_source_is_announced_exactly_once(settings, rucio):
+    archived(rucio, NAMES[0])
+    broker = Broker()
+    run(settings, rucio, broker)
+    rucio.reap(SRC)
+    assert run(settings, rucio, broker) == [], "within the grace period cleanup's deletion-done is still coming"
+    assert run(settings, rucio, broker, grace=LATER) == [("done", "announce-archived", NAMES[0])]
+    assert run(settings, rucio, broker, grace=LATER) == []
+    (msg,) = broker.messages
+    ev = decode_file_archived(msg.body)
+    assert (ev.path, ev.size, ev.adler32, ev.destinations) == (NAMES[0], 100, "00000001", [DST])
+    assert msg.message_id == str(ev.event_id) == str(archived_event_id("lst", NAMES[0]))
+    assert msg.routing_key == "file.archived.ORM.LST1" and msg.exchange == settings.broker.daq_exchange
+
+
+def test_announced_files_are_finished_and_their_replicas_are_not_read_again(settings, rucio):
+    archived(rucio, *NAMES)
+    run(settings, rucio)
+    rucio.reap(SRC)
+    assert len(run(settings, rucio, grace=LATER)) == 3
+    rucio.calls.clear()
+    assert run(settings, rucio, grace=LATER) == [] and rucio.calls["replicas"] == 0 and rucio.calls["marks"] == 1
+
+
+def test_a_file_cleanup_announced_is_not_announced_again_and_both_would_send_the_same_bytes(settings, rucio):
+    archived(rucio, NAMES[0])
+    run(settings, rucio)
+    rucio.reap(SRC)
+    deletion = RucioEvent(event_type="deletion-done", created_at="2026-11-25 01:02:03.000000",
+                          payload={"scope": "lst", "name": NAMES[0], "rse": SRC, "url": "file://localhost" + NAMES[0]})
+    (out,) = cleanup([deletion], rucio, settings)
+    broker = Broker()
+    assert run(settings, rucio, broker, grace=LATER) == [] and broker.messages == []
+    del rucio.meta[("lst", NAMES[0])][marks.ANNOUNCED]  # as if cleanup's emit had never been confirmed
+    run(settings, rucio, broker, grace=LATER)
+    assert [m.body for m in broker.messages] == [out.emit[0].body]
+
+
+def test_a_refused_publish_is_not_marked_announced_and_the_next_sweep_sends_the_identical_event(settings, rucio):
+    archived(rucio, NAMES[0])
+    run(settings, rucio)
+    rucio.reap(SRC)
+    broker = Broker()
+    broker.refuse = True
+    assert run(settings, rucio, broker, grace=LATER) == [("report", "announce-failed", NAMES[0])]
+    assert marks.ANNOUNCED not in rucio.meta[("lst", NAMES[0])]
+    decided = rucio.meta[("lst", NAMES[0])][marks.ARCHIVED_AT]
+    broker.refuse = False
+    later = sweep(settings, rucio, broker, Options(), now=datetime.now(UTC) + timedelta(days=3))  # same event
+    assert [(f.action, f.kind) for f in later] == [("done", "announce-archived")]
+    (msg,) = broker.messages
+    assert decode_file_archived(msg.body).archived_at.isoformat() == decided, "decided at the first attempt"
+
+
+def test_a_source_gone_without_a_verified_archive_is_reported_as_lost(settings, rucio):
+    rucio.add_replica(DST, "lst", NAMES[0], state="COPYING")
+    rucio.pfns.pop((SRC, "lst", NAMES[0]))
+    broker = Broker()
+    assert run(settings, rucio, broker) == [("report", "source-lost", NAMES[0])] and broker.messages == []
+
+
+def test_a_file_not_attached_to_its_dataset_is_reported_and_attached_with_fix(settings, rucio):
+    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    assert run(settings, rucio) == [("report", "not-attached", NAMES[2])]
+    assert run(settings, rucio, fix=True, dry_run=True) == [("would", "not-attached", NAMES[2])]
+    assert run(settings, rucio, fix=True) == [("done", "not-attached", NAMES[2])]
+    assert ("lst", NAMES[2]) in rucio.datasets[("lst", "LST1_20261124_raw")]
+    assert run(settings, rucio) == []
+
+
+def test_a_dataset_without_the_stream_rule_is_reported_and_given_it_with_fix(settings, rucio):
+    rucio.rules.clear()
+    found = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"])
+    assert [(f.kind, f.subject, f.action) for f in found] == [("rule-missing", "lst:LST1_20261124_raw", "report")]
+    sweep(settings, rucio, Broker(), Options(fix=True), ["lst1-raw"])
+    assert [(r.name, r.rse_expression) for r in rucio.rules] == [("LST1_20261124_raw", DST)]
+
+
+def released_long_ago(settings, rucio):
+    archived(rucio, NAMES[0])
+    run(settings, rucio)  # released now; the reaper never comes
+    return sweep(settings, rucio, Broker(), Options(grace=timedelta(minutes=30)),
+                 now=datetime.now(UTC) + timedelta(hours=1))
+
+
+@pytest.mark.parametrize(("setting", "cause"), [
+    ({"availability_delete": False}, "availability_delete false"),
+    ({"protocols": [{"hostname": "", "domains": {"wan": {"delete": 1}}}]}, "empty hostname"),
+    ({"protocols": [{"hostname": "localhost", "domains": {"wan": {"read": 1}}}]}, "no WAN delete protocol"),
+    ({"protocols": [{"hostname": "", "domains": {"wan": {"delete": 1}}},
+                    {"hostname": "localhost", "domains": {"wan": {"delete": 2}}}]}, "empty hostname"),
+])
+def test_a_released_source_the_reaper_cannot_delete_names_the_rse_cause(settings, rucio, setting, cause):
+    rucio.rse_settings[SRC] = setting
+    (f,) = released_long_ago(settings, rucio)
+    assert (f.kind, f.action) == ("source-not-deleted", "report") and cause in f.detail and not f.fix
+
+
+def test_a_released_source_held_by_a_lock_or_read_by_a_transfer_names_that(settings, rucio):
+    (pin,) = [r for r in rucio.rules if r.name == "LST1_20261124_raw"]
+    rucio.lock_table.append({"scope": "lst", "name": NAMES[0], "rse": SRC, "state": "OK", "rule_id": pin.id})
+    rucio.in_flight.add((SRC, DST, "lst", NAMES[0]))
+    (f,) = released_long_ago(settings, rucio)
+    assert f"rule {pin.id}" in f.detail and "holds a lock" in f.detail and "transfer to PIC-ARCHIVE" in f.detail
+
+
+def test_a_released_source_without_visible_cause_gets_its_tombstone_again_with_fix(settings, rucio):
+    (f,) = released_long_ago(settings, rucio)
+    assert "no cause visible" in f.detail and "not greedy" in f.detail and f.fix
+    rucio.tombstoned.clear()  # as if someone reset it
+    (again,) = sweep(settings, rucio, Broker(), Options(fix=True, grace=timedelta(0)),
+                     now=datetime.now(UTC) + timedelta(hours=1))
+    assert again.action == "done" and rucio.tombstoned == {(SRC, "lst", NAMES[0])}
+
+
+def test_a_stuck_rule_is_reported_and_boosted_only_with_fix(settings, rucio):
+    (rule,) = rucio.rules
+    rule.state, rule.error = "STUCK", "SOURCE_NOT_FOUND"
+    (f,) = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"])
+    assert (f.kind, f.action) == ("rule-stuck", "report") and rule.id in f.detail and rucio.boosted == []
+    (f,) = sweep(settings, rucio, Broker(), Options(fix=True), ["lst1-raw"])
+    assert f.action == "done" and rucio.boosted == [rule.id]
+
+
+def test_an_unknown_stream_name_is_an_error(settings, rucio):
+    with pytest.raises(ConfigError, match="no stream named nope"):
+        sweep(settings, rucio, Broker(), Options(), ["nope"])
+
+
+def test_rucio_unreachable_makes_a_failed_sweep_finding_not_a_crash(settings, rucio):
+    rucio.fail("list_files", Unavailable("503 Service Unavailable"))
+    (f,) = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"])
+    assert (f.kind, f.action) == ("sweep-failed", "report") and "503" in f.detail
+
+
+def test_status_puts_every_file_in_one_stage_and_counts_stuck_locks(settings, rucio, monkeypatch):
+    monkeypatch.setattr(status, "dead_lettered", lambda s: {})
+    monkeypatch.setattr(status, "queue_depths", lambda s: {})
+    archived(rucio, NAMES[0])
+    run(settings, rucio)  # NAMES[0] released
+    rucio.add_replica(DST, "lst", NAMES[1], state="UNAVAILABLE")  # NAMES[1] stuck, NAMES[2] replicating
+    (rule,) = rucio.rules
+    rule.state = "STUCK"
+    rucio.lock_table.append({"scope": "lst", "name": NAMES[1], "rse": DST, "state": "STUCK", "rule_id": rule.id})
+    counts = status.collect(settings, rucio, ["lst1-raw"])["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
+    assert counts == {"registered": 3, "replicating": 2, "replicated": 0, "released": 1, "archived": 0,
+                      "source-lost": 0, "stuck": 1, "dead-lettered": 0}
+    rucio.reap(SRC)
+    counts = status.collect(settings, rucio, ["lst1-raw"])["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
+    assert (counts["released"], counts["archived"]) == (0, 1)
+
+
+# Patterns and rule diagnosis.
 
 def stream(**over):
     s = {"name": "lst1-raw", "site": "ORM", "instrument": "LST1", "source_rse": "ORM-BUFFER",
@@ -32,7 +279,7 @@ def test_healthy_rule_is_not_a_finding():
 def test_expired_locked_rule_names_the_lock_and_the_negative_lifetime():
     f = diagnose_rule("s", "lst:ds", rule(expires_at=NOW - timedelta(minutes=5), locked=True), NOW)
     assert f is not None and f.kind == "rule-expired"
-    assert "remaining lifetime -0h05m00s" in f.detail and "locked" in f.detail
+    assert "remaining lifetime -0h05m00s" in f.detail and "locked" in f.detail and "state OK" in f.detail
 
 
 def test_expired_rule_waiting_for_a_child_and_soft_deleted_rule():

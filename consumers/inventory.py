@@ -1,0 +1,61 @@
+"""What Rucio holds for a stream, read for the reconciler and `status`: its files (found by the stream's name
+pattern) with their replicas and the project's marks, and its datasets (the template with `*` for each field)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from injector import marks
+from injector.config import Settings, Stream
+from injector.errors import ConfigError
+from injector.gateway import FileReplicas, RucioInspector, chunks
+
+Did = tuple[str, str]
+
+
+@dataclass
+class FileState:
+    did: Did
+    replicas: FileReplicas  # no replica anywhere: empty states
+    marks: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"{self.did[0]}:{self.did[1]}"
+
+
+def stream_pattern(stream: Stream) -> str:
+    """A Rucio name wildcard covering the stream's file names."""
+    if stream.did_name == "path":
+        return f"{stream.did_prefix}{stream.storage_root.rstrip('/')}/*"
+    return f"{stream.did_prefix}*"
+
+
+def dataset_pattern(stream: Stream) -> str:
+    """The dataset template with every field as a wildcard: LST1_{night}_raw → LST1_*_raw."""
+    return re.sub(r"\{[^}]*\}", "*", stream.dataset)
+
+
+def files_of(stream: Stream, rucio: RucioInspector, unfinished: bool = False) -> Iterator[FileState]:
+    """Every file of the stream known to Rucio, with its replicas and the project's marks. `unfinished`: skip,
+    without reading their replicas, the files already announced archived (nothing is left to do for them)."""
+    names = rucio.list_files(stream.scope, stream_pattern(stream))
+    for part in chunks([(stream.scope, n) for n in names], 1000):
+        meta = rucio.marks(part)
+        ours = [did for did in part  # another stream may share the scope and root
+                if meta.setdefault(did, {}).get(marks.STREAM, stream.name) == stream.name]
+        wanted = [did for did in ours if not (unfinished and meta[did].get(marks.ANNOUNCED))]
+        reps = rucio.replicas(wanted) if wanted else {}
+        for did in wanted:
+            yield FileState(did, reps.get(did) or FileReplicas(*did, None, None, {}, {}), meta[did])
+
+
+def selected(settings: Settings, streams: Sequence[str]) -> list[Stream]:
+    """The streams named (all when none); an unknown name is an error, not an empty sweep."""
+    unknown = set(streams) - {s.name for s in settings.streams}
+    if unknown:
+        raise ConfigError(f"no stream named {', '.join(sorted(unknown))} in the configuration")
+    return [s for s in settings.streams if not streams or s.name in streams]
