@@ -57,6 +57,13 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from producers import watch
+
+    options = watch.Options(streams=args.stream, existing=args.existing, settle=args.settle, ignore=args.ignore)
+    return watch.run(_settings(args), options, _stop_on_signals())
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from consumers.services import run_ingest
 
@@ -152,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--datatype")
     pub.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
     pub.set_defaults(func=cmd_publish)
+
+    wat = sub.add_parser("watch", help="watch the streams' buffer directories: file-closed for every file closed")
+    wat.add_argument("--stream", action="append", default=[], metavar="NAME",
+                     help="only this stream (repeatable; default: all)")
+    wat.add_argument("--existing", action="store_true",
+                     help="also announce the files already there (after the watcher was down; duplicates are "
+                          "harmless)")
+    wat.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                     help="announce a closed file once unmodified this long (writers that close and reopen)")
+    wat.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                     help="never announce these names (repeatable; always ignored: .* *.tmp *.part)")
+    wat.set_defaults(func=cmd_watch)
 
     ing = sub.add_parser("ingest", help="run the ingest consumer (file-closed → Rucio)")
     ing.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz here (0 = off)")

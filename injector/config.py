@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from injector.errors import ConfigError
 
@@ -21,6 +21,7 @@ CONFIG_ENV = "RUCIO_INJECTOR_CONFIG"
 BROKER_URL_ENV = "RUCIO_INJECTOR_BROKER_URL"
 
 TEMPLATE_FIELDS = frozenset({"site", "instrument", "night", "run", "datatype", "date", "stream"})
+PATH_FIELDS = frozenset({"night", "run", "datatype"})  # named groups a stream's path_fields may have
 RSE_NAME = r"^([A-Z0-9]+([_-][A-Z0-9]+)*)$"
 Scope = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,25}$")]
 Word = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
@@ -57,6 +58,14 @@ class Stream(_Section):
     rules: Annotated[list[Rule], Field(min_length=1)]
     release_source: bool = True
     failure_limit: Annotated[int, Field(ge=1)] = 3
+    path_fields: str | None = None  # watch: regex, groups night/run/datatype, searched in the path below the root
+
+    @field_validator("path_fields")
+    @classmethod
+    def _check_path_fields(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            _check_path_pattern(pattern)
+        return pattern
 
     @model_validator(mode="after")
     def _check(self) -> Stream:
@@ -67,6 +76,16 @@ class Stream(_Section):
             raise ValueError(f"pfn_prefix must start with a URL scheme like file:// (got {self.pfn_prefix!r})")
         _check_template(self.dataset)
         return self
+
+
+def _check_path_pattern(pattern: str) -> None:
+    try:
+        groups = set(re.compile(pattern).groupindex)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+    if not groups or groups - PATH_FIELDS:
+        found = f"unknown group(s) {sorted(groups - PATH_FIELDS)}" if groups else "no named group"
+        raise ValueError(f"{pattern!r} has {found}; allowed: (?P<name>...) with name in {sorted(PATH_FIELDS)}")
 
 
 def _check_template(template: str) -> None:
