@@ -138,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from injector import demo
 
     opts = demo.Options(files=args.files, size=args.size, pace=args.pace, timeout=args.timeout, keep=args.keep,
-                        amqp_url=args.broker or demo.DEFAULT_AMQP, stomp_port=args.stomp_port)
+                        amqp_url=args.broker, database=args.database, stomp_port=args.stomp_port)
     return demo.run(opts)
 
 
@@ -211,8 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     dem.add_argument("--size", type=int, default=1 << 20, help="mean file size in bytes")
     dem.add_argument("--pace", type=float, default=0.1, help="seconds between files the DAQ closes")
     dem.add_argument("--timeout", type=float, default=300, help="give up after this many seconds")
-    dem.add_argument("--broker", help="AMQP URL (default: the local RabbitMQ)")
+    dem.add_argument("--broker", default="auto", metavar="auto|embedded|URL",
+                     help="auto (default): the local RabbitMQ when AMQP 5672 and STOMP answer, else the embedded "
+                          "broker; embedded: always it; URL: that RabbitMQ's AMQP URL")
     dem.add_argument("--stomp-port", type=int, default=61613, help="the broker's STOMP port, for hermes")
+    dem.add_argument("--database", choices=("auto", "postgresql", "sqlite"), default="auto",
+                     help="the Rucio server's database (auto: PostgreSQL on 127.0.0.1:5432 when it answers)")
     dem.add_argument("--keep", action="store_true", help="keep server and files after the summary until Ctrl-C")
     dem.set_defaults(func=cmd_demo)
 

@@ -53,6 +53,7 @@ STAGES = ("closed", "registered", "replicated", "released", "archived")
 INSTRUMENTS = (("MAGIC", "magic", "MAGIC_{night}_raw"), ("LST1", "lst", "LST1_{night}_raw"))
 DAEMON_PASS = ("judge-evaluator", "submitter", "poller", "finisher", "hermes", "reaper", "hermes")
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+AUTO, EMBEDDED = "auto", "embedded"  # --broker: the local RabbitMQ when it answers, else embedded; always embedded
 
 
 class DemoError(InjectorError):
@@ -64,10 +65,11 @@ class Options:
     files: int = 25  # per instrument
     size: int = 1 << 20
     pace: float = 0.1  # seconds between files the DAQ closes
-    amqp_url: str = DEFAULT_AMQP
+    amqp_url: str = AUTO  # AUTO, EMBEDDED or a RabbitMQ AMQP URL
     stomp_port: int = 61613
     timeout: float = 300.0
     keep: bool = False  # keep the server and files after the summary until Ctrl-C
+    database: str = "auto"  # the Rucio server's: auto (PostgreSQL when it answers, else SQLite), postgresql, sqlite
     live: bool = True
 
 
@@ -84,7 +86,17 @@ class Track:
 class Tracker:
     def __init__(self) -> None:
         self.files: dict[str, Track] = {}
+        self.dead: dict[str, str] = {}  # scope:name → why a consumer dead-lettered its event
         self.lock = threading.Lock()
+
+    def dead_lettered(self, did: str, why: str) -> None:
+        with self.lock:
+            self.dead.setdefault(did, why)
+
+    def dead_count(self, instrument: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for d in self.dead if instrument is None
+                       or (d in self.files and self.files[d].instrument == instrument))
 
     def closed(self, did: str, event: FileClosed) -> None:
         with self.lock:
@@ -120,16 +132,14 @@ class _OutcomeLog(logging.Handler):
         did = getattr(record, "did", None)
         if getattr(record, "outcome", None) == "released" and did:
             self.tracker.mark(did, "released")
+        elif getattr(record, "kind", None) == "dead-letter" and did:
+            self.tracker.dead_lettered(did, record.getMessage())
 
 
 def run(options: Options, console: Console | None = None) -> int:
     console = console or Console()
-    from injector.testbed.rucio import HermesBroker, ensure_server_venv, start_server
+    from injector.testbed.rucio import HermesBroker, ensure_server_venv
 
-    amqp = urlparse(options.amqp_url)
-    _require_port(amqp.hostname or "127.0.0.1", amqp.port or 5672, "RabbitMQ (AMQP)", options.amqp_url)
-    _require_port(amqp.hostname or "127.0.0.1", options.stomp_port, "RabbitMQ STOMP plugin",
-                  "enable it: rabbitmq-plugins enable rabbitmq_stomp")
     with console.status("Rucio server venv (first run installs rucio from PyPI, ~2 min)"):
         venv_python = ensure_server_venv()
     tag = uuid.uuid4().hex[:6]
@@ -139,17 +149,18 @@ def run(options: Options, console: Console | None = None) -> int:
     console.print(f"logs of every component: {log_file}")
     with _logs_to(log_file):
         try:
-            with console.status("starting a throw-away Rucio server"):
-                server = start_server(tmp / "rucio", venv_python=venv_python)
-            with server:
+            with _broker(options, log_file, console) as broker, \
+                    _server(console, tmp, venv_python, options.database) as server:
                 os.environ["RUCIO_CONFIG"] = str(server.client_config)
                 client = _rucio_client()
                 buffer, archive = _rses(client, tmp / "data")
-                settings = _settings(options, tag, buffer)
-                console.print(f"Rucio {server.url} ({server.database}), buffer {buffer}, archive {archive}")
-                console.print(f"broker {options.amqp_url} (demo topology demo-{tag}.*, hermes → STOMP "
-                              f"/topic/{settings.cleanup.topic})")
-                hermes = HermesBroker(host=amqp.hostname or "127.0.0.1", port=options.stomp_port,
+                settings = _settings(broker, tag, buffer)
+                db = f"{'SQLite' if server.database.startswith('/') else 'PostgreSQL'} {server.database}"
+                console.print(f"Rucio {server.url} ({db}), buffer {buffer}, archive {archive}")
+                console.print(f"broker: {broker.what}, AMQP {broker.amqp_url} (demo topology demo-{tag}.*), "
+                              f"hermes → STOMP {broker.stomp_host}:{broker.stomp_port} /topic/{settings.cleanup.topic}")
+                amqp = urlparse(broker.amqp_url)
+                hermes = HermesBroker(host=broker.stomp_host, port=broker.stomp_port,
                                       destination=settings.cleanup.hermes_destination,
                                       username=amqp.username or "guest", password=amqp.password or "guest")
                 with _topology(settings):
@@ -190,12 +201,52 @@ def _logs_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def _require_port(host: str, port: int, what: str, hint: str) -> None:
+@dataclass(frozen=True)
+class DemoBroker:
+    amqp_url: str
+    stomp_host: str
+    stomp_port: int
+    what: str
+
+
+@contextlib.contextmanager
+def _broker(options: Options, log_file: Path, console: Console) -> Iterator[DemoBroker]:
+    """The local RabbitMQ (AMQP + its STOMP plugin) when it answers, else the embedded broker."""
+    from injector.testbed.broker import embedded
+
+    if options.amqp_url != EMBEDDED:
+        url = DEFAULT_AMQP if options.amqp_url == AUTO else options.amqp_url
+        host = urlparse(url).hostname or "127.0.0.1"
+        missing = (_unreachable(host, urlparse(url).port or 5672, "RabbitMQ (AMQP)")
+                   or _unreachable(host, options.stomp_port, "RabbitMQ's STOMP plugin (for hermes; "
+                                   "enable it: rabbitmq-plugins enable rabbitmq_stomp)"))
+        if missing is None:
+            yield DemoBroker(url, host, options.stomp_port, "RabbitMQ")
+            return
+        if options.amqp_url != AUTO:
+            raise DemoError(missing)
+        console.print(f"[yellow]{missing}[/]\n[yellow]→ using the embedded broker instead[/] (one Python process "
+                      "speaking AMQP 0-9-1 and STOMP, messages in memory; for this demo only)")
+    with embedded(log_file=log_file) as eb:
+        yield DemoBroker(eb.amqp_url, eb.host, eb.stomp_port, "embedded (in memory)")
+
+
+@contextlib.contextmanager
+def _server(console: Console, tmp: Path, venv_python: Path, database: str) -> Iterator[Any]:
+    from injector.testbed.rucio import start_server
+
+    with console.status("starting a throw-away Rucio server"):
+        server = start_server(tmp / "rucio", venv_python=venv_python, database=database)
+    with server:
+        yield server
+
+
+def _unreachable(host: str, port: int, what: str) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=2):
-            return
+            return None
     except OSError as exc:
-        raise DemoError(f"{what} is not reachable on {host}:{port} ({exc}); {hint}") from None
+        return f"{what} is not reachable on {host}:{port} ({exc})"
 
 
 def _rucio_client() -> Any:
@@ -213,13 +264,12 @@ def _rses(client: Any, root: Path) -> tuple[Path, Path]:
     return buffer, archive
 
 
-def _settings(options: Options, tag: str, buffer: Path) -> Settings:
-    stomp_host = urlparse(options.amqp_url).hostname or "127.0.0.1"
+def _settings(broker: DemoBroker, tag: str, buffer: Path) -> Settings:
     return parse({
-        "broker": {"urls": [options.amqp_url], "daq_exchange": f"demo-{tag}.daq",
+        "broker": {"urls": [broker.amqp_url], "daq_exchange": f"demo-{tag}.daq",
                    "dead_letter_exchange": f"demo-{tag}.dlx"},
         "ingest": {"queue": f"demo-{tag}.ingest", "batch_window": 0.2},
-        "cleanup": {"flavour": "rabbitmq", "stomp_hosts": [f"{stomp_host}:{options.stomp_port}"],
+        "cleanup": {"flavour": "rabbitmq", "stomp_hosts": [f"{broker.stomp_host}:{broker.stomp_port}"],
                     "hermes_destination": f"/topic/demo-{tag}.rucio.events", "queue": f"demo-{tag}.cleanup",
                     "batch_window": 0.2},
         "metrics": {"ingest_port": 0, "cleanup_port": 0, "reconcile_port": 0},
@@ -273,7 +323,7 @@ def _pipeline(options: Options, settings: Settings, server: Any, hermes: Any, cl
         with Live(_display(tracker, options), console=console, refresh_per_second=4,
                   transient=False, auto_refresh=options.live) as live:
             while time.monotonic() < deadline and not errors:
-                if len(tracker.latencies("archived")) == total:
+                if len(tracker.latencies("archived")) + tracker.dead_count() >= total:
                     break
                 time.sleep(0.25)
                 live.update(_display(tracker, options))
@@ -286,8 +336,14 @@ def _pipeline(options: Options, settings: Settings, server: Any, hermes: Any, cl
         logging.getLogger("injector.settle").removeHandler(handler)
     for e in errors:
         console.print(f"[red]{e}[/]")
+    with tracker.lock:
+        dead = sorted(tracker.dead.values())
+    if dead:
+        console.print(f"[red]{len(dead)} event(s) dead-lettered[/] (the log has every one), e.g.:")
+        for why in dead[:3]:
+            console.print(f"  [red]{why}[/]")
     done = len(tracker.latencies("archived"))
-    if done < total and not errors:
+    if done + len(dead) < total and not errors:
         console.print(f"[red]timed out after {options.timeout:.0f}s: {done}/{total} files archived[/]")
     return done == total and not errors
 
@@ -375,8 +431,12 @@ def _display(tracker: Tracker, options: Options) -> Group:
     table.add_column("instrument")
     for s in STAGES:
         table.add_column(s, justify="right")
+    dead = tracker.dead_count() > 0
+    if dead:
+        table.add_column("dead-lettered", justify="right", style="red")
     for inst, _, _ in INSTRUMENTS:
-        table.add_row(inst, *(f"{tracker.count(inst, s)}/{total}" for s in STAGES))
+        cells = [f"{tracker.count(inst, s)}/{total}" for s in STAGES]
+        table.add_row(inst, *cells, *([str(tracker.dead_count(inst))] if dead else []))
     bars = Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     for s in STAGES:
         bars.add_task(s, total=total * len(INSTRUMENTS), completed=len(tracker.latencies(s)) if s != "closed"

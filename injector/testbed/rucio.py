@@ -146,6 +146,10 @@ def start_server(base_dir: Path, *, venv_python: Path, database: str = "auto",
         raise
     port = free_port()
     workers = ["-w", "2", "--threads", "4"] if not db.startswith("/") else ["-w", "1", "--threads", "1"]
+    if db.startswith("/"):  # SQLite: DID metadata as on PostgreSQL (see _SQLITE_JSON_META)
+        conf = base_dir / "gunicorn.conf.py"
+        conf.write_text(_SQLITE_JSON_META)
+        workers += ["-c", str(conf)]
     log = open(base_dir / "log" / "gunicorn.log", "ab")  # noqa: SIM115 - owned by the server process
     proc = subprocess.Popen(
         [str(venv_python.parent / "gunicorn"), "--no-control-socket", "-b", f"127.0.0.1:{port}", *workers,
@@ -197,6 +201,16 @@ def _db_url(db: str) -> str:
 def _server_config(base: Path, db: str, hermes: HermesBroker) -> str:
     return _SERVER.format(base=base, db_url=_db_url(db), user=USERNAME, password=PASSWORD, h=hermes)
 
+
+# Rucio stores custom DID metadata (our injector_* marks) with its JSON plugin, whose code has SQLite
+# branches, but json_implemented() answers False for SQLite, so the server refuses every custom key
+# ("No plugin manages metadata keys"). On the testbed's SQLite server only, the gunicorn master
+# (whose modules its workers inherit) turns that plugin on; production Rucio databases have it.
+_SQLITE_JSON_META = """\
+import rucio.core.did_meta_plugins.json_meta as json_meta
+
+json_meta.json_implemented = lambda *, session=None: True
+"""
 
 _CREATE_DB = """
 import psycopg

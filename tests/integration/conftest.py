@@ -92,3 +92,12 @@ def activemq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     with start_activemq(tmp_path_factory.mktemp("activemq")) as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def embedded_broker() -> Iterator[Any]:
+    """The demo's embedded broker (AMQP 0-9-1 + STOMP in one Python process), on free ports."""
+    from injector.testbed.broker import embedded
+
+    with embedded() as broker:
+        yield broker

@@ -27,8 +27,16 @@ def ev(n: int, **over: object) -> FileClosed:
     return FileClosed.create(**f)
 
 
+@pytest.fixture(params=["rabbitmq", "embedded"])
+def settings(request: pytest.FixtureRequest):
+    """The local RabbitMQ, and the demo's embedded broker: the same behaviour is expected of both."""
+    broker = {"urls": [request.getfixturevalue("embedded_broker").amqp_url]} if request.param == "embedded" else {}
+    with declared(unique_settings(STREAMS, broker=broker, ingest={"batch_window": 0.05})) as s:
+        yield s
+
+
 @pytest.fixture
-def settings():
+def rabbit_settings():
     with declared(unique_settings(STREAMS, ingest={"batch_window": 0.05})) as s:
         yield s
 
@@ -150,9 +158,10 @@ def test_stop_signal_finishes_the_batch_in_flight_then_exits(settings):
     assert depth(settings, settings.ingest.queue) == 0
 
 
-def test_worker_reconnects_after_the_broker_closes_its_connection(settings, rucio):
+def test_worker_reconnects_after_the_broker_closes_its_connection(rabbit_settings, rucio):
     import subprocess
 
+    settings = rabbit_settings
     worker = ingest_worker(settings, rucio)
     with running(worker):
         time.sleep(1.0)

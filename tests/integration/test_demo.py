@@ -11,13 +11,29 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_demo_archives_every_file_and_proves_it():
+def demo(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "injector.cli", "demo", "--files", "3", "--size", "4096",
-                           "--timeout", "150"], capture_output=True, text=True, timeout=300,
+                           "--timeout", "150", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "160"})
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "proof: buffer holds 0 file(s); archive holds 6/6 files with the DAQ's adler32" in out, out[-4000:]
     assert "rucio replica list file --all-states" in out
-    leftovers = subprocess.run(["pgrep", "-f", "rucio-injector-demo-"], capture_output=True, text=True)
-    assert not leftovers.stdout.strip(), "the demo left processes running"
+    for leftover in ("rucio-injector-demo-", "injector.testbed.broker"):
+        running = subprocess.run(["pgrep", "-f", leftover], capture_output=True, text=True).stdout.strip()
+        assert not running, f"the demo left processes running: {leftover}"
+    return out
+
+
+def test_demo_archives_every_file_and_proves_it():
+    out = demo()
+    assert "broker: RabbitMQ, AMQP amqp://guest:guest@127.0.0.1:5672//" in out
+
+
+def test_on_a_machine_with_only_python_the_demo_runs_on_the_embedded_broker_and_sqlite():
+    # Nothing answers on port 1: to the demo, this machine has no RabbitMQ STOMP plugin.
+    out = demo("--stomp-port", "1", "--database", "sqlite")
+    assert "(SQLite /" in out
+    assert "RabbitMQ's STOMP plugin (for hermes; enable it: rabbitmq-plugins enable rabbitmq_stomp) is not " \
+           "reachable on 127.0.0.1:1" in out, out[-4000:]
+    assert "using the embedded broker instead" in out and "broker: embedded (in memory)" in out

@@ -25,23 +25,29 @@ from tests.integration.test_cleanup_rucio import _Hermes, dead_letters
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["rabbitmq", "activemq"])
+@pytest.fixture(params=["rabbitmq", "activemq", "embedded"])
 def broker(request: pytest.FixtureRequest) -> tuple[str, Any]:
+    """Which broker: RabbitMQ's STOMP plugin, ActiveMQ, or the demo's embedded broker (RabbitMQ-like)."""
     if request.param == "activemq":
         return "activemq", request.getfixturevalue("activemq")
+    if request.param == "embedded":
+        return "embedded", request.getfixturevalue("embedded_broker")
     return "rabbitmq", None
 
 
-def settings_for(flavour: str, amq: Any) -> Any:
+def settings_for(flavour: str, handle: Any) -> Any:
     tag = uuid.uuid4().hex[:8]
-    if flavour == "rabbitmq":
-        cleanup = {"flavour": "rabbitmq", "stomp_hosts": ["127.0.0.1:61613"], "queue": f"t-{tag}.cleanup",
-                   "hermes_destination": f"/topic/t-{tag}.events"}
-    else:
-        cleanup = {"flavour": "activemq", "stomp_hosts": [f"127.0.0.1:{amq.stomp_port}"], "app": f"app-{tag}",
+    amqp: dict[str, Any] = {}
+    if flavour == "activemq":
+        cleanup = {"flavour": "activemq", "stomp_hosts": [f"127.0.0.1:{handle.stomp_port}"], "app": f"app-{tag}",
                    "hermes_destination": f"/topic/VirtualTopic.t-{tag}"}
+    else:
+        stomp_port = handle.stomp_port if flavour == "embedded" else 61613
+        cleanup = {"flavour": "rabbitmq", "stomp_hosts": [f"127.0.0.1:{stomp_port}"], "queue": f"t-{tag}.cleanup",
+                   "hermes_destination": f"/topic/t-{tag}.events"}
+        amqp = {"urls": [handle.amqp_url]} if flavour == "embedded" else {}
     cleanup |= {"heartbeat_ms": 1000, "batch_window": 0.05}
-    return unique_settings({"streams": []}, cleanup=cleanup, broker={"delivery_limit": 3})
+    return unique_settings({"streams": []}, cleanup=cleanup, broker={"delivery_limit": 3, **amqp})
 
 
 class Recorder:
