@@ -66,12 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             run(settings, buffer, args.files, args.latency_samples, client)
         finally:
             with kombu.Connection(args.amqp) as conn:
-                ch = conn.channel()
-                for q in decl.queues:
-                    ch.queue_delete(q.name)
-                for e in decl.exchanges:
-                    if not e.name.startswith("amq."):
-                        ch.exchange_delete(e.name)
+                topology.remove(conn, decl)
     return 0
 
 

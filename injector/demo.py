@@ -292,12 +292,7 @@ def _topology(settings: Settings) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(Exception):
-            ch = conn.channel()
-            for q in decl.queues:
-                ch.queue_delete(q.name)
-            for e in decl.exchanges:
-                if not e.name.startswith("amq."):
-                    ch.exchange_delete(e.name)
+            topology.remove(conn, decl)
         conn.release()
 
 

@@ -123,6 +123,21 @@ def definitions(topology: Topology) -> dict[str, Any]:
     }
 
 
+def remove(connection: Any, topology: Topology) -> None:
+    """Delete every queue (with its messages) and exchange of a throw-away topology: the demo's,
+    a test's, a benchmark's. Never for a site's own: its queues hold undelivered events."""
+    channel = connection.channel()
+    try:
+        for q in topology.queues:
+            channel.queue_delete(q.name)
+        for e in topology.exchanges:
+            if not e.name.startswith("amq."):
+                channel.exchange_delete(e.name)
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
 def apply(connection: Any, topology: Topology) -> list[str]:
     """Declare everything on an open kombu connection; idempotent. Returns what was declared."""
     import amqp

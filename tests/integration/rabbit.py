@@ -41,12 +41,7 @@ def declared(settings: Settings) -> Iterator[Settings]:
         yield settings
     finally:
         with kombu.Connection(settings.broker.urls[0]) as conn:
-            ch = conn.channel()
-            for q in decl.queues:
-                ch.queue_delete(q.name)
-            for e in decl.exchanges:
-                if not e.name.startswith("amq."):
-                    ch.exchange_delete(e.name)
+            topology.remove(conn, decl)
 
 
 def get_all(settings: Settings, queue: str) -> list[Any]:
