@@ -11,7 +11,15 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+LEFTOVERS = ("rucio-injector-demo-", "injector.testbed.broker")
+
+
+def running(pattern: str) -> set[str]:
+    return set(subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split())
+
+
 def demo(*args: str) -> str:
+    before = {p: running(p) for p in LEFTOVERS}  # this test session's own embedded broker is no leftover
     done = subprocess.run([sys.executable, "-m", "injector.cli", "demo", "--files", "3", "--size", "4096",
                            "--timeout", "150", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "160"})
@@ -19,9 +27,9 @@ def demo(*args: str) -> str:
     assert done.returncode == 0, out[-4000:]
     assert "proof: buffer holds 0 file(s); archive holds 6/6 files with the DAQ's adler32" in out, out[-4000:]
     assert "rucio replica list file --all-states" in out
-    for leftover in ("rucio-injector-demo-", "injector.testbed.broker"):
-        running = subprocess.run(["pgrep", "-f", leftover], capture_output=True, text=True).stdout.strip()
-        assert not running, f"the demo left processes running: {leftover}"
+    for pattern in LEFTOVERS:
+        left = running(pattern) - before[pattern]
+        assert not left, f"the demo left processes running: {pattern} (pids {sorted(left)})"
     return out
 
 
