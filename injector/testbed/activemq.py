@@ -70,7 +70,11 @@ def start_activemq(base: Path, port: int | None = None) -> ActiveMQ:
     base.mkdir(parents=True, exist_ok=True)
     amq = ActiveMQ(base, port or free_port(), None)
     amq.process = _launch(base, amq.stomp_port)
-    _wait(amq)
+    try:
+        _wait(amq)
+    except BaseException:  # an interrupt or a timeout while it starts must not leave java running
+        amq.stop()
+        raise
     return amq
 
 
