@@ -125,8 +125,7 @@ def measure(settings: Settings, bodies: list[bytes]) -> dict[str, float]:
     preload(c, bodies)
     preloaded = time.perf_counter() - started
 
-    queue = c.queue if c.flavour == "rabbitmq" else c.subscription.removeprefix("/queue/")  # as cleanup_worker
-    route = Route(queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
+    route = Route(c.consumer_queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
     worker = stomp_worker(c, settings.broker, route, ack_all, Batching(c.batch_size, c.batch_window, c.prefetch))
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="cleanup-bench", daemon=True)

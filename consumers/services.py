@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from consumers.cleanup import TransferFailures, cleanup
 from consumers.ingest import DatasetMemo, ingest
 from injector.config import Settings
 from injector.errors import ConfigError, InvalidEvent
-from injector.events import FileClosed, RucioEvent, decode_file_closed, decode_rucio_event
+from injector.events import decode_file_closed, decode_rucio_event
 from injector.gateway import ClientGateway, RucioGateway
 from injector.messages import Delivery
 from injector.metrics import Metrics, serve
@@ -19,13 +20,15 @@ from injector.stomp import stomp_worker
 from injector.worker import Batching, BatchWorker, amqp_worker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def decode_all(deliveries: Sequence[Delivery]) -> list[FileClosed | InvalidEvent]:
-    out: list[FileClosed | InvalidEvent] = []
+def decode_each(deliveries: Sequence[Delivery], decode: Callable[[bytes], T]) -> list[T | InvalidEvent]:
+    """Every delivery's event, or the InvalidEvent saying why it is not one (the handler dead-letters it)."""
+    out: list[T | InvalidEvent] = []
     for d in deliveries:
         try:
-            out.append(decode_file_closed(d.body))
+            out.append(decode(d.body))
         except InvalidEvent as exc:
             out.append(exc)
     return out
@@ -38,21 +41,11 @@ def ingest_worker(settings: Settings, rucio: RucioGateway | None = None) -> Batc
     memo = DatasetMemo()
 
     def process(batch: list[Delivery]) -> Sequence[Outcome]:
-        return ingest(decode_all(batch), gateway, settings, memo)
+        return ingest(decode_each(batch, decode_file_closed), gateway, settings, memo)
 
     route = Route(settings.ingest.queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
     batching = Batching(settings.ingest.batch_size, settings.ingest.batch_window, settings.ingest.prefetch)
     return amqp_worker(settings.broker, route, process, batching, metrics)
-
-
-def decode_rucio_events(deliveries: Sequence[Delivery]) -> list[RucioEvent | InvalidEvent]:
-    out: list[RucioEvent | InvalidEvent] = []
-    for d in deliveries:
-        try:
-            out.append(decode_rucio_event(d.body))
-        except InvalidEvent as exc:
-            out.append(exc)
-    return out
 
 
 def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None) -> BatchWorker:
@@ -63,10 +56,9 @@ def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None) -> Bat
     c = settings.cleanup
 
     def process(batch: list[Delivery]) -> Sequence[Outcome]:
-        return cleanup(decode_rucio_events(batch), gateway, settings, failures)
+        return cleanup(decode_each(batch, decode_rucio_event), gateway, settings, failures)
 
-    queue = c.queue if c.flavour == "rabbitmq" else c.subscription.removeprefix("/queue/")
-    route = Route(queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
+    route = Route(c.consumer_queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
     return stomp_worker(c, settings.broker, route, process, Batching(c.batch_size, c.batch_window, c.prefetch),
                         metrics)
 

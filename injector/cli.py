@@ -138,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from injector import demo
 
     opts = demo.Options(files=args.files, size=args.size, pace=args.pace, timeout=args.timeout, keep=args.keep,
-                        amqp_url=args.broker, database=args.database, stomp_port=args.stomp_port)
+                        broker=args.broker, database=args.database, stomp_port=args.stomp_port)
     return demo.run(opts)
 
 

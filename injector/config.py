@@ -159,6 +159,11 @@ class Cleanup(_Section):
         return f"/queue/Consumer.{self.app}.{self.topic}"
 
     @property
+    def consumer_queue(self) -> str:
+        """The broker queue the cleanup consumers share (dead letters name it as their source)."""
+        return self.queue if self.flavour == "rabbitmq" else self.subscription.removeprefix("/queue/")
+
+    @property
     def dead_letter_destination(self) -> str:
         """ActiveMQ: where this project's own dead letters go (the broker's DLQ.<queue> convention)."""
         return f"/queue/DLQ.Consumer.{self.app}.{self.topic}"

@@ -65,7 +65,7 @@ class Options:
     files: int = 25  # per instrument
     size: int = 1 << 20
     pace: float = 0.1  # seconds between files the DAQ closes
-    amqp_url: str = AUTO  # AUTO, EMBEDDED or a RabbitMQ AMQP URL
+    broker: str = AUTO  # AUTO, EMBEDDED or a RabbitMQ AMQP URL
     stomp_port: int = 61613
     timeout: float = 300.0
     keep: bool = False  # keep the server and files after the summary until Ctrl-C
@@ -214,8 +214,8 @@ def _broker(options: Options, log_file: Path, console: Console) -> Iterator[Demo
     """The local RabbitMQ (AMQP + its STOMP plugin) when it answers, else the embedded broker."""
     from injector.testbed.broker import embedded
 
-    if options.amqp_url != EMBEDDED:
-        url = DEFAULT_AMQP if options.amqp_url == AUTO else options.amqp_url
+    if options.broker != EMBEDDED:
+        url = DEFAULT_AMQP if options.broker == AUTO else options.broker
         host = urlparse(url).hostname or "127.0.0.1"
         missing = (_unreachable(host, urlparse(url).port or 5672, "RabbitMQ (AMQP)")
                    or _unreachable(host, options.stomp_port, "RabbitMQ's STOMP plugin (for hermes; "
@@ -223,7 +223,7 @@ def _broker(options: Options, log_file: Path, console: Console) -> Iterator[Demo
         if missing is None:
             yield DemoBroker(url, host, options.stomp_port, "RabbitMQ")
             return
-        if options.amqp_url != AUTO:
+        if options.broker != AUTO:
             raise DemoError(missing)
         console.print(f"[yellow]{missing}[/]\n[yellow]→ using the embedded broker instead[/] (one Python process "
                       "speaking AMQP 0-9-1 and STOMP, messages in memory; for this demo only)")

@@ -9,8 +9,6 @@ free STOMP port, bypassing the Debian service wrapper. Standard library only.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from injector.testbed.rucio import TestbedError, free_port
+from injector.testbed.rucio import TestbedError, free_port, stop_group
 
 HOME = Path("/usr/share/activemq")
 JAR = HOME / "bin" / "activemq.jar"
@@ -42,13 +40,7 @@ class ActiveMQ:
         return f"127.0.0.1:{self.stomp_port}"
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_group(self.process, grace=30, kill_wait=10)
         self.process = None
 
     def restart(self) -> None:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import selectors
 import signal
 import struct
 import subprocess
@@ -39,6 +40,8 @@ from pamqp import commands, frame, heartbeat
 from pamqp.base import Frame
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
+
+from injector.testbed.rucio import stop_group
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +211,7 @@ class Broker:
             q.dispatch()
         return len(queues)
 
-    def give_back(self, queue: Queue, messages: list[Message], reason: str = "returned") -> None:
+    def give_back(self, queue: Queue, messages: list[Message]) -> None:
         """Messages a consumer did not settle (nack, reject, closed channel): counted, requeued at the
         front in their order, or dead-lettered once past the queue's delivery limit."""
         limit = queue.arguments.get("x-delivery-limit")
@@ -253,7 +256,7 @@ class _AmqpConsumer:
         return self.no_ack or not self.prefetch or self.unacked < self.prefetch
 
     def deliver(self, queue: Queue, message: Message) -> None:
-        tag = self.channel.track(queue, message, None if self.no_ack else self)
+        tag = self.channel.track(queue, message, self, settle_later=not self.no_ack)
         self.channel.conn.send_content(
             self.channel.id, commands.Basic.Deliver(self.tag, tag, message.redelivered, message.exchange,
                                                     message.routing_key), message)
@@ -272,10 +275,13 @@ class _Channel:
     consumers: dict[str, _AmqpConsumer] = field(default_factory=dict)
     content: tuple[commands.Basic.Publish, ContentHeader | None, list[bytes]] | None = None
 
-    def track(self, queue: Queue, message: Message, consumer: _AmqpConsumer | None) -> int:
+    def track(self, queue: Queue, message: Message, consumer: _AmqpConsumer | None, settle_later: bool) -> int:
+        """A delivery tag for a message sent on this channel (basic.deliver or basic.get-ok); one the
+        client must settle is kept until it does, counting against its consumer's prefetch."""
         tag = next(self.tags)
-        if consumer is not None:
-            consumer.unacked += 1
+        if settle_later:
+            if consumer is not None:
+                consumer.unacked += 1
             self.unacked[tag] = (queue, message, consumer)
         return tag
 
@@ -504,9 +510,7 @@ class AmqpConnection:
             self.send(ch.id, commands.Basic.GetEmpty())
             return
         message = queue.messages.popleft()
-        tag = next(ch.tags)
-        if not value.no_ack:
-            ch.unacked[tag] = (queue, message, None)
+        tag = ch.track(queue, message, None, settle_later=not value.no_ack)
         self.send_content(ch.id, commands.Basic.GetOk(tag, message.redelivered, message.exchange,
                                                       message.routing_key, len(queue.messages)), message)
 
@@ -577,10 +581,8 @@ def _unescape(text: str) -> str:
 
 
 class _Subscription:
-    def __init__(self, conn: StompConnection, sid: str, queue: Queue, ack: str, prefetch: int,
-                 destination: str) -> None:
+    def __init__(self, conn: StompConnection, sid: str, queue: Queue, ack: str, prefetch: int) -> None:
         self.conn, self.id, self.queue, self.ack, self.prefetch = conn, sid, queue, ack, prefetch
-        self.destination = destination
         self.unacked: OrderedDict[str, Message] = OrderedDict()
 
     def has_room(self) -> bool:
@@ -709,7 +711,7 @@ class StompConnection:
         if "receipt" in headers:  # written even after a DISCONNECT
             self.writer.write(f"RECEIPT\nreceipt-id:{_escape(headers['receipt'])}\n\n\0".encode())
 
-    def _target(self, destination: str, subscribing: bool) -> tuple[str, str]:
+    def _target(self, destination: str) -> tuple[str, str]:
         """(exchange, routing key) of a destination, RabbitMQ STOMP style; declares /queue/ queues."""
         kind, _, rest = destination.lstrip("/").partition("/")
         if kind == "topic" and rest:
@@ -728,7 +730,7 @@ class StompConnection:
         raise BrokerError(NOT_FOUND, f"unknown destination '{destination}'")
 
     def _send(self, headers: dict[str, str], body: bytes) -> None:
-        exchange, key = self._target(headers.get("destination", ""), subscribing=False)
+        exchange, key = self._target(headers.get("destination", ""))
         properties: dict[str, Any] = {}
         app: dict[str, Any] = {}
         for name, value in headers.items():
@@ -744,7 +746,7 @@ class StompConnection:
 
     def _subscribe(self, headers: dict[str, str]) -> None:
         destination = headers.get("destination", "")
-        exchange, key = self._target(destination, subscribing=True)
+        exchange, key = self._target(destination)
         if exchange == "":
             queue = self.broker.queue(key)
         else:  # a subscription of its own to a topic or exchange, gone with the subscription
@@ -752,8 +754,7 @@ class StompConnection:
             self.broker.bind(queue.name, exchange, key)
         sid = headers.get("id", destination)
         ack = headers.get("ack", "auto")
-        sub = self.subscriptions[sid] = _Subscription(self, sid, queue, ack, int(headers.get("prefetch-count", 0)),
-                                                      destination)
+        sub = self.subscriptions[sid] = _Subscription(self, sid, queue, ack, int(headers.get("prefetch-count", 0)))
         queue.consumers.append(sub)
         queue.dispatch()
 
@@ -817,32 +818,21 @@ class Embedded:
 @contextlib.contextmanager
 def embedded(host: str = "127.0.0.1", log_file: Path | None = None, timeout: float = 20.0) -> Iterator[Embedded]:
     """Start the embedded broker on free ports in a child process; stop it (and lose its messages) at exit."""
-    stderr = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "injector.testbed.broker", "--host", host, "--amqp-port", "0",
-                             "--stomp-port", "0", "--with-parent"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=stderr, start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        line = _readline(proc, timeout)
-        ports = json.loads(line)
-        yield Embedded(host, ports["amqp"], ports["stomp"])
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if log_file:
-            stderr.close()  # type: ignore[union-attr]
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(open(log_file, "ab")) if log_file else subprocess.DEVNULL
+        proc = subprocess.Popen([sys.executable, "-m", "injector.testbed.broker", "--host", host, "--amqp-port", "0",
+                                 "--stomp-port", "0", "--with-parent"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+        try:
+            ports = json.loads(_readline(proc, timeout))
+            yield Embedded(host, ports["amqp"], ports["stomp"])
+        finally:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the broker also stops on this alone (--with-parent)
+            stop_group(proc, grace=5)
 
 
 def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    import selectors
-
     with selectors.DefaultSelector() as sel:
         assert proc.stdout is not None
         sel.register(proc.stdout, selectors.EVENT_READ)

@@ -59,6 +59,19 @@ def ensure_server_venv(path: Path | None = None) -> Path:
     return python
 
 
+def stop_group(process: subprocess.Popen[bytes] | None, grace: float, kill_wait: float = 5.0) -> None:
+    """Stop a child started with start_new_session=True, and its children: SIGTERM to its process
+    group, SIGKILL after `grace` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(kill_wait)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,13 +116,7 @@ class RucioServer:
         return out
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+        stop_group(self.process, grace=15)
         self.process = None
         if self.database.startswith("rucio_testbed_"):
             _server_python(self.venv_python, _DROP_DB.format(db=self.database), self.base_dir, check=False)

@@ -11,9 +11,12 @@ from typing import Any
 
 import kombu
 
+from consumers.services import ingest_worker
 from injector import topology
 from injector.config import Settings, parse
+from injector.events import FileClosed
 from injector.worker import BatchWorker
+from producers.publish import DaqPublisher
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -81,3 +84,12 @@ def running(*workers: BatchWorker) -> Iterator[threading.Event]:
         for t in threads:
             t.join(30)
             assert not t.is_alive(), "worker did not stop within 30 s of the stop signal"
+
+
+def ingested(settings: Settings, events: list[FileClosed]) -> None:
+    """Publish file-closed events as the DAQ does and run one ingest consumer until it took them all."""
+    with DaqPublisher(settings.broker) as daq:
+        daq.publish(events)
+    worker = ingest_worker(settings)
+    with running(worker):
+        wait_for(lambda: worker.stats.messages == len(events), timeout=60, what="ingest")

@@ -17,16 +17,15 @@ from urllib.parse import urlparse
 import pytest
 import stomp
 
-from consumers.services import cleanup_worker, ingest_worker
+from consumers.services import cleanup_worker
 from injector import topology
 from injector.checksum import size_and_adler32
 from injector.config import Settings
 from injector.events import FileClosed, decode_file_archived
 from injector.testbed.rucio import HermesBroker
 from injector.worker import BatchWorker
-from producers.publish import DaqPublisher
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
-from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
+from tests.integration.rabbit import declared, get_all, ingested, running, unique_settings, wait_for
 from tests.integration.test_ingest_rucio import files
 
 pytestmark = pytest.mark.integration
@@ -74,14 +73,6 @@ def cleanup_running(settings: Settings, n: int = 1) -> Iterator[list[BatchWorker
         # ActiveMQ creates the virtual topic's consumer queue at the first SUBSCRIBE; wait for it.
         wait_for(lambda: all(w.metrics.health()[0] for w in workers), timeout=30, what="cleanup subscribed")
         yield workers
-
-
-def ingested(settings: Settings, events: list[FileClosed]) -> None:
-    with DaqPublisher(settings.broker) as daq:
-        daq.publish(events)
-    worker = ingest_worker(settings)
-    with running(worker):
-        wait_for(lambda: worker.stats.messages == len(events), timeout=60, what="ingest")
 
 
 def outcomes(workers: list[BatchWorker], label: str) -> int:

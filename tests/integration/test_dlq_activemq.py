@@ -48,7 +48,7 @@ def test_list_filter_replay_and_purge_on_activemq(activemq, tmp_path: Path):
         wait_for(lambda: dlq.depth(dlq_name) == 3, timeout=30, what="3 dead letters")
         listed = dlq.peek(dlq_name)
         assert [r.reason for r in listed] == ["invalid-event"] * 3
-        assert all(r.source_queue == s.cleanup.subscription.removeprefix("/queue/") for r in listed)
+        assert all(r.source_queue == s.cleanup.consumer_queue for r in listed)
         assert [(r.id, r.body) for r in dlq.peek(dlq_name)] == [(r.id, r.body) for r in listed], "nothing consumed"
 
         cfg = tmp_path / "c.toml"

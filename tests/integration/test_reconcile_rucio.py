@@ -22,7 +22,6 @@ import pytest
 from consumers import reconcile, status
 from consumers.cleanup import release_replicas
 from consumers.findings import Finding
-from consumers.services import ingest_worker
 from injector import topology
 from injector.config import Settings
 from injector.events import FileClosed, archived_event_id, decode_file_archived
@@ -30,9 +29,8 @@ from injector.gateway import ClientGateway
 from injector.testbed.rses import file_protocol
 from injector.testbed.rucio import free_port
 from injector.transport import Publisher, connection
-from producers.publish import DaqPublisher
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
-from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
+from tests.integration.rabbit import declared, get_all, ingested, unique_settings, wait_for
 from tests.integration.test_ingest_rucio import files
 
 pytestmark = pytest.mark.integration
@@ -42,14 +40,6 @@ TRANSFER = ("judge-evaluator", "submitter", "poller", "finisher")
 
 def settings_for(lab: Lab, **stream: Any) -> Settings:
     return unique_settings({"streams": [lab.stream(**stream)]}, ingest={"batch_window": 0.1})
-
-
-def ingest(s: Settings, events: list[Any]) -> None:
-    with DaqPublisher(s.broker) as daq:
-        daq.publish(events)
-    worker = ingest_worker(s)
-    with running(worker):
-        wait_for(lambda: worker.stats.messages == len(events), timeout=60, what="ingest")
 
 
 def sweep(s: Settings, **options: Any) -> list[Finding]:
@@ -125,7 +115,7 @@ def test_lost_transfer_done_and_deletion_done_are_finished_by_reconcile_announci
     names = [e.path for e in events]
     config = config_file(s, tmp_path / "injector.toml")
     with declared(s), probe(s) as daq_inbox:
-        ingest(s, events)
+        ingested(s, events)
         lab.server.run_daemons(*TRANSFER, rses=[SOURCE, ARCHIVE])  # no cleanup consumer: transfer-done is lost
         dry = cli(config, "reconcile", "--dry-run")
         assert dry.returncode == 0 and dry.stderr.strip().endswith("reconcile (dry run): 3 would release-source")
@@ -191,7 +181,7 @@ def test_a_released_source_the_reaper_cannot_delete_is_diagnosed(lab, breakage):
     lab.root = root
     events = files(lab, 2)
     with declared(s):
-        ingest(s, events)
+        ingested(s, events)
         lab.server.run_daemons(*TRANSFER, rses=[rse, ARCHIVE])
         assert kinds(sweep(s)) == {"done release-source": 2}
         pin = None
@@ -220,7 +210,7 @@ def test_rules_past_their_lifetime_are_reported_with_id_state_lifetime_and_cause
     s = settings_for(lab)
     (event,) = files(lab, 1)
     with declared(s):
-        ingest(s, [event])
+        ingested(s, [event])
     dataset = f"LST1_{lab.tag}_20261124_raw"
     c = lab.client
     (locked,) = c.add_replication_rule([{"scope": "lst", "name": dataset}], 1, f"{ARCHIVE}|{SOURCE}", locked=True)
@@ -270,7 +260,7 @@ def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tm
     first = [e for night in ("20261120", "20261121", "20261122", "20261123") for e in batch[night]]
     src = [(e.path, SOURCE) for e in batch["20261123"]]
     with declared(s):
-        ingest(s, first)
+        ingested(s, first)
         # Source lost before its copy: the judge places the archive replica, an operator cancels the transfer (a
         # queued transfer protects its source from the reaper), then the source is deleted. (Had the source been
         # the file's last replica, Rucio would have removed the file DID itself.)
@@ -285,7 +275,7 @@ def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tm
         release_replicas(gw, [("lst", e.path, SOURCE) for e in batch["20261121"]])
         forged = FileClosed.create(**{**batch["20261124"][0].model_dump(exclude={"event_id", "schema_"}),
                                       "adler32": "0badf00d"})
-        ingest(s, [*batch["20261124"], *batch["20261125"], forged])  # the forged one: dead-lettered (conflict)
+        ingested(s, [*batch["20261124"], *batch["20261125"], forged])  # the forged one: dead-lettered (conflict)
         lab.server.run_daemons("judge-evaluator")  # locks REPLICATING; no transfer runs any more
         (stuck_rule,) = lab.rules(f"LST1_{lab.tag}_20261125_raw")
         lab.client.update_replication_rule(stuck_rule["id"], {"state": "STUCK", "cancel_requests": True})

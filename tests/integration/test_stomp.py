@@ -62,10 +62,8 @@ class Recorder:
 
 def worker_for(s: Any, process: Recorder) -> BatchWorker:
     c = s.cleanup
-    queue = c.queue if c.flavour == "rabbitmq" else c.subscription.removeprefix("/queue/")
-    w = stomp_worker(c, s.broker, Route(queue, s.broker.dead_letter_exchange, s.broker.delivery_limit), process,
-                     Batching(10, 0.05, 50, retry_pause=0.05))
-    return w
+    route = Route(c.consumer_queue, s.broker.dead_letter_exchange, s.broker.delivery_limit)
+    return stomp_worker(c, s.broker, route, process, Batching(10, 0.05, 50, retry_pause=0.05))
 
 
 def send(s: Any, *bodies: str) -> None:
