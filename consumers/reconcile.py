@@ -286,6 +286,8 @@ def run(settings: Settings, options: Options, streams: Sequence[str], every: flo
     metrics = _metrics(settings, every, metrics_port)
     rucio = ClientGateway(settings.rucio, observe=metrics.observe if metrics else None)
     announce = _Announcer(settings)
+    if metrics is not None:
+        metrics.metrics.track_breaker(rucio.breaker)
     try:
         while True:
             started = time.monotonic()
@@ -293,7 +295,12 @@ def run(settings: Settings, options: Options, streams: Sequence[str], every: flo
             report(findings)
             if metrics is not None:
                 metrics.swept(findings, time.monotonic() - started)
-            if every is None or stop.wait(every):
+            if every is None:
+                return findings
+            if rucio.breaker.open:  # a sweep cut short by an outage: sweep again as soon as Rucio answers
+                if not rucio.breaker.wait(stop):
+                    return findings
+            elif stop.wait(every):
                 return findings
     finally:
         announce.close()

@@ -16,8 +16,7 @@ from injector.gateway import ClientGateway, RucioGateway
 from injector.messages import Delivery
 from injector.metrics import Metrics, serve
 from injector.settle import Outcome, Route
-from injector.stomp import stomp_worker
-from injector.worker import Batching, BatchWorker, amqp_worker
+from injector.worker import Batching, BatchWorker, Connect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,9 +42,10 @@ def ingest_worker(settings: Settings, rucio: RucioGateway | None = None) -> Batc
     def process(batch: list[Delivery]) -> Sequence[Outcome]:
         return ingest(decode_each(batch, decode_file_closed), gateway, settings, memo)
 
-    route = Route(settings.ingest.queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
-    batching = Batching(settings.ingest.batch_size, settings.ingest.batch_window, settings.ingest.prefetch)
-    return amqp_worker(settings.broker, route, process, batching, metrics)
+    i = settings.ingest
+    route = Route(i.queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
+    batching = Batching(i.batch_size, i.batch_window, i.prefetch, outage_hold=settings.broker.outage_hold)
+    return BatchWorker(_amqp(settings, i.queue, i.prefetch), route, process, batching, metrics, gateway.breaker)
 
 
 def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None) -> BatchWorker:
@@ -59,8 +59,25 @@ def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None) -> Bat
         return cleanup(decode_each(batch, decode_rucio_event), gateway, settings, failures)
 
     route = Route(c.consumer_queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
-    return stomp_worker(c, settings.broker, route, process, Batching(c.batch_size, c.batch_window, c.prefetch),
-                        metrics)
+    batching = Batching(c.batch_size, c.batch_window, c.prefetch, outage_hold=settings.broker.outage_hold)
+    return BatchWorker(cleanup_link(settings), route, process, batching, metrics, gateway.breaker)
+
+
+def cleanup_link(settings: Settings) -> Connect:
+    """RabbitMQ: the cleanup queue hermes' STOMP topic feeds (through amq.topic), read over AMQP like ingest.
+    ActiveMQ: its virtual-topic consumer queue over STOMP."""
+    c = settings.cleanup
+    if c.flavour == "rabbitmq":
+        return _amqp(settings, c.queue, c.prefetch)
+    from injector.stomp import stomp_link
+
+    return stomp_link(c, settings.broker)
+
+
+def _amqp(settings: Settings, queue: str, prefetch: int) -> Connect:
+    from injector.transport import amqp_link
+
+    return amqp_link(settings.broker, queue, prefetch)
 
 
 def run_cleanup(settings: Settings, stop: threading.Event, metrics_port: int | None = None) -> None:

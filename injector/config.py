@@ -108,6 +108,10 @@ class Broker(_Section):
     heartbeat: Annotated[int, Field(ge=0)] = 30
     delivery_limit: Annotated[int, Field(ge=1)] = 5
     connect_attempts: Annotated[int, Field(ge=1)] = 10
+    # While Rucio is down a consumer holds its messages unacked; past this many seconds it hands them back to
+    # the queue (without spending their delivery budget) and disconnects until Rucio answers. Keep it below
+    # RabbitMQ's consumer_timeout (30 min by default), which would otherwise return them counted.
+    outage_hold: Annotated[float, Field(gt=0)] = 900.0
 
 
 class Ingest(_Section):
@@ -181,8 +185,11 @@ class MetricsSettings(_Section):
 class RucioSettings(_Section):
     """How we call Rucio; who we are comes from the rucio-clients config (RUCIO_CONFIG)."""
 
-    retry_attempts: Annotated[int, Field(ge=1)] = 5
+    retry_attempts: Annotated[int, Field(ge=1)] = 5  # a call that lost a concurrent-insert race
     retry_max_wait: Annotated[float, Field(gt=0)] = 10.0
+    timeout: Annotated[float, Field(gt=0)] = 120.0  # seconds one HTTP request may take (rucio-clients: 600)
+    probe_first: Annotated[float, Field(gt=0)] = 1.0  # outage: first pause between health probes (jittered)
+    probe_cap: Annotated[float, Field(gt=0)] = 60.0  # outage: longest pause between health probes
 
 
 class Settings(_Section):

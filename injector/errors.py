@@ -65,7 +65,24 @@ class Transient(InjectorError):
 
 
 class RucioUnavailable(Transient):
+    """A call failed in a way a retry may cure, while Rucio as a whole answers (its health probe passes):
+    e.g. a concurrent insert, or an error only this request meets. Redelivered within the delivery budget;
+    when it persists, dead-lettered `rucio-unavailable` with the server's message."""
+
     reason = "rucio-unavailable"
+
+
+class RucioFailed(RucioUnavailable):
+    """The server answered a bulk call with an error (or it timed out) while Rucio as a whole is healthy:
+    the batch's problem. `isolate` splits the batch down to the item that fails, so one bad item never
+    holds back its neighbours; that item is then retried like any RucioUnavailable."""
+
+
+class RucioDown(Transient):
+    """Rucio as a whole does not answer (its health probe fails): an outage, never the event's fault.
+    The consumer holds its messages unacked and waits (injector.breaker); no delivery budget is spent."""
+
+    reason = "rucio-down"
 
 
 class BrokerUnavailable(Transient):

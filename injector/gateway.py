@@ -14,32 +14,41 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from tenacity import (
-    RetryCallState,
-    retry,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
+import requests
+from rucio.common import exception as rx
+from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from injector.breaker import Breaker
 from injector.config import RucioSettings, Rule
-from injector.errors import ChecksumConflict, Permanent, PermissionDenied, RucioRefused, RucioUnavailable, Transient
+from injector.errors import (
+    ChecksumConflict,
+    Permanent,
+    PermissionDenied,
+    RucioDown,
+    RucioFailed,
+    RucioRefused,
+    RucioUnavailable,
+    Transient,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RSE_CACHE_SECONDS = 300.0
+MARK_PREFIX = "injector_"  # the project's own DID metadata keys
 
-# Rucio exception class names that a retry can cure.
-TRANSIENT = frozenset({
-    "ServerConnectionException", "DatabaseException", "ServiceUnavailable", "ResourceTemporaryUnavailable",
-    "ReplicationRuleCreationTemporaryFailed", "CannotAuthenticate", "RucioException", "TransferToolTimeout",
-})
 # Two processes inserting the same new DID or replica at once: one loses with one of these.
 # The retry finds the row and skips it, so they are passing, not permanent.
-MARK_PREFIX = "injector_"  # the project's own DID metadata keys
-RACES = frozenset({"Duplicate", "DataIdentifierAlreadyExists", "FileAlreadyExists", "FileReplicaAlreadyExists",
-                   "DuplicateContent"})
-DENIED = frozenset({"AccessDenied", "ScopeAccessDenied", "RSEAccessDenied", "CannotAuthorize"})
+RACES: tuple[type[Exception], ...] = (rx.Duplicate, rx.DataIdentifierAlreadyExists, rx.FileAlreadyExists,
+                                      rx.FileReplicaAlreadyExists, rx.DuplicateContent)
+DENIED: tuple[type[Exception], ...] = (rx.AccessDenied, rx.ScopeAccessDenied, rx.RSEAccessDenied,
+                                       rx.CannotAuthorize)
+# What an outage looks like from the client: nothing answered, the answer came too late, or the server
+# (or a proxy in front of it) answered with a 5xx and no specific exception. Whether it IS an outage,
+# the breaker's health probe decides.
+SUSPECT: tuple[type[BaseException], ...] = (
+    rx.ServerConnectionException, rx.DatabaseException, rx.ServiceUnavailable, rx.ResourceTemporaryUnavailable,
+    rx.ReplicationRuleCreationTemporaryFailed, rx.CannotAuthenticate, rx.TransferToolTimeout,
+    requests.RequestException, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +93,9 @@ class Attachment:
 
 
 class RucioGateway(Protocol):
-    """What the consumers need from Rucio."""
+    """What the consumers need from Rucio. `breaker` says whether Rucio as a whole answers (injector.breaker)."""
+
+    breaker: Breaker
 
     def file_metadata(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FileMeta]:
         """Size and adler32 of those DIDs that exist."""
@@ -171,54 +182,78 @@ class RucioInspector(RucioGateway, Protocol):
 
 
 def classify(exc: BaseException) -> Exception:
-    """Map anything a rucio-clients call raised onto the project's error tree."""
-    name = type(exc).__name__
-    text = f"{name}: {exc}"
-    if name == "FileConsistencyMismatch":
+    """Map anything a rucio-clients call raised onto the project's error tree. RucioFailed means "could be an
+    outage": the caller asks the breaker's probe before believing it is this request's problem."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, rx.FileConsistencyMismatch):
         return ChecksumConflict(text)
-    if name in DENIED:
+    if isinstance(exc, DENIED):
         return PermissionDenied(text)
-    if name in RACES:
+    if isinstance(exc, RACES):
         return RucioUnavailable(f"concurrent insert, will retry: {text}")
-    if name in TRANSIENT or isinstance(exc, OSError) or type(exc).__module__.startswith("requests"):
-        return RucioUnavailable(text)
-    if type(exc).__module__.startswith("rucio"):
+    if isinstance(exc, SUSPECT) or type(exc) is rx.RucioException:  # a bare RucioException: a 5xx without a class
+        return RucioFailed(text)
+    if isinstance(exc, rx.RucioException):
         return RucioRefused(text)
-    return RucioUnavailable(text)
+    return RucioFailed(text)  # not Rucio's own: a client-side surprise, treated like an unexplained failure
+
+
+def not_found(exc: BaseException) -> bool:
+    return isinstance(exc, rx.DataIdentifierNotFound)
 
 
 class ClientGateway:
-    """RucioGateway over rucio-clients."""
+    """RucioGateway over rucio-clients, behind the process's circuit breaker."""
 
     def __init__(self, settings: RucioSettings, client: Any | None = None,
                  observe: Callable[[str, float, str], None] | None = None,
-                 factory: Callable[[], Any] | None = None) -> None:
+                 factory: Callable[[], Any] | None = None, breaker: Breaker | None = None) -> None:
         self._settings = settings
         self._client = client
         self._factory = factory  # builds the rucio client lazily (default: rucio.client.Client())
         self._observe = observe  # (operation, seconds, outcome) → metrics
         self._rse_cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self.breaker = breaker or Breaker(self.probe, first=settings.probe_first, cap=settings.probe_cap)
+
+    def _new_client(self) -> Any:
+        import rucio.client.baseclient  # noqa: F401 - sets up its logger, which is quietened next
+
+        # rucio-clients logs an ERROR line for every refused connection, probes included; the breaker
+        # reports an outage once when it starts and once when it ends.
+        logging.getLogger("baseclient").setLevel(logging.CRITICAL)
+        if self._factory is None:
+            from rucio.client import Client
+
+            timeout = self._settings.timeout
+            self._factory = lambda: Client(timeout=timeout)
+        return self._factory()
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            if self._factory is None:
-                from rucio.client import Client
-
-                self._factory = Client
-            self._client = self._call("connect", self._factory)
+            self._client = self._call("connect", self._new_client)
         return self._client
 
+    def probe(self) -> None:
+        """The breaker's health probe: the server answers an authenticated call (token, database, account)."""
+        if self._client is None:
+            self._client = self._new_client()
+        self._client.whoami()
+
     def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call Rucio; retry RucioUnavailable with jittered backoff; raise the project's errors."""
+        """Call Rucio through the breaker. A concurrent-insert race is retried here (bounded, jittered); a failure
+        that could be an outage is checked with the health probe: RucioDown when Rucio as a whole is down (the
+        breaker opens; later calls fail fast until it closes), RucioFailed when it is this call's problem."""
+        if self.breaker.open:
+            raise RucioDown(f"Rucio unavailable since {self.breaker.since:%H:%M:%S}: {self.breaker.reason}")
 
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("rucio %s failed (attempt %d/%d), retrying: %s", operation, state.attempt_number,
-                        self._settings.retry_attempts, exc)
+            log.info("rucio %s lost a race (attempt %d/%d), retrying: %s", operation, state.attempt_number,
+                     self._settings.retry_attempts, exc)
 
         @retry(
-            retry=retry_if_exception_type(RucioUnavailable),
+            retry=retry_if_exception(lambda e: isinstance(e, RucioUnavailable) and not isinstance(e, RucioFailed)),
             stop=stop_after_attempt(self._settings.retry_attempts),
             wait=wait_random_exponential(multiplier=0.2, max=self._settings.retry_max_wait),
             before_sleep=log_retry,
@@ -231,6 +266,8 @@ class ClientGateway:
                 return fn(*args, **kwargs)
             except Exception as exc:
                 mapped = classify(exc)
+                if isinstance(mapped, RucioFailed) and not self.breaker.healthy():
+                    mapped = RucioDown(f"Rucio unavailable: {mapped}")
                 outcome = type(mapped).__name__
                 raise mapped from exc
             finally:
@@ -248,7 +285,7 @@ class ClientGateway:
             try:
                 return list(self.client.get_metadata_bulk(request))
             except Exception as exc:  # an all-missing batch is an error in Rucio, not an empty answer
-                if type(exc).__name__ == "DataIdentifierNotFound":
+                if not_found(exc):
                     return []
                 raise
 
@@ -267,7 +304,7 @@ class ClientGateway:
                 owner = self.client.account
                 self.client.add_dataset(scope, name, rules=[{**_rule_dict(r), "account": owner} for r in rules])
             except Exception as exc:
-                if type(exc).__name__ == "DataIdentifierAlreadyExists":
+                if isinstance(exc, rx.DataIdentifierAlreadyExists):
                     return False
                 raise
             return True
@@ -285,7 +322,7 @@ class ClientGateway:
                     [{"scope": scope, "name": name}], rule.copies, rule.rse_expression,
                     grouping=rule.grouping, lifetime=rule.lifetime, activity=rule.activity)
             except Exception as exc:
-                if type(exc).__name__ == "DuplicateRule":
+                if isinstance(exc, rx.DuplicateRule):
                     return False
                 raise
             return True
@@ -330,7 +367,7 @@ class ClientGateway:
             try:
                 return list(self.client.get_metadata_bulk(request, plugin="JSON"))
             except Exception as exc:
-                if type(exc).__name__ == "DataIdentifierNotFound":
+                if not_found(exc):
                     return []
                 raise
 
@@ -358,7 +395,7 @@ class ClientGateway:
             try:
                 return {(d["scope"], d["name"]) for d in self.client.list_content(scope, dataset)}
             except Exception as exc:
-                if type(exc).__name__ == "DataIdentifierNotFound":
+                if not_found(exc):
                     return set()
                 raise
 
@@ -389,7 +426,7 @@ class ClientGateway:
             try:
                 return list(self.client.get_protocols(rse))
             except Exception as exc:
-                if type(exc).__name__ == "RSEProtocolNotSupported":
+                if isinstance(exc, rx.RSEProtocolNotSupported):
                     return []
                 raise
 
@@ -419,18 +456,19 @@ def _rule_dict(rule: Rule) -> dict[str, Any]:
 
 
 def isolate(items: Sequence[T], call: Callable[[Sequence[T]], None]) -> list[tuple[T, Permanent | Transient]]:
-    """Run a bulk call; if Rucio refuses it, split until the refused items are isolated, so one bad
-    item never fails its good neighbours. Returns the failed items; a transient fault fails them all."""
+    """Run a bulk call; if Rucio refuses it (or fails it while healthy: RucioFailed), split until the failing
+    items are isolated, so one bad item never fails its good neighbours. Returns the failed items; any other
+    transient fault (an outage, a lost race) fails them all."""
     try:
         call(items)
         return []
-    except Transient as exc:
-        return [(item, exc) for item in items]
-    except Permanent as exc:
+    except (Permanent, RucioFailed) as exc:
         if len(items) == 1:
             return [(items[0], exc)]
         mid = len(items) // 2
         return isolate(items[:mid], call) + isolate(items[mid:], call)
+    except Transient as exc:
+        return [(item, exc) for item in items]
 
 
 def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:

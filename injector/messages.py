@@ -43,3 +43,34 @@ class Delivery:
         if self.deliveries is not None:
             return self.deliveries
         return int(self.headers.get("x-delivery-count", 0) or 0) + 1
+
+
+# A copy this project puts back on a queue in place of a delivery (ActiveMQ retries, hand-backs at shutdown or
+# in a long Rucio outage) carries how many deliveries the event had before it, and where it was first routed,
+# so the copy continues the count (the delivery budget) and dead-letters name the original route.
+PRIOR = "injector-retries"
+ORIGIN_EXCHANGE = "injector-exchange"
+ORIGIN_ROUTING_KEY = "injector-routing-key"
+COPY_HEADERS = (PRIOR, ORIGIN_EXCHANGE, ORIGIN_ROUTING_KEY)
+
+
+def copy_of(d: Delivery, queue: str, deliveries: int) -> Outgoing:
+    """A copy of `d` for its queue (the default exchange routes it there) that counts `deliveries` so far."""
+    headers = {k: v for k, v in d.headers.items() if k != "x-delivery-count"}
+    headers.update({PRIOR: deliveries, ORIGIN_EXCHANGE: d.exchange, ORIGIN_ROUTING_KEY: d.routing_key})
+    return Outgoing("", queue, d.body, headers, d.message_id, d.content_type)
+
+
+def split_copy_headers(headers: dict[str, Any]) -> tuple[dict[str, Any], int, str | None, str | None]:
+    """(the event's own headers, deliveries before this copy, original exchange, original routing key)."""
+    own = {k: v for k, v in headers.items() if k not in COPY_HEADERS}
+    exchange, routing_key = headers.get(ORIGIN_EXCHANGE), headers.get(ORIGIN_ROUTING_KEY)
+    return own, _count(headers.get(PRIOR)), None if exchange is None else str(exchange), \
+        None if routing_key is None else str(routing_key)
+
+
+def _count(value: Any) -> int:
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0

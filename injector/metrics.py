@@ -1,7 +1,11 @@
-"""Prometheus metrics and a health endpoint for the long-running verbs.
+"""Prometheus metrics and health endpoints for the long-running verbs.
 
-`Metrics` owns one registry; `serve()` exposes `/metrics` (Prometheus text format) and `/healthz`
-(200 while the consumer loop is alive and connected, 503 otherwise) on one port.
+`Metrics` owns one registry; `serve()` exposes on one port:
+  * `/metrics` (Prometheus text format);
+  * `/healthz`, liveness: 200 while the consumer loop is alive and connected to the broker, 503 otherwise
+    (restarting the process may help). A Rucio outage does not fail it (a restart cannot help): the body
+    then says `ok; rucio unavailable since …`;
+  * `/readyz`, readiness: 200 only when the process is live AND Rucio answers; 503 with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from injector.breaker import Breaker
 from injector.settle import Outcome
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,16 @@ class Metrics:
         self.reconnects = Counter("rucio_injector_reconnects", "Broker reconnects", ["consumer"], registry=r)
         self.oldest = Gauge("rucio_injector_oldest_unprocessed_seconds",
                             "Age of the oldest message received but not yet settled", ["consumer"], registry=r)
+        self.rucio_available = Gauge("rucio_injector_rucio_available", "1 while Rucio answers, 0 during an outage",
+                                     registry=r)
+        self.rucio_down = Gauge("rucio_injector_rucio_unavailable_seconds", "How long the current Rucio outage has "
+                                "lasted (0 when Rucio answers)", registry=r)
+        self.outages = Counter("rucio_injector_rucio_outages", "Rucio outages seen (breaker openings)", registry=r)
+        self.outage_seconds = Counter("rucio_injector_rucio_outage_seconds", "Seconds of Rucio outages that "
+                                      "ended", registry=r)
+        self._breaker: Breaker | None = None
+        self.rucio_available.set_function(lambda: 0.0 if self._breaker and self._breaker.open else 1.0)
+        self.rucio_down.set_function(lambda: self._breaker.down_for() if self._breaker else 0.0)
         self._alive = time.monotonic()
         self._connected = False
         self._oldest_fn: Callable[[], float] = lambda: 0.0
@@ -75,13 +90,42 @@ class Metrics:
     def track_oldest(self, fn: Callable[[], float]) -> None:
         self._oldest_fn = fn
 
+    def track_breaker(self, breaker: Breaker) -> None:
+        """Export the process's Rucio breaker (availability, outage count and seconds)."""
+        self._breaker = breaker
+        self.outages.inc(0)
+        breaker.listeners.append(self._breaker_changed)
+
+    def _breaker_changed(self, opened: bool, lasted: float) -> None:
+        if opened:
+            self.outages.inc()
+        else:
+            self.outage_seconds.inc(lasted)
+
+    def rucio(self) -> str:
+        """`available`, or since when and why not."""
+        b = self._breaker
+        if b is None or not b.open or b.since is None:
+            return "available"
+        return f"unavailable since {b.since:%Y-%m-%dT%H:%M:%SZ} ({b.down_for():.0f} s): {b.reason}"
+
     def health(self) -> tuple[bool, str]:
+        """Liveness: is the loop alive and connected? A Rucio outage is reported, not failed."""
         silent = time.monotonic() - self._alive
         if not self._connected:
             return False, "not connected to the broker"
         if silent > self.stall_seconds:
             return False, f"consumer loop silent for {silent:.0f}s"
-        return True, "ok"
+        rucio = self.rucio()
+        return True, "ok" if rucio == "available" else f"ok; rucio {rucio}; waiting for it (no dead letters)"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: live, and Rucio answers."""
+        live, why = self.health()
+        if not live:
+            return False, why
+        rucio = self.rucio()
+        return (True, "ready") if rucio == "available" else (False, f"rucio {rucio}")
 
 
 def serve(metrics: Metrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
@@ -91,11 +135,11 @@ def serve(metrics: Metrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPSe
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if self.path.startswith("/metrics"):
                 self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif self.path.startswith("/healthz"):
-                ok, why = metrics.health()
+            elif self.path.startswith(("/healthz", "/readyz")):
+                ok, why = metrics.health() if self.path.startswith("/healthz") else metrics.ready()
                 self._reply(200 if ok else 503, (why + "\n").encode(), "text/plain")
             else:
-                self._reply(404, b"try /metrics or /healthz\n", "text/plain")
+                self._reply(404, b"try /metrics, /healthz or /readyz\n", "text/plain")
 
         def _reply(self, code: int, body: bytes, ctype: str) -> None:
             self.send_response(code)

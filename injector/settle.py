@@ -44,10 +44,12 @@ class Outcome:
 
 class Session(Protocol):
     """The broker operations settle needs (AMQP, STOMP, or the in-memory one). `publish` and
-    `dead_letter` return only when the broker confirmed, or raise PublishFailed."""
+    `dead_letter` return only when the broker confirmed, or raise PublishFailed. `hand_back` returns
+    deliveries to their queue WITHOUT spending their delivery budget (at shutdown, in a long outage)."""
 
-    def ack(self, delivery: Delivery) -> None: ...
-    def requeue(self, delivery: Delivery) -> None: ...
+    def ack(self, deliveries: Sequence[Delivery]) -> None: ...
+    def requeue(self, deliveries: Sequence[Delivery]) -> None: ...
+    def hand_back(self, deliveries: Sequence[Delivery]) -> None: ...
     def publish(self, messages: Sequence[Outgoing]) -> None: ...
     def dead_letter(self, messages: Sequence[Outgoing]) -> None: ...
 
@@ -78,8 +80,9 @@ def settle(session: Session, results: Sequence[tuple[Delivery, Outcome]], route:
         except PublishFailed as exc:
             log.error("could not dead-letter %d message(s), requeueing them: %s", len(dead), exc)
             final = _demote(final, lambda o: o.kind == "dead-letter", "dead-letter-failed")
+    session.requeue([d for d, o in final if o.kind == "retry"])
+    session.ack([d for d, o in final if o.kind != "retry"])
     for d, o in final:
-        (session.requeue if o.kind == "retry" else session.ack)(d)
         _log(d, o)
     return [o for _, o in final]
 

@@ -1,20 +1,21 @@
-"""STOMP consumption for the cleanup consumer: hermes → broker → competing cleanup consumers.
+"""STOMP consumption for the cleanup consumer on ActiveMQ: hermes → ActiveMQ → competing cleanup consumers.
 
-Works with RabbitMQ's STOMP plugin (a durable quorum queue bound to amq.topic, subscribed as
-/amq/queue/<q>) and with ActiveMQ Classic (a virtual topic consumed as
-/queue/Consumer.<app>.VirtualTopic.<name>). Acks are client-individual and sent only after the
-effect; stomp.py's receiver thread only enqueues (a slow Rucio call never starves heartbeats);
-a lost connection is reconnected and RESUBSCRIBED by the BatchWorker loop (stomp.py does not).
+ActiveMQ Classic (Rucio's usual broker) delivers a virtual topic to competing consumers through
+/queue/Consumer.<app>.VirtualTopic.<name>. (On RabbitMQ the cleanup consumer reads its quorum queue over
+AMQP like ingest does: RabbitMQ's STOMP adapter refuses acks after UNSUBSCRIBE, so a STOMP consumer there
+could neither stop intake while keeping its deliveries nor give them back without spending their budget.)
+Acks are client-individual and sent only after the effect; stomp.py's receiver thread only enqueues
+(a slow Rucio call never starves heartbeats); a lost connection is reconnected and RESUBSCRIBED by the
+BatchWorker loop (stomp.py does not).
 
-Retries and their count differ per broker, so that both dead-letter after `delivery_limit`:
-- RabbitMQ: NACK requeues; the quorum queue counts deliveries in `x-delivery-count`.
-- ActiveMQ sends no count on STOMP (only `redelivered: true`; its redelivery plugin keeps the
-  counter inside the broker), so a retry SENDs a copy carrying the count in `injector-retries`
-  (receipted, delayed with AMQ_SCHEDULED_DELAY) to the same consumer queue, then ACKs the
-  original: the count is exact across competing processes and restarts. Should that send fail,
-  the message is NACKed and the broker's redelivery plugin redelivers it after a delay.
-Dead letters on ActiveMQ go to DLQ.<queue> over STOMP with a receipt; file-archived always goes to
-the DAQ exchange over AMQP with publisher confirms.
+ActiveMQ sends no delivery count on STOMP (only `redelivered: true`; its redelivery plugin keeps the
+counter inside the broker), so a retry SENDs a copy carrying the count in `injector-retries`
+(receipted, delayed with AMQ_SCHEDULED_DELAY) to the same consumer queue, then ACKs the original: the
+count is exact across competing processes and restarts. Should that send fail, the message is NACKed
+and the broker's redelivery plugin redelivers it after a delay. What a consumer received but did not
+settle goes back when it disconnects, its count untouched: that is how a stopping consumer hands
+deliveries back. Dead letters go to DLQ.<queue> over STOMP with a receipt; file-archived goes to the
+DAQ exchange over AMQP with publisher confirms, on a connection that is kept serviced while idle.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import stomp
@@ -33,17 +34,15 @@ import stomp.exception
 
 from injector.config import Broker, Cleanup
 from injector.errors import BrokerUnavailable, PublishFailed
-from injector.messages import Delivery, Outgoing
-from injector.metrics import Metrics
-from injector.settle import Route, Session
-from injector.transport import Publisher, connection
-from injector.worker import Batching, BatchWorker, Link, Process
+from injector.messages import PRIOR, Delivery, Outgoing
+from injector.settle import Session
+from injector.transport import Publisher, connection, drain
 
 log = logging.getLogger(__name__)
 
 RECEIPT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
-RETRIES = "injector-retries"  # ActiveMQ: deliveries of this event before this copy
+RETRIES = PRIOR  # ActiveMQ: deliveries of this event before this copy
 RETRY_DELAY_MS = (1000, 120_000)  # ActiveMQ: first delay, cap; doubles per retry
 # Frame headers that describe one delivery, not the event: never copied onto a retry or dead letter.
 _DELIVERY_HEADERS = frozenset({
@@ -177,32 +176,31 @@ class StompSession:
         # broker redelivers, so a stale one is skipped.
         return d.generation == self.link.generation and self.link.conn.is_connected()
 
-    def ack(self, delivery: Delivery) -> None:
-        if self._current(delivery):
-            with _connection_gone_is_fine(delivery):
-                self.link.conn.ack(delivery.ack_id)
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            if self._current(d):
+                with _connection_gone_is_fine(d):
+                    self.link.conn.ack(d.ack_id)
 
-    def requeue(self, delivery: Delivery) -> None:
-        if not self._current(delivery):
-            return
-        with _connection_gone_is_fine(delivery):
-            if self.link.cfg.flavour == "activemq":
-                self.link.retry(delivery)
-            else:
-                self.link.conn.nack(delivery.ack_id)  # the quorum queue requeues it and counts
+    def requeue(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            if self._current(d):
+                with _connection_gone_is_fine(d):
+                    self.link.retry(d)
+
+    def hand_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Nothing to send: ActiveMQ gives unsettled deliveries back when the link disconnects, and their count
+        (our injector-retries header) is untouched by that."""
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         self.link.publisher().publish(messages)
 
     def dead_letter(self, messages: Sequence[Outgoing]) -> None:
-        if self.link.cfg.flavour == "rabbitmq":
-            self.link.publisher().publish(messages)  # to the DLX → <queue>.dlq
-        else:
-            self.link.send_confirmed(self.link.cfg.dead_letter_destination, messages)
+        self.link.send_confirmed(self.link.cfg.dead_letter_destination, messages)
 
 
 class StompLink:
-    """One STOMP connection with one client-individual subscription (a BatchWorker Link)."""
+    """One STOMP connection with one client-individual subscription (a BatchWorker Link), ActiveMQ."""
 
     def __init__(self, cfg: Cleanup, broker: Broker, generation: int, buffer: list[Delivery]) -> None:
         self.cfg = cfg
@@ -213,7 +211,7 @@ class StompLink:
         self.subscription_id = f"cleanup-{uuid.uuid4().hex[:8]}"
         self._amqp: Any = None
         self._publisher: Publisher | None = None
-        self.cancelled = False
+        self.paused = False
         hosts = [(h, int(p)) for h, _, p in (hp.rpartition(":") for hp in cfg.stomp_hosts)]
         self.conn = stomp.Connection12(hosts, heartbeats=(cfg.heartbeat_ms, cfg.heartbeat_ms), vhost=cfg.vhost,
                                        auto_decode=False, reconnect_attempts_max=1, timeout=10)
@@ -230,17 +228,15 @@ class StompLink:
     def _subscribe(self) -> None:
         cfg = self.cfg
         try:
-            client = {"client-id": f"rucio-injector-{uuid.uuid4().hex[:8]}"} if cfg.flavour == "activemq" else None
-            self.conn.connect(cfg.username, cfg.password, wait=False, headers=client)
+            self.conn.connect(cfg.username, cfg.password, wait=False,
+                              headers={"client-id": f"rucio-injector-{uuid.uuid4().hex[:8]}"})
             self._await_connected()
-            prefetch = ({"prefetch-count": str(cfg.prefetch)} if cfg.flavour == "rabbitmq"
-                        else {"activemq.prefetchSize": str(cfg.prefetch)})
-            self.conn.subscribe(cfg.subscription, id=self.subscription_id, ack="client-individual", headers=prefetch)
+            self.conn.subscribe(cfg.subscription, id=self.subscription_id, ack="client-individual",
+                                headers={"activemq.prefetchSize": str(cfg.prefetch)})
         except (stomp.exception.StompException, OSError) as exc:
             raise BrokerUnavailable(f"cannot subscribe on STOMP {cfg.stomp_hosts}: {type(exc).__name__}: {exc}") \
                 from None
-        log.info("subscribed to %s on %s (%s, prefetch %d)", cfg.subscription, cfg.stomp_hosts, cfg.flavour,
-                 cfg.prefetch)
+        log.info("subscribed to %s on %s (prefetch %d)", cfg.subscription, cfg.stomp_hosts, cfg.prefetch)
 
     def _await_connected(self) -> None:
         # stomp.py's own wait (connect(wait=True)) never gives up on a broker that accepts the
@@ -259,7 +255,7 @@ class StompLink:
         return self._publisher
 
     def retry(self, d: Delivery) -> None:
-        """ActiveMQ: a delayed copy carrying the delivery count, then ACK; NACK if it cannot be sent."""
+        """A delayed copy carrying the delivery count, then ACK; NACK if it cannot be sent."""
         headers = {**d.headers, RETRIES: d.attempts, "AMQ_SCHEDULED_DELAY": retry_delay_ms(d.attempts)}
         copy = Outgoing(self.cfg.subscription, "", d.body, headers, d.message_id, d.content_type)
         try:
@@ -276,15 +272,25 @@ class StompLink:
         self.receipts.send(self.conn, destination, messages)
 
     def pump(self, timeout: float) -> None:
-        if self.cancelled:  # what arrives now stays unacked: the broker redelivers it after we disconnect
+        if self.paused:  # what arrives now stays unacked: the broker gives it back when we disconnect
             self.listener.lost.wait(timeout)
         else:
             self._receive(timeout)
         if self.listener.lost.is_set() or not self.conn.is_connected():
             why = "; ".join(self.listener.errors[-3:]) or "connection closed"
             raise BrokerUnavailable(f"STOMP connection lost: {why}")
-        if self._amqp is not None:
-            self._amqp.heartbeat_check()
+        self._service_publisher()
+
+    def _service_publisher(self) -> None:
+        """Read the idle AMQP publishing connection (the broker's heartbeats) and send ours; a connection that
+        is only written to is declared dead by py-amqp after two missed heartbeats. Lost: reopened when needed."""
+        if self._amqp is None:
+            return
+        try:
+            drain(self._amqp, 0.001)
+        except Exception as exc:  # the next publish reconnects
+            log.info("AMQP publishing connection lost (%s); reopened when next needed", exc)
+            self._drop_publisher()
 
     def _receive(self, timeout: float) -> None:
         try:
@@ -294,27 +300,29 @@ class StompLink:
         except queue.Empty:
             pass
 
-    def cancel(self) -> None:
+    def pause(self) -> None:
         # No UNSUBSCRIBE: acks for the batch in flight must stay valid on this subscription.
-        self.cancelled = True
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             if self.conn.is_connected():
                 self.conn.disconnect()
+        self._drop_publisher()
+
+    def _drop_publisher(self) -> None:
         if self._publisher is not None:
             with contextlib.suppress(Exception):
                 self._publisher.close()
         if self._amqp is not None:
             with contextlib.suppress(Exception):
                 self._amqp.release()
+        self._amqp = self._publisher = None
 
 
-def stomp_worker(cfg: Cleanup, broker: Broker, route: Route, process: Process, batching: Batching,
-                 metrics: Metrics | None = None) -> BatchWorker:
-    """A BatchWorker consuming the cleanup subscription over STOMP."""
-
-    def connect(generation: int, buffer: list[Delivery]) -> Link:
-        return StompLink(cfg, broker, generation, buffer)
-
-    return BatchWorker(connect, route, process, batching, metrics)
+def stomp_link(cfg: Cleanup, broker: Broker) -> Callable[[int, list[Delivery]], StompLink]:
+    """A worker's `connect`: (generation, buffer) → a link subscribed to the cleanup consumer queue (ActiveMQ)."""
+    return lambda generation, buffer: StompLink(cfg, broker, generation, buffer)

@@ -15,8 +15,9 @@ from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
+from injector.breaker import Breaker
 from injector.config import Rule
-from injector.errors import PermissionDenied, RucioRefused, RucioUnavailable
+from injector.errors import PermissionDenied, RucioDown, RucioRefused, RucioUnavailable
 from injector.gateway import Attachment, FileMeta, FileReplicas, NewReplica
 from injector.messages import Delivery, Outgoing
 
@@ -65,12 +66,23 @@ class FakeRucio:
         self.in_flight: set[tuple[str, str, str, str]] = set()  # (source, destination, scope, name)
         self.boosted: list[str] = []
         self._faults: dict[str, list[Exception]] = {}
+        self.down = False  # an outage: every call fails and the health probe too, until it is set back
+        self.breaker = Breaker(self._probe, first=0.01, cap=0.05)
+
+    def _probe(self) -> None:
+        if self.down:
+            raise ConnectionRefusedError("fake Rucio is down")
 
     def fail(self, op: str, exc: Exception, times: int = 1) -> None:
         self._faults.setdefault(op, []).extend([exc] * times)
 
     def _enter(self, op: str) -> None:
+        if self.breaker.open:  # as ClientGateway: fail fast while the breaker is open
+            raise RucioDown(f"Rucio unavailable: {self.breaker.reason}")
         self.calls[op] += 1
+        if self.down:
+            self.breaker.trip("fake Rucio is down")
+            raise RucioDown("Rucio unavailable: fake Rucio is down")
         queue = self._faults.get(op)
         if queue:
             raise queue.pop(0)
@@ -259,15 +271,19 @@ class MemorySession:
 
     acked: list[Delivery] = field(default_factory=list)
     requeued: list[Delivery] = field(default_factory=list)
+    handed_back: list[Delivery] = field(default_factory=list)
     published: list[Outgoing] = field(default_factory=list)
     dead_letters: list[Outgoing] = field(default_factory=list)
     refuse_publish: bool = False
 
-    def ack(self, d: Delivery) -> None:
-        self.acked.append(d)
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        self.acked.extend(deliveries)
 
-    def requeue(self, d: Delivery) -> None:
-        self.requeued.append(d)
+    def requeue(self, deliveries: Sequence[Delivery]) -> None:
+        self.requeued.extend(deliveries)
+
+    def hand_back(self, deliveries: Sequence[Delivery]) -> None:
+        self.handed_back.extend(deliveries)
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         from injector.errors import PublishFailed

@@ -1,16 +1,22 @@
-"""The batching consumer loop shared by every consumer, whatever the transport (AMQP or STOMP).
+"""The batching consumer loop shared by every consumer, whatever the transport (the link is given).
 
-A `Link` is one live broker connection with one subscription; the loop thread only pumps it
-(receive, heartbeat) and settles; each batch is processed on a
-worker thread so that slow Rucio calls never starve heartbeats. While a batch is in flight
-the next one fills up (bounded by the prefetch). On SIGTERM (stop event) the consumer is
-cancelled, the batches already received are finished and settled, then the loop returns.
+A `Link` is one live broker connection consuming one queue. The loop thread only pumps it (receive,
+heartbeats) and settles; each batch is processed on a worker thread so that slow Rucio calls never
+starve heartbeats. While a batch is in flight the next one fills up (bounded by the prefetch).
+
+Rucio outage (the process's breaker is open, injector.breaker): the batch in progress is HELD, unacked,
+and processed again once Rucio answers; intake is paused meanwhile, so no delivery budget is spent however
+long it lasts. Past `outage_hold` seconds (RabbitMQ would return unacked messages, counted, at its
+consumer_timeout) the held batch and the buffer are handed back without spending their budget and the
+link is closed until Rucio answers.
+
+Stop (SIGTERM): intake is paused at once, only the batch in progress is finished and settled, the
+deliveries received but not started are handed back without spending their budget, then the link closes.
 A lost connection drops unsettled deliveries (the broker redelivers them) and reconnects.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -19,34 +25,33 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import amqp
-import kombu
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
 
-from injector.config import Broker
-from injector.errors import BrokerUnavailable
+from injector.breaker import Breaker
+from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import Delivery
 from injector.metrics import Metrics
 from injector.settle import Outcome, Route, Session, settle
-from injector.transport import AmqpSession, Publisher, connection, drain, to_delivery
 
 log = logging.getLogger(__name__)
 
 Process = Callable[[list[Delivery]], Sequence[Outcome]]
 
-# What a lost connection looks like, whatever the transport: the loop reconnects.
-CONNECTION_LOST: tuple[type[BaseException], ...] = (
-    BrokerUnavailable, OSError, amqp.exceptions.ConnectionError, amqp.exceptions.RecoverableChannelError)
+# What a lost connection looks like, whatever the transport (links raise BrokerUnavailable): reconnect.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (BrokerUnavailable, OSError)
 
 
 class Link(Protocol):
-    """One broker connection consuming one queue; `pump` moves received deliveries into the
-    buffer given at connect time (waiting up to `timeout`) and raises when the connection is lost."""
+    """One broker connection consuming one queue. `pump` moves received deliveries into the buffer given at
+    connect time (waiting up to `timeout`) and raises BrokerUnavailable when the connection is lost; `pause`
+    stops intake (what was received stays valid to settle), `resume` restarts it."""
 
-    session: Session
+    @property
+    def session(self) -> Session: ...
 
     def pump(self, timeout: float) -> None: ...
-    def cancel(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -59,6 +64,7 @@ class Batching:
     window: float = 0.2
     prefetch: int = 2000
     retry_pause: float = 2.0  # after a batch with transient failures, wait before the next
+    outage_hold: float = 900.0  # seconds a batch is held unacked in a Rucio outage before it is handed back
 
 
 @dataclass
@@ -66,20 +72,35 @@ class Stats:
     batches: int = 0
     messages: int = 0
     reconnects: int = 0
+    handed_back: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+
+
+class _HandedBack(Exception):
+    """A long Rucio outage: everything was handed back; reconnect once Rucio answers."""
+
+
+@dataclass
+class _Inflight:
+    future: Future[Sequence[Outcome] | None]  # None: held through an outage past the hold (or stopped): hand back
+    batch: list[Delivery]
+    started: float
 
 
 class BatchWorker:
     def __init__(self, connect: Connect, route: Route, process: Process, batching: Batching,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, breaker: Breaker | None = None) -> None:
         self.connect = connect
         self.route = route
         self.process = process
         self.batching = batching
+        self.breaker = breaker
         self.metrics = metrics or Metrics(route.queue)
         self.stats = Stats()
         self._unsettled: list[list[Delivery]] = []
         self.metrics.track_oldest(self._oldest_age)
+        if breaker is not None:
+            self.metrics.track_breaker(breaker)
         self._generation = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
 
@@ -89,6 +110,9 @@ class BatchWorker:
             while not stop.is_set():
                 try:
                     self._session(stop)
+                except _HandedBack:
+                    assert self.breaker is not None
+                    self.breaker.wait(stop)
                 except CONNECTION_LOST as exc:
                     if stop.is_set():
                         break
@@ -109,8 +133,7 @@ class BatchWorker:
             log.info("consuming %s (batch %d/%.2fs)", self.route.queue, self.batching.size, self.batching.window)
             self._loop(link, buffer, stop)
         finally:
-            with contextlib.suppress(Exception):  # closing a dead connection may itself fail
-                link.close()
+            link.close()
 
     def _connect(self, stop: threading.Event, buffer: list[Delivery]) -> Link:
         """Connect and subscribe, retried with jittered exponential backoff until it works or `stop`."""
@@ -128,48 +151,101 @@ class BatchWorker:
         return retrying(self.connect, self._generation, buffer)
 
     def _loop(self, link: Link, buffer: list[Delivery], stop: threading.Event) -> None:
-        inflight: tuple[Future[Sequence[Outcome]], list[Delivery], float] | None = None
+        inflight: _Inflight | None = None
         resume_at = 0.0
-        cancelled = False
+        paused = False
         while True:
             self.metrics.heartbeat()
-            if stop.is_set() and not cancelled:
-                link.cancel()
-                cancelled = True
-            if inflight is not None and inflight[0].done():
-                retried = self._settle(link.session, *inflight)
+            if paused != (stop.is_set() or self._rucio_down()):  # no intake while stopping or Rucio is down
+                paused = not paused
+                (link.pause if paused else link.resume)()
+            if inflight is not None and inflight.future.done():
+                retried = self._finish(link.session, inflight, buffer, stop)
                 inflight = None
                 if retried:
                     resume_at = time.monotonic() + self.batching.retry_pause
-            if inflight is None and self._ready(buffer, cancelled, resume_at):
+            if inflight is None and stop.is_set():
+                self._hand_back(link.session, buffer, "stopping")
+                return
+            if inflight is None and self._rucio_down() and not stop.is_set():  # nobody is probing: probe
+                inflight = _Inflight(self._executor.submit(self._await_rucio, stop), [], time.monotonic())
+            if inflight is None and self._ready(buffer, resume_at):
                 batch = buffer[: self.batching.size]
                 del buffer[: len(batch)]
-                inflight = (self._executor.submit(self.process, batch), batch, time.monotonic())
+                inflight = _Inflight(self._executor.submit(self._job, batch, stop), batch, time.monotonic())
                 self._unsettled = [buffer, batch]
-            if cancelled and inflight is None and not buffer:
-                return
             link.pump(0.02 if inflight is not None or buffer else 1.0)
+
+    def _rucio_down(self) -> bool:
+        return self.breaker is not None and self.breaker.open
+
+    def _job(self, batch: list[Delivery], stop: threading.Event) -> Sequence[Outcome] | None:
+        """Runs on the batch thread: the batch's outcomes, processed again after an outage; None when it was held
+        past `outage_hold` or the consumer is stopping while Rucio is down (then it is handed back)."""
+        held_since: float | None = None
+        while True:
+            outcomes = self._outcomes(batch)
+            if not self._rucio_down():
+                return outcomes
+            assert self.breaker is not None
+            if held_since is None:
+                held_since = time.monotonic()
+                log.warning("Rucio is down: holding a batch of %d message(s) unacked until it answers (at most "
+                            "%.0f s, then they are handed back)", len(batch), self.batching.outage_hold)
+            if not self.breaker.wait(stop, deadline=held_since + self.batching.outage_hold):
+                return None
+
+    def _await_rucio(self, stop: threading.Event) -> Sequence[Outcome]:
+        assert self.breaker is not None
+        self.breaker.wait(stop)
+        return []
+
+    def _outcomes(self, batch: list[Delivery]) -> Sequence[Outcome]:
+        try:
+            outcomes = list(self.process(batch))
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"handler returned {len(outcomes)} outcomes for {len(batch)} messages")
+            return outcomes
+        except Exception as exc:  # a bug must not lose messages: requeue; the delivery limit catches poison
+            log.exception("batch of %d failed unexpectedly; requeueing", len(batch))
+            return [Outcome("retry", "handler-crashed", None, "handler-crashed", repr(exc))] * len(batch)
+
+    def _finish(self, session: Session, inflight: _Inflight, buffer: list[Delivery], stop: threading.Event) -> bool:
+        """Settle a finished batch (True when some of it is retried), or hand back a held one."""
+        outcomes = inflight.future.result()
+        if outcomes is not None:
+            return self._settle(session, outcomes, inflight.batch, inflight.started)
+        self._hand_back(session, inflight.batch, "Rucio still down" if not stop.is_set() else "stopping")
+        self._unsettled = self._unsettled[:1]
+        if not stop.is_set():  # held past outage_hold: give everything back and wait for Rucio disconnected
+            self._hand_back(session, buffer, "Rucio still down")
+            raise _HandedBack()
+        return False
+
+    def _hand_back(self, session: Session, deliveries: list[Delivery], why: str) -> None:
+        if deliveries:
+            log.info("%s: handing %d message(s) back to %s without spending their delivery budget", why,
+                     len(deliveries), self.route.queue)
+            try:
+                session.hand_back(list(deliveries))
+                self.stats.handed_back += len(deliveries)
+            except PublishFailed as exc:  # left unacked: the broker returns them when the link closes, counted once
+                log.warning("could not hand %d message(s) back (%s); the broker redelivers them", len(deliveries),
+                            exc)
+            deliveries.clear()
 
     def _oldest_age(self) -> float:
         oldest = [d.received_at for group in self._unsettled for d in group[:1]]
         return time.monotonic() - min(oldest) if oldest else 0.0
 
-    def _ready(self, buffer: list[Delivery], cancelled: bool, resume_at: float) -> bool:
-        if not buffer or (time.monotonic() < resume_at and not cancelled):
+    def _ready(self, buffer: list[Delivery], resume_at: float) -> bool:
+        if not buffer or time.monotonic() < resume_at:
             return False
         full = len(buffer) >= self.batching.size
         aged = time.monotonic() - buffer[0].received_at >= self.batching.window
-        return full or aged or cancelled
+        return full or aged
 
-    def _settle(self, session: Session, future: Future[Sequence[Outcome]], batch: list[Delivery],
-                started: float) -> bool:
-        try:
-            outcomes = list(future.result())
-            if len(outcomes) != len(batch):
-                raise RuntimeError(f"handler returned {len(outcomes)} outcomes for {len(batch)} messages")
-        except Exception as exc:  # a bug must not lose messages: requeue; the delivery limit catches poison
-            log.exception("batch of %d failed unexpectedly; requeueing", len(batch))
-            outcomes = [Outcome("retry", "handler-crashed", None, "handler-crashed", repr(exc))] * len(batch)
+    def _settle(self, session: Session, outcomes: Sequence[Outcome], batch: list[Delivery], started: float) -> bool:
         final = settle(session, list(zip(batch, outcomes, strict=True)), self.route)
         self.stats.batches += 1
         self.stats.messages += len(batch)
@@ -178,39 +254,3 @@ class BatchWorker:
         self._unsettled = self._unsettled[:1]
         self.metrics.observe_batch(final, time.monotonic() - started)
         return any(o.kind == "retry" for o in final)
-
-
-class AmqpLink:
-    """A kombu connection consuming one queue with a bounded prefetch."""
-
-    def __init__(self, broker: Broker, queue: str, prefetch: int, generation: int, buffer: list[Delivery]) -> None:
-        self.conn: kombu.Connection = connection(broker)
-        try:
-            self.channel: amqp.Channel = self.conn.channel()
-            self.channel.basic_qos(0, prefetch, False)
-            self.tag = self.channel.basic_consume(
-                queue, callback=lambda m: buffer.append(to_delivery(m, generation)))
-            self.session: Session = AmqpSession(self.channel, Publisher(self.conn), generation)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.conn.release()
-            raise
-
-    def pump(self, timeout: float) -> None:
-        drain(self.conn, timeout)
-
-    def cancel(self) -> None:
-        self.channel.basic_cancel(self.tag)
-
-    def close(self) -> None:
-        self.conn.release()
-
-
-def amqp_worker(broker: Broker, route: Route, process: Process, batching: Batching,
-                metrics: Metrics | None = None) -> BatchWorker:
-    """A BatchWorker consuming `route.queue` over AMQP."""
-
-    def connect(generation: int, buffer: list[Delivery]) -> Link:
-        return AmqpLink(broker, route.queue, batching.prefetch, generation, buffer)
-
-    return BatchWorker(connect, route, process, batching, metrics)

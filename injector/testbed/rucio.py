@@ -115,9 +115,30 @@ class RucioServer:
             raise TestbedError(f"rucio daemons {names} failed (exit {done.returncode}):\n{out[-4000:]}")
         return out
 
-    def stop(self) -> None:
+    def serve(self) -> None:
+        """Start the REST API (gunicorn) on this server's port and database; returns once it answers."""
+        port = int(self.url.rsplit(":", 1)[1])
+        workers = ["-w", "2", "--threads", "4"] if not self.database.startswith("/") else ["-w", "1", "--threads", "1"]
+        if self.database.startswith("/"):  # SQLite: DID metadata as on PostgreSQL (see _SQLITE_JSON_META)
+            conf = self.base_dir / "gunicorn.conf.py"
+            conf.write_text(_SQLITE_JSON_META)
+            workers += ["-c", str(conf)]
+        log = open(self.base_dir / "log" / "gunicorn.log", "ab")  # noqa: SIM115 - owned by the server process
+        self.process = subprocess.Popen(
+            [str(self.venv_python.parent / "gunicorn"), "--no-control-socket", "-b", f"127.0.0.1:{port}", *workers,
+             "--timeout", "120", "rucio.web.rest.flaskapi.v1.main:application"],
+            env={**os.environ, "RUCIO_CONFIG": str(self.server_config), "PYTHONPATH": ""}, stdout=log, stderr=log,
+            cwd=self.base_dir, start_new_session=True)
+        log.close()
+        _wait_until_up(self, self.base_dir / "log" / "gunicorn.log")
+
+    def halt(self) -> None:
+        """Stop the REST API only (a Rucio outage): the database and port stay; `serve()` starts it again."""
         stop_group(self.process, grace=15)
         self.process = None
+
+    def stop(self) -> None:
+        self.halt()
         if self.database.startswith("rucio_testbed_"):
             _server_python(self.venv_python, _DROP_DB.format(db=self.database), self.base_dir, check=False)
 
@@ -152,22 +173,11 @@ def start_server(base_dir: Path, *, venv_python: Path, database: str = "auto",
             _server_python(venv_python, _DROP_DB.format(db=db), base_dir, check=False)
         raise
     port = free_port()
-    workers = ["-w", "2", "--threads", "4"] if not db.startswith("/") else ["-w", "1", "--threads", "1"]
-    if db.startswith("/"):  # SQLite: DID metadata as on PostgreSQL (see _SQLITE_JSON_META)
-        conf = base_dir / "gunicorn.conf.py"
-        conf.write_text(_SQLITE_JSON_META)
-        workers += ["-c", str(conf)]
-    log = open(base_dir / "log" / "gunicorn.log", "ab")  # noqa: SIM115 - owned by the server process
-    proc = subprocess.Popen(
-        [str(venv_python.parent / "gunicorn"), "--no-control-socket", "-b", f"127.0.0.1:{port}", *workers,
-         "--timeout", "120", "rucio.web.rest.flaskapi.v1.main:application"],
-        env={**os.environ, "RUCIO_CONFIG": str(server_cfg), "PYTHONPATH": ""}, stdout=log, stderr=log,
-        cwd=base_dir, start_new_session=True)
     client_cfg = base_dir / "rucio-client.cfg"
     client_cfg.write_text(_CLIENT.format(url=f"http://127.0.0.1:{port}", base=base_dir, user=USERNAME,
                                          password=PASSWORD))
-    server = RucioServer(base_dir, f"http://127.0.0.1:{port}", server_cfg, client_cfg, venv_python, db, proc)
-    _wait_until_up(server, base_dir / "log" / "gunicorn.log")
+    server = RucioServer(base_dir, f"http://127.0.0.1:{port}", server_cfg, client_cfg, venv_python, db)
+    server.serve()
     return server
 
 

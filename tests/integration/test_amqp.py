@@ -107,7 +107,7 @@ def test_bad_event_is_dead_lettered_with_reason_headers_and_untouched_body(setti
     assert len(rucio.pfns) == 1
 
 
-def test_rucio_outage_longer_than_the_retries_ends_in_the_dead_letter_queue_with_its_reason(rucio):
+def test_a_failure_that_persists_while_rucio_is_healthy_is_dead_lettered_at_the_delivery_limit(rucio):
     s = unique_settings(STREAMS, broker={"delivery_limit": 3}, ingest={"batch_window": 0.05})
     with declared(s):
         rucio.fail("file_metadata", Unavailable("ServerConnectionException: refused"), times=100)

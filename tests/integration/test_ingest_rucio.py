@@ -192,26 +192,30 @@ def test_a_file_rucio_refuses_is_dead_lettered_without_delaying_its_neighbours(l
     assert len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 20
 
 
-def test_rucio_unreachable_is_retried_then_dead_lettered_as_rucio_unavailable(lab, tmp_path):
+def test_rucio_unreachable_from_the_start_holds_the_event_unacked_and_dead_letters_nothing(lab, tmp_path):
     from rucio.client import Client
 
-    s = settings_for(lab, broker={"delivery_limit": 2}, rucio={"retry_attempts": 2, "retry_max_wait": 0.2})
+    s = settings_for(lab, broker={"delivery_limit": 2}, rucio={"probe_first": 0.1, "probe_cap": 0.3})
     (event,) = files(lab, 1)
 
     def dead_client() -> Client:
         return Client(rucio_host="http://127.0.0.1:9", auth_host="http://127.0.0.1:9", account="root",
                       auth_type="userpass", creds={"username": "ddmlab", "password": "secret"}, timeout=2)
 
+    gateway = ClientGateway(s.rucio, factory=dead_client)
     with declared(s):
         with DaqPublisher(s.broker) as daq:
             daq.publish([event])
-        worker = ingest_worker(s, ClientGateway(s.rucio, factory=dead_client))
-        worker.batching.retry_pause = 0.1
+        worker = ingest_worker(s, gateway)
         with running(worker):
-            wait_for(lambda: dead_letters(s) == 1, timeout=60, what="dead letter")
-        (dead,) = get_all(s, topology.dead_letter_queue(s.ingest.queue))
-    h = dead.properties["application_headers"]
-    assert h[deadletter.REASON] == "rucio-unavailable" and h[deadletter.ATTEMPTS] == 2
+            wait_for(lambda: gateway.breaker.open, timeout=60, what="breaker open")
+            time.sleep(3)  # dozens of probes, each would have been a delivery before
+            assert worker.stats.messages == 0 and gateway.breaker.probes > 3
+            assert worker.metrics.ready()[0] is False and "Cannot connect" in worker.metrics.rucio()
+            assert dead_letters(s) == 0
+        (held,) = get_all(s, s.ingest.queue)  # handed back at the stop, its budget untouched
+    assert held.body == encode(event)
+    assert not (held.properties["application_headers"] or {}).get("injector-retries")
 
 
 def dead_letters(s: Settings) -> int:

@@ -1,6 +1,7 @@
-"""The STOMP consumer loop on both brokers, without Rucio: ack after effect, retry → redelivery →
-our own dead letter at the delivery limit (counted across competing consumers), reconnect + resubscribe
-after the network or the broker drops us, SIGTERM finishing the batch in flight."""
+"""The cleanup consumer's link on every broker, without Rucio (RabbitMQ and the embedded broker: its queue over
+AMQP; ActiveMQ: its virtual-topic queue over STOMP), fed by hermes-style STOMP frames: ack after effect, retry →
+redelivery → our own dead letter at the delivery limit (counted across competing consumers), reconnect +
+resubscribe after the network or the broker drops us, SIGTERM finishing the batch in flight."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import Any
 import pytest
 import stomp
 
+from consumers.services import cleanup_link
 from injector.messages import Delivery
 from injector.settle import Outcome, Route
-from injector.stomp import stomp_worker
 from injector.worker import Batching, BatchWorker
 from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, running, unique_settings, wait_for
@@ -63,7 +64,29 @@ class Recorder:
 def worker_for(s: Any, process: Recorder) -> BatchWorker:
     c = s.cleanup
     route = Route(c.consumer_queue, s.broker.dead_letter_exchange, s.broker.delivery_limit)
-    return stomp_worker(c, s.broker, route, process, Batching(10, 0.05, 50, retry_pause=0.05))
+    c = c.model_copy(update={"prefetch": min(c.prefetch, 50)})
+    return BatchWorker(cleanup_link(s.model_copy(update={"cleanup": c})), route, process,
+                       Batching(10, 0.05, c.prefetch, retry_pause=0.05))
+
+
+def through(s: Any, proxy: Proxy) -> Any:
+    """The same settings with the consumer's broker connection through `proxy`."""
+    if s.cleanup.flavour == "activemq":
+        hosts = [f"127.0.0.1:{proxy.port}"]
+        return s.model_copy(update={"cleanup": s.cleanup.model_copy(update={"stomp_hosts": hosts})})
+    url = s.broker.urls[0].replace(f":{proxy.upstream[1]}/", f":{proxy.port}/")
+    return s.model_copy(update={"broker": s.broker.model_copy(update={"urls": [url]})})
+
+
+def upstream(s: Any) -> tuple[str, int]:
+    """Where the consumer's broker connection goes (STOMP on ActiveMQ, AMQP otherwise)."""
+    if s.cleanup.flavour == "activemq":
+        host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
+        return host, int(port)
+    from urllib.parse import urlparse
+
+    u = urlparse(s.broker.urls[0])
+    return u.hostname or "127.0.0.1", u.port or 5672
 
 
 def send(s: Any, *bodies: str) -> None:
@@ -94,12 +117,9 @@ def test_ack_after_effect_and_retry_then_our_dead_letter_at_the_limit(broker):
 def test_reconnects_and_resubscribes_after_the_broker_drops_the_connection(broker):
     flavour, amq = broker
     s = settings_for(flavour, amq)
-    host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
-    proxy = Proxy((host, int(port)))
-    proxied = s.cleanup.model_copy(update={"stomp_hosts": [f"127.0.0.1:{proxy.port}"]})
-    via_proxy = s.model_copy(update={"cleanup": proxied})
+    proxy = Proxy(upstream(s))
     rec = Recorder()
-    w = worker_for(via_proxy, rec)
+    w = worker_for(through(s, proxy), rec)
     with declared(s), running(w):
         wait_for(lambda: w.metrics.health()[0], timeout=20, what="subscribed")
         send(s, "before")
@@ -178,11 +198,9 @@ def test_stop_finishes_the_batch_in_flight_and_loses_nothing(broker):
 def test_acks_follow_the_effect_so_a_batch_whose_connection_died_is_delivered_again(broker):
     flavour, amq = broker
     s = settings_for(flavour, amq)
-    host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
-    proxy = Proxy((host, int(port)))
+    proxy = Proxy(upstream(s))
     rec = Slow(1.0)
-    w = worker_for(s.model_copy(update={"cleanup": s.cleanup.model_copy(
-        update={"stomp_hosts": [f"127.0.0.1:{proxy.port}"]})}), rec)
+    w = worker_for(through(s, proxy), rec)
     with declared(s), running(w):
         wait_for(lambda: w.metrics.health()[0], timeout=20, what="subscribed")
         send(s, "x")
