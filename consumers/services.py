@@ -9,10 +9,11 @@ from typing import TypeVar
 
 from consumers.cleanup import TransferFailures, cleanup
 from consumers.ingest import DatasetMemo, ingest
+from injector import preflight
 from injector.config import Settings
-from injector.errors import ConfigError, InvalidEvent
+from injector.errors import ConfigError, InvalidEvent, RucioUnavailable
 from injector.events import decode_file_closed, decode_rucio_event
-from injector.gateway import ClientGateway, RucioGateway
+from injector.gateway import ClientGateway, RucioGateway, RucioPreflight
 from injector.messages import Delivery
 from injector.metrics import Metrics, serve
 from injector.settle import Outcome, Route
@@ -21,6 +22,7 @@ from injector.worker import Batching, BatchWorker, amqp_worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STARTUP_PAUSE = 10.0  # seconds between start-up checks while Rucio does not answer
 
 
 def decode_each(deliveries: Sequence[Delivery], decode: Callable[[bytes], T]) -> list[T | InvalidEvent]:
@@ -67,14 +69,30 @@ def run_cleanup(settings: Settings, stop: threading.Event, metrics_port: int | N
     worker = cleanup_worker(settings)
     _serve_metrics(worker.metrics, settings.metrics.host,
                    settings.metrics.cleanup_port if metrics_port is None else metrics_port)
-    worker.run(stop)
+    if checked(settings, "cleanup", stop):
+        worker.run(stop)
 
 
 def run_ingest(settings: Settings, stop: threading.Event, metrics_port: int | None = None) -> None:
     worker = ingest_worker(settings)
     _serve_metrics(worker.metrics, settings.metrics.host,
                    settings.metrics.ingest_port if metrics_port is None else metrics_port)
-    worker.run(stop)
+    if checked(settings, "ingest", stop):
+        worker.run(stop)
+
+
+def checked(settings: Settings, verb: preflight.Verb, stop: threading.Event, rucio: RucioPreflight | None = None,
+            pause: float = STARTUP_PAUSE) -> bool:
+    """The start-up checks (ConfigError naming each problem); a Rucio outage is waited out. False: stopped."""
+    gateway = rucio if rucio is not None else ClientGateway(settings.rucio)
+    while not stop.is_set():
+        try:
+            preflight.enforce(preflight.check(settings, gateway, verb), verb)
+            return True
+        except RucioUnavailable as exc:
+            log.warning("%s start-up check: Rucio does not answer (%s); asking again in %.0f s", verb, exc, pause)
+            stop.wait(pause)
+    return False
 
 
 def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:
