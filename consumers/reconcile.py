@@ -174,12 +174,11 @@ def _announce(stream: Stream, settings: Settings, files: list[FileState], rucio:
 def _attach(stream: Stream, unattached: dict[str, list[FileState]], rucio: RucioInspector,
             options: Options) -> list[Finding]:
     out: list[Finding] = []
-    dids = [(ds.partition(":")[0], ds.partition(":")[2]) for ds in unattached]
-    is_open = rucio.datasets_open(dids) if dids else {}
+    dids = {ds: (ds.partition(":")[0], ds.partition(":")[2]) for ds in unattached}
+    is_open = rucio.datasets_open(list(dids.values())) if dids else {}
     for dataset, files in unattached.items():
-        did = (dataset.partition(":")[0], dataset.partition(":")[2])
-        if not is_open.get(did, True):  # an orphan: its dataset is closed
-            out += orphan_findings(stream, did, files, rucio, options.fix, options.dry_run)
+        if not is_open.get(dids[dataset], True):  # orphans: their dataset is closed
+            out += orphan_findings(stream, dids[dataset], files, rucio, options.fix, options.dry_run)
             continue
         if not options.fix or options.dry_run:
             out += [Finding(stream.name, "not-attached", f.label, f"registered but not attached to {dataset}",
