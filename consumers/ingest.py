@@ -1,6 +1,11 @@
 """Ingest: register closed files in place at their stream's source RSE, attach them to their
 dataset and make sure the dataset carries the stream's rules — in bulk, idempotently.
 
+A closed dataset refuses attachments, while `add_replicas` before it would succeed and leave an orphan (a
+replica in no dataset, under no rule). So every batch first reads whether its datasets are open (one bulk
+call), and a file whose dataset is closed is not registered: it is dead-lettered `dataset-closed`, or with the
+stream's `on_closed_dataset = "next"` goes to the next open dataset (`consumers.closed_datasets`).
+
 `ingest(events, rucio, settings)` is a plain function returning one Outcome per event, in order.
 It never acks; `consumers.ingest_worker` (the run loop) settles the outcomes.
 """
@@ -10,11 +15,12 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from consumers.closed_datasets import next_open
 from injector import marks
 from injector.config import Settings, Stream
-from injector.errors import ChecksumConflict, Permanent, Transient
+from injector.errors import ChecksumConflict, DatasetClosed, Permanent, Transient
 from injector.events import FileClosed
 from injector.gateway import Attachment, NewReplica, RucioGateway, chunks, isolate
 from injector.settle import Outcome
@@ -35,6 +41,8 @@ class _File:
     event: FileClosed
     indexes: list[int] = field(default_factory=list)
     existed: bool = False
+    settled: bool = False  # already attached to its closed dataset: nothing left to do
+    rolled: bool = False  # its dataset was closed: it goes to the next open one
     error: Permanent | Transient | None = None
 
     @property
@@ -73,9 +81,11 @@ def ingest(events: Sequence[FileClosed | Permanent], rucio: RucioGateway, settin
             outcomes[i] = Outcome.failed(exc)
     live = list(files.values())
     _check_against_rucio(live, rucio)
+    _closed_datasets(live, rucio)
     _register(live, rucio)
     _ensure_datasets(live, rucio, memo if memo is not None else DatasetMemo())
     _attach(live, rucio)
+    _remark(live, rucio)
     for f in live:
         for i in f.indexes:
             outcomes[i] = Outcome.failed(f.error, f.placement.did) if f.error else Outcome.done(
@@ -102,7 +112,47 @@ def _content(ev: FileClosed) -> str:
 
 
 def _ok(files: Sequence[_File]) -> list[_File]:
-    return [f for f in files if f.error is None]
+    return [f for f in files if f.error is None and not f.settled]
+
+
+def _closed_datasets(files: Sequence[_File], rucio: RucioGateway) -> None:
+    """Read, once per batch (ops may close a dataset at any time), whether the datasets are open; route the
+    files of a closed one before anything is registered."""
+    groups: dict[Did, list[_File]] = defaultdict(list)
+    for f in _ok(files):
+        groups[(f.placement.scope, f.placement.dataset)].append(f)
+    try:
+        is_open = rucio.datasets_open(list(groups))
+    except (Permanent, Transient) as exc:
+        _fail(_ok(files), exc)
+        return
+    for (scope, dataset), group in groups.items():
+        if not is_open.get((scope, dataset), True):  # absent: ingest creates it
+            try:
+                _closed(scope, dataset, group, rucio)
+            except (Permanent, Transient) as exc:
+                _fail(group, exc)
+
+
+def _closed(scope: str, dataset: str, group: list[_File], rucio: RucioGateway) -> None:
+    """A redelivered file already attached (to the dataset, or along its chain of closed successors) is done;
+    the others roll on to the next open dataset, or are dead-lettered without being registered."""
+    stream = group[0].placement.stream
+    chain, target = next_open(rucio, scope, dataset) if stream.on_closed_dataset == "next" else ([dataset], None)
+    if any(f.existed for f in group):
+        attached = set().union(*(rucio.content(scope, name) for name in chain))
+        for f in group:
+            f.settled = f.existed and f.key in attached
+    for f in group:
+        if f.settled:
+            continue
+        if target is not None:
+            f.placement, f.rolled = replace(f.placement, dataset=target), True
+        else:
+            f.error = DatasetClosed(
+                f"{f.placement.did}: dataset {scope}:{dataset} is closed, so the file was not registered "
+                f"(stream {stream.name!r}, on_closed_dataset = \"dead-letter\"). Reopen the dataset and replay, or "
+                f"set on_closed_dataset = \"next\" and replay", event_id=str(f.event.event_id))
 
 
 def _check_against_rucio(files: Sequence[_File], rucio: RucioGateway, *, after_add: bool = False) -> None:
@@ -185,7 +235,43 @@ def _attach(files: Sequence[_File], rucio: RucioGateway) -> None:
     work = [(ds, part) for ds, group in by_dataset.items() for part in chunks(group, BULK)]
     # One call for every dataset of the batch while that stays within the bulk limit.
     for batch in _pack(work):
-        _bisect([f for _, part in batch for f in part], lambda fs: rucio.attach(_attachments(fs)))
+        fs = [f for _, part in batch for f in part]
+        try:
+            rucio.attach(_attachments(fs))
+            continue
+        except Transient as exc:
+            _fail(fs, exc)
+            continue
+        except Permanent:
+            _closed_meanwhile(fs, rucio)
+        _bisect([f for f in fs if f.error is None], lambda part: rucio.attach(_attachments(part)))
+
+
+def _closed_meanwhile(files: Sequence[_File], rucio: RucioGateway) -> None:
+    """Attaching was refused: a dataset closed since this batch checked it leaves its files registered but
+    unattached (orphans). Say so, naming file and dataset; the reconciler names them too."""
+    try:
+        is_open = rucio.datasets_open(list({(f.placement.scope, f.placement.dataset) for f in files}))
+    except (Permanent, Transient):
+        return  # bisection names whatever Rucio refuses
+    for f in files:
+        p = f.placement
+        if not is_open.get((p.scope, p.dataset), True):
+            f.error = DatasetClosed(
+                f"{p.did} is registered at {p.stream.source_rse}, but dataset {p.scope}:{p.dataset} was closed before "
+                f"it could be attached: an orphan (no rule archives it); `rucio-injector reconcile` names it",
+                event_id=str(f.event.event_id))
+
+
+def _remark(files: Sequence[_File], rucio: RucioGateway) -> None:
+    """A file registered earlier (its mark names the closed dataset) that rolled on: record where it went."""
+    moved = [f for f in _ok(files) if f.rolled and f.existed]
+    if not moved:
+        return
+    try:
+        rucio.mark([(*f.key, {marks.DATASET: f"{f.placement.scope}:{f.placement.dataset}"}) for f in moved])
+    except (Permanent, Transient) as exc:
+        _fail(moved, exc)
 
 
 def _pack(work: list[tuple[Did, Sequence[_File]]]) -> list[list[tuple[Did, Sequence[_File]]]]:

@@ -35,8 +35,21 @@ def stream_pattern(stream: Stream) -> str:
 
 
 def dataset_pattern(stream: Stream) -> str:
-    """The dataset template with every field as a wildcard: LST1_{night}_raw → LST1_*_raw."""
-    return re.sub(r"\{[^}]*\}", "*", stream.dataset)
+    """The dataset template with every field as a wildcard, and a trailing one for the successors of closed
+    datasets (`consumers.closed_datasets`): LST1_{night}_raw → LST1_*_raw*."""
+    return re.sub(r"\{[^}]*\}", "*", stream.dataset) + "*"
+
+
+def dataset_regex(stream: Stream) -> re.Pattern[str]:
+    """The names the stream's datasets can have: the template's, optionally followed by .2, .3, ..."""
+    parts = re.split(r"\{[^}]*\}", stream.dataset)
+    return re.compile(".+".join(re.escape(p) for p in parts) + r"(\.[0-9]+)?")
+
+
+def datasets_of(stream: Stream, rucio: RucioInspector) -> list[str]:
+    """The stream's datasets in Rucio, successors of closed ones included."""
+    regex = dataset_regex(stream)
+    return [n for n in rucio.list_datasets(stream.scope, dataset_pattern(stream)) if regex.fullmatch(n)]
 
 
 def files_of(stream: Stream, rucio: RucioInspector, unfinished: bool = False) -> Iterator[FileState]:

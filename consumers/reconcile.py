@@ -31,8 +31,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from consumers.cleanup import archive_times, archived_event, archived_message, missing_destinations, release_replicas
+from consumers.closed_datasets import orphan_findings
 from consumers.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span
-from consumers.inventory import FileState, dataset_pattern, files_of, selected
+from consumers.inventory import FileState, datasets_of, files_of, selected
 from injector import marks
 from injector.config import Settings, Stream
 from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed
@@ -173,7 +174,12 @@ def _announce(stream: Stream, settings: Settings, files: list[FileState], rucio:
 def _attach(stream: Stream, unattached: dict[str, list[FileState]], rucio: RucioInspector,
             options: Options) -> list[Finding]:
     out: list[Finding] = []
+    dids = {ds: (ds.partition(":")[0], ds.partition(":")[2]) for ds in unattached}
+    is_open = rucio.datasets_open(list(dids.values())) if dids else {}
     for dataset, files in unattached.items():
+        if not is_open.get(dids[dataset], True):  # orphans: their dataset is closed
+            out += orphan_findings(stream, dids[dataset], files, rucio, options.fix, options.dry_run)
+            continue
         if not options.fix or options.dry_run:
             out += [Finding(stream.name, "not-attached", f.label, f"registered but not attached to {dataset}",
                             "would" if options.fix else "report", f"attach it to {dataset}") for f in files]
@@ -221,7 +227,7 @@ def _undeleted(stream: Stream, files: list[FileState], rucio: RucioInspector, op
 
 def _rules(stream: Stream, rucio: RucioInspector, options: Options, now: datetime) -> list[Finding]:
     out = []
-    for dataset in rucio.list_datasets(stream.scope, dataset_pattern(stream)):
+    for dataset in datasets_of(stream, rucio):
         label = f"{stream.scope}:{dataset}"
         rules = rucio.rules_of(stream.scope, dataset)
         have = {(r["rse_expression"], int(r["copies"])) for r in rules}

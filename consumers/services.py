@@ -9,10 +9,11 @@ from typing import TypeVar
 
 from consumers.cleanup import TransferFailures, cleanup
 from consumers.ingest import DatasetMemo, ingest
+from injector import preflight
 from injector.config import Settings
-from injector.errors import ConfigError, InvalidEvent
+from injector.errors import ConfigError, InvalidEvent, RucioDown, Transient
 from injector.events import decode_file_closed, decode_rucio_event
-from injector.gateway import ClientGateway, RucioGateway
+from injector.gateway import ClientGateway, RucioGateway, RucioPreflight
 from injector.messages import Delivery
 from injector.metrics import Metrics, serve
 from injector.settle import Outcome, Route
@@ -20,6 +21,7 @@ from injector.worker import Batching, BatchWorker, Connect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STARTUP_PAUSE = 10.0  # seconds between start-up checks while Rucio does not answer
 
 
 def decode_each(deliveries: Sequence[Delivery], decode: Callable[[bytes], T]) -> list[T | InvalidEvent]:
@@ -33,9 +35,10 @@ def decode_each(deliveries: Sequence[Delivery], decode: Callable[[bytes], T]) ->
     return out
 
 
-def ingest_worker(settings: Settings, rucio: RucioGateway | None = None) -> BatchWorker:
+def ingest_worker(settings: Settings, rucio: RucioGateway | None = None, metrics: Metrics | None = None
+                  ) -> BatchWorker:
     """The ingest consumer: file-closed events from the ingest queue, in batches, into Rucio."""
-    metrics = Metrics("ingest")
+    metrics = metrics or Metrics("ingest")
     gateway = rucio if rucio is not None else ClientGateway(settings.rucio, observe=metrics.observe_rucio)
     memo = DatasetMemo()
 
@@ -48,9 +51,10 @@ def ingest_worker(settings: Settings, rucio: RucioGateway | None = None) -> Batc
     return BatchWorker(_amqp(settings, i.queue, i.prefetch), route, process, batching, metrics, gateway.breaker)
 
 
-def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None) -> BatchWorker:
+def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None, metrics: Metrics | None = None
+                   ) -> BatchWorker:
     """The cleanup consumer: Rucio's events (hermes, over STOMP) → verified source release → file-archived."""
-    metrics = Metrics("cleanup")
+    metrics = metrics or Metrics("cleanup")
     gateway = rucio if rucio is not None else ClientGateway(settings.rucio, observe=metrics.observe_rucio)
     failures = TransferFailures()
     c = settings.cleanup
@@ -81,17 +85,42 @@ def _amqp(settings: Settings, queue: str, prefetch: int) -> Connect:
 
 
 def run_cleanup(settings: Settings, stop: threading.Event, metrics_port: int | None = None) -> None:
-    worker = cleanup_worker(settings)
-    _serve_metrics(worker.metrics, settings.metrics.host,
-                   settings.metrics.cleanup_port if metrics_port is None else metrics_port)
-    worker.run(stop)
+    _run(settings, "cleanup", cleanup_worker, settings.metrics.cleanup_port if metrics_port is None else metrics_port,
+         stop)
 
 
 def run_ingest(settings: Settings, stop: threading.Event, metrics_port: int | None = None) -> None:
-    worker = ingest_worker(settings)
-    _serve_metrics(worker.metrics, settings.metrics.host,
-                   settings.metrics.ingest_port if metrics_port is None else metrics_port)
-    worker.run(stop)
+    _run(settings, "ingest", ingest_worker, settings.metrics.ingest_port if metrics_port is None else metrics_port,
+         stop)
+
+
+def _run(settings: Settings, verb: preflight.Verb,
+         build: Callable[[Settings, RucioGateway | None, Metrics | None], BatchWorker], port: int,
+         stop: threading.Event) -> None:
+    """Serve metrics, check the streams against Rucio (waiting out an outage), then consume until `stop`."""
+    metrics = Metrics(verb)
+    gateway = ClientGateway(settings.rucio, observe=metrics.observe_rucio)
+    worker = build(settings, gateway, metrics)
+    _serve_metrics(metrics, settings.metrics.host, port)
+    if checked(settings, verb, stop, gateway):
+        worker.run(stop)
+
+
+def checked(settings: Settings, verb: preflight.Verb, stop: threading.Event, rucio: RucioPreflight,
+            pause: float = STARTUP_PAUSE) -> bool:
+    """The start-up checks (ConfigError naming each problem). A Rucio outage is waited out through the breaker
+    (probing with backoff), a read Rucio fails for now is asked again after `pause`. False: stopped meanwhile."""
+    while not stop.is_set():
+        try:
+            preflight.enforce(preflight.check(settings, rucio, verb), verb)
+            return True
+        except RucioDown:
+            log.warning("%s start-up check: Rucio does not answer; waiting for it", verb)
+            rucio.breaker.wait(stop)
+        except Transient as exc:
+            log.warning("%s start-up check: %s; asking again in %.0f s", verb, exc, pause)
+            stop.wait(pause)
+    return False
 
 
 def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:

@@ -7,16 +7,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from consumers.cleanup import missing_destinations
-from consumers.inventory import dataset_pattern, files_of, selected
+from consumers.closed_datasets import Orphans
+from consumers.inventory import datasets_of, files_of, selected
 from injector import marks, topology
 from injector.config import Settings, Stream
 from injector.gateway import FileReplicas, RucioInspector
 
 Did = tuple[str, str]
 # Every file is `registered` and in exactly one of the stages after it; `stuck` counts the replicating ones
-# whose lock is STUCK; `dead-lettered` counts file-closed events in the ingest dead-letter queue.
+# whose lock is STUCK; `dead-lettered` counts file-closed events in the ingest dead-letter queue. An `orphaned`
+# file (registered, never attached: its dataset is closed) counts there only, not as a file of the dataset.
 STAGES = ("registered", "replicating", "replicated", "released", "archived", "source-lost", "stuck",
-          "dead-lettered")
+          "dead-lettered", "orphaned")
 
 
 def file_stage(stream: Stream, reps: FileReplicas, file_marks: dict[str, Any], rucio: RucioInspector) -> str:
@@ -32,7 +34,7 @@ def file_stage(stream: Stream, reps: FileReplicas, file_marks: dict[str, Any], r
 def stuck_files(stream: Stream, rucio: RucioInspector) -> set[Did]:
     """Files holding a STUCK lock of a rule on one of the stream's datasets."""
     out: set[Did] = set()
-    for dataset in rucio.list_datasets(stream.scope, dataset_pattern(stream)):
+    for dataset in datasets_of(stream, rucio):
         for rule in rucio.rules_of(stream.scope, dataset):
             if int(rule.get("locks_stuck_cnt") or 0) or rule.get("state") == "STUCK":
                 out |= {(str(lk["scope"]), str(lk["name"])) for lk in rucio.rule_locks(str(rule["id"]))
@@ -48,9 +50,13 @@ def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = 
     for stream in selected(settings, streams):
         stuck = stuck_files(stream, rucio)
         per: dict[str, Counter[str]] = defaultdict(Counter)
+        orphans = Orphans(rucio)
         for f in files_of(stream, rucio):
             dataset = str(f.marks.get(marks.DATASET) or "(no dataset recorded)")
             if night and night not in dataset:
+                continue
+            if orphans.is_orphan(f):
+                per[dataset]["orphaned"] += 1
                 continue
             stage = file_stage(stream, f.replicas, f.marks, rucio)
             per[dataset]["registered"] += 1

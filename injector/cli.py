@@ -128,6 +128,24 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """`config check`: 0 fine (warnings allowed), 1 a problem Rucio would refuse; an unreadable file, or Rucio not
+    answering, exits 2 through main()."""
+    settings = _settings(args)
+    print(f"ok      config: {len(settings.streams)} stream(s) valid")
+    if not args.rucio:
+        return 0
+    from injector import preflight
+    from injector.gateway import ClientGateway
+
+    problems = preflight.check(settings, ClientGateway(settings.rucio))
+    for p in problems:
+        print(p.line())
+    errors = sum(p.severity == "error" for p in problems)
+    print(f"rucio: {errors} error(s), {len(problems) - errors} warning(s) in {len(settings.streams)} stream(s)")
+    return 1 if errors else 0
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     from injector import dlq_cli
 
@@ -205,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="setup: declare exchanges/queues/bindings (idempotent); definitions: print them "
                           "as RabbitMQ definitions JSON")
     brk.set_defaults(func=cmd_broker)
+
+    cfg = sub.add_parser("config", help="check the config file (and, with --rucio, every stream against Rucio)")
+    cfg.add_argument("action", choices=["check"])
+    cfg.add_argument("--rucio", action="store_true",
+                     help="also check each stream against Rucio: RSEs, protocol, scope, rules, account rights")
+    cfg.set_defaults(func=cmd_config)
 
     dem = sub.add_parser("demo", help="run the whole pipeline on a throw-away Rucio server (no config needed)")
     dem.add_argument("--files", type=int, default=25, help="files per instrument (MAGIC and LST1)")

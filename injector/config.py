@@ -59,6 +59,8 @@ class Stream(_Section):
     release_source: bool = True
     failure_limit: Annotated[int, Field(ge=1)] = 3
     path_fields: str | None = None  # watch: regex, groups night/run/datatype, searched in the path below the root
+    # A closed dataset: dead-letter its files (`dataset-closed`), or roll on to <dataset>.2, <dataset>.3, ...
+    on_closed_dataset: Literal["dead-letter", "next"] = "dead-letter"
 
     @field_validator("path_fields")
     @classmethod

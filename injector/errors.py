@@ -58,6 +58,12 @@ class PermissionDenied(Permanent):
     reason = "permission-denied"
 
 
+class DatasetClosed(Permanent):
+    """The file's dataset is closed (ops closed it): it cannot be attached, so it is not registered either."""
+
+    reason = "dataset-closed"
+
+
 class Transient(InjectorError):
     """A passing fault (Rucio 5xx, connection loss, timeout): retry later."""
 

@@ -141,6 +141,14 @@ class RucioGateway(Protocol):
         """Set the project's own DID metadata: (scope, name, {key: value})."""
         ...
 
+    def content(self, scope: str, dataset: str) -> set[tuple[str, str]]:
+        """The files attached to a dataset (empty while it does not exist)."""
+        ...
+
+    def datasets_open(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+        """Whether each dataset that exists is open (a closed dataset refuses attachments); one bulk call."""
+        ...
+
 
 class RucioInspector(RucioGateway, Protocol):
     """What the reconciler and `status` also need: reading Rucio's state (and boosting a rule)."""
@@ -150,10 +158,6 @@ class RucioInspector(RucioGateway, Protocol):
         ...
 
     def list_datasets(self, scope: str, pattern: str) -> list[str]:
-        ...
-
-    def content(self, scope: str, dataset: str) -> set[tuple[str, str]]:
-        """The files attached to a dataset (empty while it does not exist)."""
         ...
 
     def rules_of(self, scope: str, name: str) -> list[dict[str, Any]]:
@@ -178,6 +182,26 @@ class RucioInspector(RucioGateway, Protocol):
 
     def boost_rule(self, rule_id: str) -> None:
         """Ask the judge to retry a rule's stuck locks now."""
+        ...
+
+
+class RucioPreflight(Protocol):
+    """What the start-up checks (`injector.preflight`) read: RSEs, scopes and the account's rights."""
+
+    breaker: Breaker
+
+    def rses(self, expression: str) -> frozenset[str]:
+        ...
+
+    def find_rse(self, rse: str) -> dict[str, Any] | None:
+        """An RSE's settings (deterministic, availability_write, ...) with `attributes` and `protocols`;
+        None when no such RSE exists."""
+        ...
+
+    def scope_names(self) -> frozenset[str]:
+        ...
+
+    def account_info(self) -> AccountInfo:
         ...
 
 
@@ -437,6 +461,50 @@ class ClientGateway:
         """Ask the judge to retry a rule's stuck locks now (Rucio's `boost_rule`)."""
         self._call("update_replication_rule", self.client.update_replication_rule, rule_id, {"boost_rule": True})
 
+    # Closed datasets (ingest, reconcile, status) and the start-up checks (injector.preflight).
+
+    def datasets_open(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+        if not dids:
+            return {}
+        request = [{"scope": s, "name": n} for s, n in dids]
+
+        def fetch() -> list[dict[str, Any]]:
+            try:
+                return list(self.client.get_metadata_bulk(request))
+            except Exception as exc:  # none of them exists
+                if type(exc).__name__ == "DataIdentifierNotFound":
+                    return []
+                raise
+
+        return {(r["scope"], r["name"]): bool(r.get("is_open", True)) for r in self._call("get_metadata_bulk", fetch)}
+
+    def find_rse(self, rse: str) -> dict[str, Any] | None:
+        def exists() -> bool:
+            try:
+                self.client.get_rse(rse)
+            except Exception as exc:
+                if type(exc).__name__ == "RSENotFound":
+                    return False
+                raise
+            return True
+
+        return self.rse_info(rse) if self._call("get_rse", exists) else None
+
+    def scope_names(self) -> frozenset[str]:
+        return frozenset(self._call("list_scopes", lambda: list(self.client.list_scopes())))
+
+    def account_info(self) -> AccountInfo:
+        name = str(self._call("whoami", self.client.whoami)["account"])
+        rows = self._call("list_account_attributes", lambda: list(self.client.list_account_attributes(name)))
+        # rucio-clients 41 yields one list holding every attribute; older ones yield the attributes.
+        flat = [a for row in rows for a in (row if isinstance(row, list) else [row])]
+        admin = name == "root" or any(a.get("key") == "admin" and str(a.get("value")).lower() == "true" for a in flat)
+        owned = self._call("list_scopes_for_account", lambda: list(self.client.list_scopes_for_account(name)))
+        limits = self._call("get_local_account_limits", self.client.get_local_account_limits, name)
+        usage = self._call("get_local_account_usage", lambda: list(self.client.get_local_account_usage(name)))
+        return AccountInfo(name, admin, frozenset(owned), {str(k): float(v) for k, v in limits.items()},
+                           {str(u["rse"]): int(u.get("bytes") or 0) for u in usage})
+
 
 def _replica_dict(r: NewReplica) -> dict[str, Any]:
     d: dict[str, Any] = {"scope": r.scope, "name": r.name, "bytes": r.bytes, "adler32": r.adler32, "pfn": r.pfn}
@@ -474,3 +542,14 @@ def isolate(items: Sequence[T], call: Callable[[Sequence[T]], None]) -> list[tup
 def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    """The Rucio account ingest runs as, as far as the start-up checks need it."""
+
+    name: str
+    admin: bool  # root, or the account attribute admin=True: Rucio skips quota and most permission checks
+    scopes: frozenset[str]  # the scopes it owns
+    limits: dict[str, float]  # RSE → local account limit in bytes (inf: unlimited)
+    usage: dict[str, int]  # RSE → bytes the account's rules use there

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urlparse
 
 from injector.breaker import Breaker
 from injector.config import Rule
 from injector.errors import PermissionDenied, RucioDown, RucioRefused, RucioUnavailable
-from injector.gateway import Attachment, FileMeta, FileReplicas, NewReplica
+from injector.gateway import AccountInfo, Attachment, FileMeta, FileReplicas, NewReplica
 from injector.messages import Delivery, Outgoing
 
 _rule_ids = itertools.count(1)
@@ -65,6 +66,7 @@ class FakeRucio:
         self.rse_settings: dict[str, dict[str, Any]] = {}  # rse -> overrides of rse_info()
         self.in_flight: set[tuple[str, str, str, str]] = set()  # (source, destination, scope, name)
         self.boosted: list[str] = []
+        self.account = AccountInfo("root", True, frozenset(self.scopes), {}, {})  # what account_info() answers
         self._faults: dict[str, list[Exception]] = {}
         self.down = False  # an outage: every call fails and the health probe too, until it is set back
         self.breaker = Breaker(self._probe, first=0.01, cap=0.05)
@@ -241,6 +243,34 @@ class FakeRucio:
     def boost_rule(self, rule_id: str) -> None:
         self._enter("boost_rule")
         self.boosted.append(rule_id)
+
+    # Closed datasets and the start-up checks.
+
+    def datasets_open(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+        self._enter("datasets_open")
+        return {d: d not in self.closed for d in dids if d in self.datasets}
+
+    def find_rse(self, rse: str) -> dict[str, Any] | None:
+        """A source RSE (in `prefixes`): non-deterministic, one file protocol over its prefix; an RSE known only
+        from `rse_settings` (e.g. an archive): deterministic; `rse_settings` overrides either."""
+        self._enter("find_rse")
+        if rse not in self.prefixes and rse not in self.rse_settings:
+            return None
+        url = urlparse(self.prefixes.get(rse, "file://localhost/"))
+        write = {"read": 1, "write": 1, "delete": 1}
+        protocol = {"scheme": url.scheme, "hostname": url.hostname or "", "port": url.port or 0,
+                    "prefix": url.path or "/", "domains": {"lan": write, "wan": write}}
+        info = {"rse": rse, "deterministic": rse not in self.prefixes, "availability_write": True,
+                "availability_delete": True, "attributes": {}, "protocols": [protocol]}
+        return {**info, **self.rse_settings.get(rse, {})}
+
+    def scope_names(self) -> frozenset[str]:
+        self._enter("scope_names")
+        return frozenset(self.scopes)
+
+    def account_info(self) -> AccountInfo:
+        self._enter("account_info")
+        return self.account
 
     def add_lock(self, rule: FakeRule, scope: str, name: str, rse: str, state: str = "OK") -> None:
         """Test set-up: a replica lock of `rule` (a locked replica cannot be tombstoned)."""

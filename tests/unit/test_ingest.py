@@ -3,9 +3,12 @@ import random
 import pytest
 
 from consumers.ingest import DatasetMemo, ingest
+from injector import marks
+from injector.config import parse
 from injector.errors import InvalidEvent
 from injector.events import FileClosed
 from injector.testing import FakeRucio, Unavailable
+from tests.conftest import STREAMS
 
 
 def ev(n=1, **over):
@@ -136,11 +139,98 @@ def test_dataset_created_without_rules_elsewhere_gets_the_missing_rule(settings,
     assert [(r.name, r.rse_expression) for r in rucio.rules] == [("LST1_20261124_raw", "PIC-ARCHIVE")]
 
 
-def test_closed_dataset_dead_letters_the_attachment(settings, rucio):
+DS = ("lst", "LST1_20261124_raw")
+
+
+def rolling(settings):
+    """The settings with on_closed_dataset = "next" on the LST1 stream."""
+    data = {"streams": [dict(STREAMS["streams"][0], on_closed_dataset="next"), STREAMS["streams"][1]]}
+    return parse(data)
+
+
+def test_a_closed_dataset_dead_letters_its_new_files_as_dataset_closed_and_registers_nothing(settings, rucio):
     ingest([ev(1)], rucio, settings)
-    rucio.closed.add(("lst", "LST1_20261124_raw"))
-    out = ingest([ev(2)], rucio, settings)
-    assert kinds(out) == [("dead-letter", "rucio-refused")] and "closed" in out[0].error
+    rucio.closed.add(DS)
+    out = ingest([ev(2), ev(3)], rucio, settings)
+    assert kinds(out) == [("dead-letter", "dataset-closed")] * 2
+    assert "lst:/data/lst1/run00002.fits.fz" in out[0].error and "lst:LST1_20261124_raw is closed" in out[0].error
+    assert ("lst", "/data/lst1/run00002.fits.fz") not in rucio.files and rucio.calls["add_replicas"] == 1
+
+
+def test_datasets_are_checked_once_per_batch_not_per_file_and_again_every_batch(settings, rucio):
+    ingest([ev(i, night=f"2026112{i % 2}") for i in range(1, 501)], rucio, settings)
+    assert rucio.calls["datasets_open"] == 1
+    rucio.closed.add(("lst", "LST1_20261121_raw"))  # ops close one between two batches
+    out = ingest([ev(i, night=f"2026112{i % 2}") for i in range(501, 511)], rucio, settings)
+    assert rucio.calls["datasets_open"] == 2
+    assert sorted({o.label for o in out}) == ["dataset-closed", "registered"]
+
+
+def test_a_redelivered_file_already_attached_to_its_closed_dataset_is_done_not_dead_lettered(settings, rucio):
+    e = ev(1)
+    ingest([e], rucio, settings)
+    rucio.closed.add(DS)
+    assert kinds(ingest([e], rucio, settings)) == [("done", "already-registered")]
+    assert rucio.calls["attach"] == 1
+
+
+def test_a_registered_file_never_attached_to_its_now_closed_dataset_is_dead_lettered(settings, rucio):
+    ingest([ev(1)], rucio, settings)
+    rucio.datasets[DS].clear()  # an orphan from before the check existed
+    rucio.closed.add(DS)
+    out = ingest([ev(1)], rucio, settings)
+    assert kinds(out) == [("dead-letter", "dataset-closed")]
+
+
+def test_with_next_files_go_to_the_first_open_or_absent_successor_created_with_the_rules(settings, rucio):
+    s = rolling(settings)
+    ingest([ev(1)], rucio, s)
+    rucio.datasets[("lst", "LST1_20261124_raw.2")] = set()
+    rucio.closed |= {DS, ("lst", "LST1_20261124_raw.2")}
+    out = ingest([ev(2), ev(3)], rucio, s)
+    assert kinds(out) == [("done", "registered")] * 2
+    assert rucio.datasets[("lst", "LST1_20261124_raw.3")] == {("lst", "/data/lst1/run00002.fits.fz"),
+                                                               ("lst", "/data/lst1/run00003.fits.fz")}
+    assert ("LST1_20261124_raw.3", "PIC-ARCHIVE") in [(r.name, r.rse_expression) for r in rucio.rules]
+    assert rucio.meta[("lst", "/data/lst1/run00002.fits.fz")][marks.DATASET] == "lst:LST1_20261124_raw.3"
+
+
+def test_with_next_a_file_already_attached_along_the_chain_is_not_attached_again(settings, rucio):
+    s = rolling(settings)
+    rucio.datasets[DS] = set()
+    rucio.closed.add(DS)
+    e = ev(1)
+    assert kinds(ingest([e], rucio, s)) == [("done", "registered")]  # to .2
+    rucio.closed.add(("lst", "LST1_20261124_raw.2"))
+    assert kinds(ingest([e], rucio, s)) == [("done", "already-registered")]
+    assert ("lst", "LST1_20261124_raw.3") not in rucio.datasets
+
+
+def test_with_next_an_earlier_orphan_rolls_on_and_its_recorded_dataset_follows(settings, rucio):
+    s = rolling(settings)
+    ingest([ev(1)], rucio, s)
+    rucio.datasets[DS].clear()
+    rucio.closed.add(DS)
+    assert kinds(ingest([ev(1)], rucio, s)) == [("done", "already-registered")]
+    assert rucio.datasets[("lst", "LST1_20261124_raw.2")] == {("lst", "/data/lst1/run00001.fits.fz")}
+    assert rucio.meta[("lst", "/data/lst1/run00001.fits.fz")][marks.DATASET] == "lst:LST1_20261124_raw.2"
+
+
+class ClosingRucio(FakeRucio):
+    """Ops close the dataset while the batch is being registered (after the open check)."""
+
+    def add_replicas(self, rse, replicas):
+        super().add_replicas(rse, replicas)
+        self.closed.add(DS)
+
+
+def test_a_dataset_closed_between_the_check_and_the_attach_dead_letters_naming_file_and_dataset(settings):
+    rucio = ClosingRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
+    out = ingest([ev(1), ev(2, night="20261125")], rucio, settings)
+    assert kinds(out) == [("dead-letter", "dataset-closed"), ("done", "registered")]
+    assert "lst:/data/lst1/run00001.fits.fz is registered at ORM-BUFFER" in out[0].error
+    assert "lst:LST1_20261124_raw was closed" in out[0].error and "reconcile" in out[0].error
+    assert rucio.calls["attach"] <= 3, "the closed dataset is recognised, not bisected file by file"
 
 
 def test_dataset_memo_saves_the_dataset_call_on_later_batches(settings, rucio):

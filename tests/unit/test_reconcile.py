@@ -9,7 +9,7 @@ from consumers import status
 from consumers.cleanup import cleanup
 from consumers.findings import diagnose_rule
 from consumers.ingest import ingest
-from consumers.inventory import dataset_pattern, stream_pattern
+from consumers.inventory import dataset_pattern, dataset_regex, stream_pattern
 from consumers.reconcile import Options, sweep
 from injector import marks
 from injector.config import parse
@@ -169,6 +169,34 @@ def test_a_file_not_attached_to_its_dataset_is_reported_and_attached_with_fix(se
     assert run(settings, rucio) == []
 
 
+def orphan(rucio):
+    """NAMES[2] registered, never attached, then ops closed its dataset."""
+    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    rucio.closed.add(("lst", "LST1_20261124_raw"))
+
+
+def test_an_orphan_of_a_closed_dataset_is_named_with_its_cause_and_what_the_operator_can_do(settings, rucio):
+    orphan(rucio)
+    (f,) = sweep(settings, rucio, Broker(), Options(fix=True), ["lst1-raw"])
+    assert (f.kind, f.action, f.subject) == ("orphaned", "report", f"lst:{NAMES[2]}")
+    assert "dataset lst:LST1_20261124_raw is closed" in f.detail and "no rule archives it" in f.detail
+    assert "reopen the dataset" in f.detail and 'on_closed_dataset = "next"' in f.detail and not f.fix
+    assert ("lst", "LST1_20261124_raw.2") not in rucio.datasets, "the default policy never rolls on"
+
+
+def test_with_next_fix_attaches_orphans_to_the_next_open_dataset_and_records_it_there(rucio):
+    s = parse({"streams": [dict(STREAMS["streams"][0], on_closed_dataset="next")]})
+    orphan(rucio)
+    assert run(s, rucio) == [("report", "orphaned", NAMES[2])]
+    assert run(s, rucio, fix=True, dry_run=True) == [("would", "orphaned", NAMES[2])]
+    assert run(s, rucio, fix=True) == [("done", "orphaned", NAMES[2])]
+    assert rucio.datasets[("lst", "LST1_20261124_raw.2")] == {("lst", NAMES[2])}
+    assert rucio.meta[("lst", NAMES[2])][marks.DATASET] == "lst:LST1_20261124_raw.2"
+    assert [(r.name, r.rse_expression) for r in rucio.rules if r.name.endswith(".2")] == [
+        ("LST1_20261124_raw.2", DST)]
+    assert run(s, rucio) == []
+
+
 def test_a_dataset_without_the_stream_rule_is_reported_and_given_it_with_fix(settings, rucio):
     rucio.rules.clear()
     found = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"])
@@ -245,10 +273,18 @@ def test_status_puts_every_file_in_one_stage_and_counts_stuck_locks(settings, ru
     rucio.lock_table.append({"scope": "lst", "name": NAMES[1], "rse": DST, "state": "STUCK", "rule_id": rule.id})
     counts = status.collect(settings, rucio, ["lst1-raw"])["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
     assert counts == {"registered": 3, "replicating": 2, "replicated": 0, "released": 1, "archived": 0,
-                      "source-lost": 0, "stuck": 1, "dead-lettered": 0}
+                      "source-lost": 0, "stuck": 1, "dead-lettered": 0, "orphaned": 0}
     rucio.reap(SRC)
     counts = status.collect(settings, rucio, ["lst1-raw"])["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
     assert (counts["released"], counts["archived"]) == (0, 1)
+
+
+def test_status_counts_orphans_in_their_own_column_not_as_files_of_the_dataset(settings, rucio, monkeypatch):
+    monkeypatch.setattr(status, "dead_lettered", lambda s: {})
+    monkeypatch.setattr(status, "queue_depths", lambda s: {})
+    orphan(rucio)
+    counts = status.collect(settings, rucio, ["lst1-raw"])["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
+    assert (counts["registered"], counts["replicating"], counts["orphaned"]) == (2, 2, 1)
 
 
 # Patterns and rule diagnosis.
@@ -268,7 +304,9 @@ def rule(**over):
 def test_patterns_cover_the_stream():
     assert stream_pattern(stream()) == "/fefs/lst1/*"
     assert stream_pattern(stream(did_name="relative", did_prefix="lst1/")) == "lst1/*"
-    assert dataset_pattern(stream()) == "LST1_*_*_raw"
+    assert dataset_pattern(stream()) == "LST1_*_*_raw*"  # also the successors of closed datasets: ...raw.2
+    assert dataset_regex(stream()).fullmatch("LST1_20261124_calib_raw.2")
+    assert not dataset_regex(stream()).fullmatch("LST1_20261124_calib_rawdata")
 
 
 def test_healthy_rule_is_not_a_finding():
