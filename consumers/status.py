@@ -15,9 +15,10 @@ from injector.gateway import FileReplicas, RucioInspector
 
 Did = tuple[str, str]
 # Every file is `registered` and in exactly one of the stages after it; `stuck` counts the replicating ones
-# whose lock is STUCK; `dead-lettered` counts file-closed events in the ingest dead-letter queue. An `orphaned`
+# whose lock is STUCK; `dead-lettered` counts file-closed events in the ingest dead-letter queue.
+# `announcing`: source gone, archive verified, file-archived not sent yet; `archived`: and announced. An `orphaned`
 # file (registered, never attached: its dataset is closed) counts there only, not as a file of the dataset.
-STAGES = ("registered", "replicating", "replicated", "released", "archived", "source-lost", "stuck",
+STAGES = ("registered", "replicating", "replicated", "released", "announcing", "archived", "source-lost", "stuck",
           "dead-lettered", "orphaned")
 
 
@@ -28,7 +29,10 @@ def file_stage(stream: Stream, reps: FileReplicas, file_marks: dict[str, Any], r
         if lacking:
             return "replicating"
         return "released" if file_marks.get(marks.RELEASED_AT) else "replicated"
-    return "source-lost" if lacking else "archived"
+    if lacking:
+        return "source-lost"
+    # Not announced yet: cleanup's deletion-done or, after the grace period, the reconciler will send it.
+    return "archived" if file_marks.get(marks.ANNOUNCED) else "announcing"
 
 
 def stuck_files(stream: Stream, rucio: RucioInspector) -> set[Did]:
@@ -69,6 +73,8 @@ def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = 
         out["streams"][stream.name] = {ds: {s: c.get(s, 0) for s in STAGES} for ds, c in sorted(per.items())}
     out["dead_letters_without_stream"] = dead.get("(none)", {})
     out["queues"] = queue_depths(settings)
+    if settings.cleanup.flavour == "activemq":
+        out["activemq_queues"] = activemq_depths(settings)
     return out
 
 
@@ -115,30 +121,61 @@ def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
     return depths
 
 
+def activemq_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
+    """Messages in ActiveMQ's cleanup queue (Consumer.<app>.<virtual topic>) and its DLQ, counted by browsing
+    over STOMP (nothing consumed), or why not."""
+    from consumers.dlq import ActiveMqDlq
+    from injector.errors import BrokerUnavailable
+
+    cleanup = settings.cleanup
+    activemq = ActiveMqDlq(cleanup)
+    depths: dict[str, dict[str, int] | str] = {}
+    for queue in (cleanup.consumer_queue, cleanup.dead_letter_destination.removeprefix("/queue/")):
+        try:
+            depths[queue] = {"messages": activemq.depth(queue)}
+        except BrokerUnavailable as exc:  # status must still show the rest
+            return {"error": f"ActiveMQ unreachable: {str(exc).rstrip(': ')}"}
+        except Exception as exc:
+            depths[queue] = f"not browsable: {type(exc).__name__}: {exc}"
+    return depths
+
+
 def render(data: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     if not console.is_terminal:  # piped or mailed: no terminal width to fit, keep every column whole
         console.width = max(console.width, 200)
     for stream, datasets in data["streams"].items():
-        table = Table(title=f"stream {stream}: files per stage (from Rucio)")
+        table = Table(title=f"stream {escape(stream)}: files per stage (from Rucio)")
         table.add_column("dataset", no_wrap=True)
         for s in STAGES:
             table.add_column(s, justify="right")
         for ds, counts in datasets.items():
-            table.add_row(ds, *(str(counts[s]) for s in STAGES))
+            table.add_row(escape(ds), *(str(counts[s]) for s in STAGES))
         if not datasets:
             table.add_row("(no files)", *["0"] * len(STAGES))
         console.print(table)
-    queues = Table(title="queues (RabbitMQ)")
-    queues.add_column("queue")
-    queues.add_column("ready", justify="right")
-    queues.add_column("consumers", justify="right")
-    for name, q in data["queues"].items():
+    console.print(_queue_table("queues (RabbitMQ)", data["queues"], ("ready", "consumers")))
+    if "activemq_queues" in data:
+        console.print(_queue_table("queues (ActiveMQ, browsed over STOMP)", data["activemq_queues"], ("messages",)))
+
+
+def _queue_table(title: str, depths: dict[str, Any], columns: tuple[str, ...]) -> Any:
+    """One row per queue with its counts, or with why they are unknown (the broker unreachable: one row)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("queue")
+    for c in columns:
+        table.add_column(c, justify="right")
+    keys = {"ready": "messages"}  # RabbitMQ's ready messages
+    for name, q in depths.items():
         if isinstance(q, dict):
-            queues.add_row(name, str(q["messages"]), str(q["consumers"]))
+            table.add_row(escape(name), *(str(q[keys.get(c, c)]) for c in columns))
         else:
-            queues.add_row(name, q, "")
-    console.print(queues)
+            table.add_row(escape(name), escape(q), *[""] * (len(columns) - 1))
+    return table

@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import tempfile
@@ -136,53 +137,129 @@ class _OutcomeLog(logging.Handler):
             self.tracker.dead_lettered(did, record.getMessage())
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived: stop everything the demo started, remove it, exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """The demo's one place for signals: SIGINT (Ctrl-C), SIGTERM (kill, systemd) and SIGHUP (a closed terminal)
+    all mean "stop and clean up". The first one raises Interrupted in the main thread, as Ctrl-C raises
+    KeyboardInterrupt, so every `with` and `finally` of the demo unwinds. Later ones, and any arriving once the
+    clean-up has begun (`hold`), are only noted: nothing may cut the clean-up short."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._held = False
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers only there
+            self._saved = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._saved.items():
+            signal.signal(s, handler)
+
+    def hold(self) -> None:
+        self._held = True
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        if first and not self._held:
+            raise Interrupted(signum)
+
+
 def run(options: Options, console: Console | None = None) -> int:
+    """Run the demo; 0 when every file was archived and proven. SIGINT, SIGTERM and SIGHUP, in any phase, stop
+    and remove everything it started (processes, database, temp dir, topology); it then returns 128 + signum."""
     console = console or Console()
+    with StopSignals() as signals:
+        code = _run_then_clean_up(options, console, signals)
+    return code if signals.received is None else 128 + signals.received
+
+
+def _run_then_clean_up(options: Options, console: Console, signals: StopSignals) -> int:
+    cleanup = contextlib.ExitStack()  # everything started is registered here as it starts
+    try:
+        try:
+            return _run(options, console, cleanup)
+        finally:
+            signals.hold()
+    except Interrupted as exc:
+        _say(console, f"[yellow]interrupted by {exc}: stopping everything[/]")
+        return 128 + exc.signum
+    except OSError:
+        if signals.received is None:
+            raise
+        return 128 + signals.received  # the terminal went away (SIGHUP): nothing left to print to
+    finally:
+        cleanup.close()
+
+
+def _run(options: Options, console: Console, cleanup: contextlib.ExitStack) -> int:
     from injector.testbed.rucio import HermesBroker, ensure_server_venv
 
     with console.status("Rucio server venv (first run installs rucio from PyPI, ~2 min)"):
         venv_python = ensure_server_venv()
     tag = uuid.uuid4().hex[:6]
     tmp = Path(tempfile.mkdtemp(prefix=f"rucio-injector-demo-{tag}-"))
-    stop = threading.Event()
-    log_file = Path(tempfile.gettempdir()) / f"rucio-injector-demo-{tag}.log"
+    log_file = tmp / "demo.log"
+    cleanup.callback(_remove, tmp, log_file if options.keep else None, console)
     console.print(f"logs of every component: {log_file}")
-    with _logs_to(log_file):
-        try:
-            with _broker(options, log_file, console) as broker, \
-                    _server(console, tmp, venv_python, options.database) as server:
-                os.environ["RUCIO_CONFIG"] = str(server.client_config)
-                client = _rucio_client()
-                buffer, archive = _rses(client, tmp / "data")
-                settings = _settings(broker, tag, buffer)
-                db = f"{'SQLite' if server.database.startswith('/') else 'PostgreSQL'} {server.database}"
-                console.print(f"Rucio {server.url} ({db}), buffer {buffer}, archive {archive}")
-                console.print(f"broker: {broker.what}, AMQP {broker.amqp_url} (demo topology demo-{tag}.*), "
-                              f"hermes → STOMP {broker.stomp_host}:{broker.stomp_port} /topic/{settings.cleanup.topic}")
-                amqp = urlparse(broker.amqp_url)
-                hermes = HermesBroker(host=broker.stomp_host, port=broker.stomp_port,
-                                      destination=settings.cleanup.hermes_destination,
-                                      username=amqp.username or "guest", password=amqp.password or "guest")
-                with _topology(settings):
-                    tracker = Tracker()
-                    ok = _pipeline(options, settings, server, hermes, client, tracker, buffer, stop, console)
-                    _summary(tracker, options, console)
-                    proof = _proof(tracker, client, buffer, console)
-                    _look_yourself(server, client, tracker, console)
-                    if options.keep:
-                        console.print("[bold]--keep[/]: server and files stay until Ctrl-C")
-                        with contextlib.suppress(KeyboardInterrupt):
-                            while True:
-                                time.sleep(3600)
-                    return 0 if ok and proof else 1
-        except KeyboardInterrupt:
-            stop.set()
-            console.print("[yellow]interrupted: stopping everything[/]")
-            return 130
-        finally:
-            stop.set()
-            if not options.keep:
-                shutil.rmtree(tmp, ignore_errors=True)
+    cleanup.enter_context(_logs_to(log_file))
+    broker = cleanup.enter_context(_broker(options, log_file, console))
+    server = cleanup.enter_context(_server(console, tmp, venv_python, options.database))
+    os.environ["RUCIO_CONFIG"] = str(server.client_config)
+    client = _rucio_client()
+    buffer, archive = _rses(client, tmp / "data")
+    settings = _settings(broker, tag, buffer)
+    db = f"{'SQLite' if server.database.startswith('/') else 'PostgreSQL'} {server.database}"
+    console.print(f"Rucio {server.url} ({db}), buffer {buffer}, archive {archive}")
+    console.print(f"broker: {broker.what}, AMQP {broker.amqp_url} (demo topology demo-{tag}.*), "
+                  f"hermes → STOMP {broker.stomp_host}:{broker.stomp_port} /topic/{settings.cleanup.topic}")
+    amqp = urlparse(broker.amqp_url)
+    hermes = HermesBroker(host=broker.stomp_host, port=broker.stomp_port,
+                          destination=settings.cleanup.hermes_destination,
+                          username=amqp.username or "guest", password=amqp.password or "guest")
+    cleanup.enter_context(_topology(settings))
+    tracker = Tracker()
+    ok = _pipeline(options, settings, server, hermes, client, tracker, buffer, console)
+    _summary(tracker, options, console)
+    proof = _proof(tracker, client, buffer, console)
+    _look_yourself(server, client, tracker, console)
+    if options.keep:
+        console.print(f"[bold]--keep[/]: server and files stay until Ctrl-C, SIGTERM or SIGHUP (then all goes "
+                      f"but the log, {log_file}, which moves to {_kept_log(tmp)})")
+        while True:
+            time.sleep(3600)
+    return 0 if ok and proof else 1
+
+
+def _kept_log(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + ".log")
+
+
+def _remove(tmp: Path, keep_log: Path | None, console: Console) -> None:
+    """Remove the demo's temp dir; with --keep its log moves out first, and the demo says where."""
+    if keep_log is not None and keep_log.exists():
+        shutil.move(keep_log, _kept_log(tmp))
+        _say(console, f"log kept: {_kept_log(tmp)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _say(console: Console, text: str) -> None:
+    """Print while stopping: after a SIGHUP the terminal may be gone, which must not stop the clean-up."""
+    with contextlib.suppress(OSError):
+        console.print(text)
 
 
 @contextlib.contextmanager
@@ -283,23 +360,34 @@ def _settings(broker: DemoBroker, tag: str, buffer: Path) -> Settings:
 
 @contextlib.contextmanager
 def _topology(settings: Settings) -> Iterator[None]:
-    from injector.transport import connection
-
+    """The demo's own exchanges and queues, removed at the end over a new connection: the first one may have
+    been closed by the broker for missed heartbeats while --keep waited."""
     decl = topology.declare(settings)
-    conn = connection(settings.broker)
     try:
-        topology.apply(conn, decl)
+        _on_broker(settings, lambda conn: topology.apply(conn, decl))
         yield
     finally:
-        with contextlib.suppress(Exception):
-            topology.remove(conn, decl)
+        try:
+            _on_broker(settings, lambda conn: topology.remove(conn, decl))
+        except Exception:  # the broker went away: nothing more the demo can do
+            log.exception("could not delete the demo's topology demo-*")
+
+
+def _on_broker(settings: Settings, action: Callable[[Any], object]) -> None:
+    from injector.transport import connection
+
+    conn = connection(settings.broker)
+    try:
+        action(conn)
+    finally:
         conn.release()
 
 
 def _pipeline(options: Options, settings: Settings, server: Any, hermes: Any, client: Any, tracker: Tracker,
-              buffer: Path, stop: threading.Event, console: Console) -> bool:
+              buffer: Path, console: Console) -> bool:
     from consumers.services import cleanup_worker, ingest_worker
 
+    stop = threading.Event()
     handler = _OutcomeLog(tracker)
     logging.getLogger("injector.settle").addHandler(handler)
     ingest, cleanup = ingest_worker(settings), cleanup_worker(settings)
@@ -323,12 +411,12 @@ def _pipeline(options: Options, settings: Settings, server: Any, hermes: Any, cl
                 time.sleep(0.25)
                 live.update(_display(tracker, options))
             live.update(_display(tracker, options))
-        console.print()
     finally:
         stop.set()
         for t in threads:
             t.join(120)
         logging.getLogger("injector.settle").removeHandler(handler)
+        _say(console, "")  # the live display ends without a newline, also when interrupted
     for e in errors:
         console.print(f"[red]{e}[/]")
     with tracker.lock:
@@ -401,7 +489,7 @@ def _inbox(settings: Settings, tracker: Tracker, stop: threading.Event) -> None:
 def _daemons(server: Any, hermes: Any, stop: threading.Event) -> None:
     """Rucio's daemons, one pass each, in a loop (as a site runs them continuously)."""
     while not stop.is_set():
-        server.run_daemons(*DAEMON_PASS, rses=[SOURCE, ARCHIVE], hermes=hermes)
+        server.run_daemons(*DAEMON_PASS, rses=[SOURCE, ARCHIVE], hermes=hermes, stop=stop)
         stop.wait(0.5)
 
 

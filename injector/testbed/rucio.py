@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -95,42 +96,37 @@ class RucioServer:
     venv_python: Path
     database: str
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    daemons: set[subprocess.Popen[str]] = field(default_factory=set, repr=False)  # passes running now
 
     def env(self) -> dict[str, str]:
         """Environment for a CLIENT process (rucio-clients reads RUCIO_CONFIG)."""
         return {**os.environ, "RUCIO_CONFIG": str(self.client_config)}
 
     def run_daemons(self, *names: str, rses: list[str] | None = None, hermes: HermesBroker | None = None,
-                    timeout: float = 180) -> str:
-        """Run Rucio daemons ONE pass each, in order, in one server-side subprocess; returns the log."""
+                    timeout: float = 180, stop: threading.Event | None = None) -> str:
+        """Run Rucio daemons ONE pass each, in order, in one server-side subprocess; returns the log.
+        `stop` set, or the server stopped, kills the pass (its output so far is returned, no error)."""
         config = self.server_config
         if hermes is not None:
             config = self.base_dir / f"rucio-hermes-{hermes.port}.cfg"
             config.write_text(_server_config(self.base_dir, self.database, hermes))
         cmd = [str(self.venv_python), "-P", str(DAEMONS), "--rses", ",".join(rses or []), *names]
         env = {**os.environ, "RUCIO_CONFIG": str(config), "PYTHONPATH": ""}
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        out = done.stdout + done.stderr
-        if done.returncode != 0:
-            raise TestbedError(f"rucio daemons {names} failed (exit {done.returncode}):\n{out[-4000:]}")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.daemons.add(proc)
+        try:
+            out = _output(proc, timeout, stop)
+        finally:
+            self.daemons.discard(proc)
+            proc.kill()  # no-op once it exited; else (an interrupt) it must not outlive us
+            proc.wait()
+        if proc.returncode != 0 and not (stop is not None and stop.is_set()) and self.process is not None:
+            raise TestbedError(f"rucio daemons {names} failed (exit {proc.returncode}):\n{out[-4000:]}")
         return out
 
     def serve(self) -> None:
-        """Start the REST API (gunicorn) on this server's port and database; returns once it answers."""
-        port = int(self.url.rsplit(":", 1)[1])
-        workers = ["-w", "2", "--threads", "4"] if not self.database.startswith("/") else ["-w", "1", "--threads", "1"]
-        if self.database.startswith("/"):  # SQLite: DID metadata as on PostgreSQL (see _SQLITE_JSON_META)
-            conf = self.base_dir / "gunicorn.conf.py"
-            conf.write_text(_SQLITE_JSON_META)
-            workers += ["-c", str(conf)]
-        log = open(self.base_dir / "log" / "gunicorn.log", "ab")  # noqa: SIM115 - owned by the server process
-        self.process = subprocess.Popen(
-            [str(self.venv_python.parent / "gunicorn"), "--no-control-socket", "-b", f"127.0.0.1:{port}", *workers,
-             "--timeout", "120", "rucio.web.rest.flaskapi.v1.main:application"],
-            env={**os.environ, "RUCIO_CONFIG": str(self.server_config), "PYTHONPATH": ""}, stdout=log, stderr=log,
-            cwd=self.base_dir, start_new_session=True)
-        log.close()
-        _wait_until_up(self, self.base_dir / "log" / "gunicorn.log")
+        """Start the REST API again (after `halt`) on the same port and database; returns once it answers."""
+        _serve(self)
 
     def halt(self) -> None:
         """Stop the REST API only (a Rucio outage): the database and port stay; `serve()` starts it again."""
@@ -138,7 +134,11 @@ class RucioServer:
         self.process = None
 
     def stop(self) -> None:
-        self.halt()
+        """Stop the daemons pass running (if any), the server, and drop its PostgreSQL database."""
+        process, self.process = self.process, None  # first: a pass killed now is no failure (run_daemons)
+        for proc in list(self.daemons):
+            proc.kill()
+        stop_group(process, grace=15)
         if self.database.startswith("rucio_testbed_"):
             _server_python(self.venv_python, _DROP_DB.format(db=self.database), self.base_dir, check=False)
 
@@ -151,34 +151,50 @@ class RucioServer:
 
 def start_server(base_dir: Path, *, venv_python: Path, database: str = "auto",
                  hermes: HermesBroker | None = None) -> RucioServer:
-    """Create a database, bootstrap it, serve the REST API with gunicorn; returns once it answers."""
+    """Create a database, bootstrap it, serve the REST API with gunicorn; returns once it answers.
+    Whatever ends the start-up early (an error, an interrupt) stops gunicorn and drops the database."""
     base_dir.mkdir(parents=True, exist_ok=True)
     (base_dir / "log").mkdir(exist_ok=True)
     if database == "auto":
         database = "postgresql" if postgres_available() else "sqlite"
-    if database == "postgresql":
-        db = f"rucio_testbed_{secrets.token_hex(4)}"
-        _server_python(venv_python, _CREATE_DB.format(db=db), base_dir)
-    else:
-        db = str(base_dir / "rucio.db")
-    server_cfg = base_dir / "rucio-server.cfg"
-    server_cfg.write_text(_server_config(base_dir, db, hermes or HermesBroker()))
-    (base_dir / "alembic.ini").write_text(_ALEMBIC.format(
-        script_location=_site_packages(venv_python) / "rucio" / "db" / "sqla" / "migrate_repo",
-        db_url=_db_url(db)))
-    try:
-        _server_python(venv_python, _BOOTSTRAP, base_dir, {"RUCIO_CONFIG": str(server_cfg)})
-    except TestbedError:
-        if db.startswith("rucio_testbed_"):
-            _server_python(venv_python, _DROP_DB.format(db=db), base_dir, check=False)
+    db = f"rucio_testbed_{secrets.token_hex(4)}" if database == "postgresql" else str(base_dir / "rucio.db")
+    server = RucioServer(base_dir, f"http://127.0.0.1:{free_port()}", base_dir / "rucio-server.cfg",
+                         base_dir / "rucio-client.cfg", venv_python, db)
+    try:  # from here on, server.stop() undoes whatever part was done
+        _bootstrap(server, hermes or HermesBroker())
+        _serve(server)
+    except BaseException:
+        server.stop()
         raise
-    port = free_port()
-    client_cfg = base_dir / "rucio-client.cfg"
-    client_cfg.write_text(_CLIENT.format(url=f"http://127.0.0.1:{port}", base=base_dir, user=USERNAME,
-                                         password=PASSWORD))
-    server = RucioServer(base_dir, f"http://127.0.0.1:{port}", server_cfg, client_cfg, venv_python, db)
-    server.serve()
     return server
+
+
+def _bootstrap(server: RucioServer, hermes: HermesBroker) -> None:
+    base, db, python = server.base_dir, server.database, server.venv_python
+    if db.startswith("rucio_testbed_"):
+        _server_python(python, _CREATE_DB.format(db=db), base)
+    server.server_config.write_text(_server_config(base, db, hermes))
+    (base / "alembic.ini").write_text(_ALEMBIC.format(
+        script_location=_site_packages(python) / "rucio" / "db" / "sqla" / "migrate_repo", db_url=_db_url(db)))
+    _server_python(python, _BOOTSTRAP, base, {"RUCIO_CONFIG": str(server.server_config)})
+
+
+def _serve(server: RucioServer) -> None:
+    base, python = server.base_dir, server.venv_python
+    sqlite = server.database.startswith("/")
+    workers = ["-w", "1", "--threads", "1"] if sqlite else ["-w", "2", "--threads", "4"]
+    if sqlite:  # DID metadata as on PostgreSQL (see _SQLITE_JSON_META)
+        conf = base / "gunicorn.conf.py"
+        conf.write_text(_SQLITE_JSON_META)
+        workers += ["-c", str(conf)]
+    log = open(base / "log" / "gunicorn.log", "ab")  # noqa: SIM115 - owned by the server process
+    server.process = subprocess.Popen(
+        [str(python.parent / "gunicorn"), "--no-control-socket", "-b", server.url.removeprefix("http://"),
+         *workers, "--timeout", "120", "rucio.web.rest.flaskapi.v1.main:application"],
+        env={**os.environ, "RUCIO_CONFIG": str(server.server_config), "PYTHONPATH": ""}, stdout=log, stderr=log,
+        cwd=base, start_new_session=True)
+    server.client_config.write_text(_CLIENT.format(url=server.url, base=base, user=USERNAME, password=PASSWORD))
+    _wait_until_up(server, base / "log" / "gunicorn.log")
 
 
 def _wait_until_up(server: RucioServer, log: Path, timeout: float = 60) -> None:
@@ -193,8 +209,21 @@ def _wait_until_up(server: RucioServer, log: Path, timeout: float = 60) -> None:
                     return
         except OSError:
             time.sleep(0.2)
-    server.stop()
     raise TestbedError(f"Rucio server did not come up on {server.url}:\n{log.read_text()[-3000:]}")
+
+
+def _output(proc: subprocess.Popen[str], timeout: float, stop: threading.Event | None) -> str:
+    """What the process wrote until it exited, was killed because `stop` was set, or timed out (raised)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return proc.communicate(timeout=0.2)[0]
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop.is_set():
+                proc.kill()
+            elif time.monotonic() > deadline:
+                proc.kill()
+                raise subprocess.TimeoutExpired(proc.args, timeout) from None
 
 
 def _site_packages(python: Path) -> Path:

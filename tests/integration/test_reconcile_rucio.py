@@ -243,7 +243,7 @@ def rucio_counts(lab: Lab, dataset: str) -> dict[str, int]:
         st = reps[n]["states"]
         safe = st.get(ARCHIVE) == "AVAILABLE"
         if SOURCE not in st:
-            counts["archived" if safe else "source-lost"] += 1
+            counts[("archived" if meta[n].get("injector_announced") else "announcing") if safe else "source-lost"] += 1
         elif not safe:
             counts["replicating"] += 1
             counts["stuck"] += n in stuck
@@ -254,7 +254,7 @@ def rucio_counts(lab: Lab, dataset: str) -> dict[str, int]:
 
 def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tmp_path):
     s = settings_for(lab)
-    stage_of = {"20261120": "archived", "20261121": "released", "20261122": "replicated", "20261123": "source-lost",
+    stage_of = {"20261120": "announcing", "20261121": "released", "20261122": "replicated", "20261123": "source-lost",
                 "20261124": "replicating", "20261125": "stuck"}
     batch = {night: files(lab, 2, night=night) for night in stage_of}
     first = [e for night in ("20261120", "20261121", "20261122", "20261123") for e in batch[night]]

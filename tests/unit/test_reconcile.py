@@ -272,11 +272,14 @@ def test_status_puts_every_file_in_one_stage_and_counts_stuck_locks(settings, ru
     rule.state = "STUCK"
     rucio.lock_table.append({"scope": "lst", "name": NAMES[1], "rse": DST, "state": "STUCK", "rule_id": rule.id})
     counts = status.collect(settings, rucio, ["lst1-raw"])["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
-    assert counts == {"registered": 3, "replicating": 2, "replicated": 0, "released": 1, "archived": 0,
-                      "source-lost": 0, "stuck": 1, "dead-lettered": 0, "orphaned": 0}
+    assert counts == {"registered": 3, "replicating": 2, "replicated": 0, "released": 1, "announcing": 0,
+                      "archived": 0, "source-lost": 0, "stuck": 1, "dead-lettered": 0, "orphaned": 0}
     rucio.reap(SRC)
     counts = status.collect(settings, rucio, ["lst1-raw"])["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
-    assert (counts["released"], counts["archived"]) == (0, 1)
+    assert (counts["released"], counts["announcing"], counts["archived"]) == (0, 1, 0), "file-archived not sent yet"
+    rucio.mark([("lst", NAMES[0], {marks.ANNOUNCED: "2026-11-24T12:00:00+00:00"})])
+    counts = status.collect(settings, rucio, ["lst1-raw"])["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
+    assert (counts["announcing"], counts["archived"]) == (0, 1)
 
 
 def test_status_counts_orphans_in_their_own_column_not_as_files_of_the_dataset(settings, rucio, monkeypatch):
