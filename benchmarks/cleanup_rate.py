@@ -1,18 +1,20 @@
-"""Benchmark: hermes events/s the cleanup consumer's STOMP transport consumes and acks.
+"""Benchmark: hermes events/s the cleanup consumer's link consumes and acks.
 
     .venv/bin/python benchmarks/cleanup_rate.py [--events 20000] [--broker both|rabbitmq|activemq]
 
-On RabbitMQ's STOMP plugin (the local RabbitMQ, 127.0.0.1:61613, a throw-away bench-<tag> topology
-declared with `topology.apply` and deleted at the end) and on a throw-away ActiveMQ Classic running
+On the local RabbitMQ (hermes publishes over its STOMP plugin, 127.0.0.1:61613, to a throw-away bench-<tag>
+topology declared with `topology.apply` and deleted at the end; the cleanup consumer reads its quorum queue
+over AMQP, as `rucio-injector cleanup` does there) and on a throw-away ActiveMQ Classic running
 broker-config/activemq/activemq.xml (started here, stopped at the end). The events, hermes-style
 transfer-done messages (persistent, header event_type), are pre-loaded first with receipts to the
 hermes destination: RabbitMQ /topic/<topic> (→ amq.topic → the cleanup queue), ActiveMQ the virtual
 topic (its Consumer.<app>.VirtualTopic.<name> queue is created first, so nothing is dropped). Then ONE
-cleanup consumer, the project's own StompLink + BatchWorker (`stomp_worker`, the [cleanup] defaults for
-batch size, window and prefetch), takes them with a `process` that calls no Rucio and acks every
-event: the figure is the transport + batching loop + acks only, the ceiling for cleanup. Prints per
-broker: events, seconds (from starting the consumer to the last ack sent), events/s, batches, and what
-the broker still holds afterwards (0: every ack arrived). Nothing here is asserted; it prints figures.
+cleanup consumer, the project's own link + BatchWorker (`consumers.services.cleanup_link`: AMQP on RabbitMQ,
+STOMP on ActiveMQ; the [cleanup] defaults for batch size, window and prefetch), takes them with a
+`process` that calls no Rucio and acks every event: the figure is the transport + batching loop + acks
+only, the ceiling for cleanup. Prints per broker: events, seconds (from starting the consumer to the last ack
+sent), events/s, batches, and what the broker still holds afterwards (0: every ack arrived). Nothing here is
+asserted; it prints figures.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from typing import Any, NoReturn
 import kombu
 import stomp
 
+from consumers.services import cleanup_link
 from injector import topology
 from injector.config import Cleanup, Settings, parse
 from injector.messages import Delivery, Outgoing
 from injector.settle import Outcome, Route
-from injector.stomp import Receipts, stomp_worker
+from injector.stomp import Receipts
 from injector.testbed.activemq import JAR, start_activemq
-from injector.worker import Batching
+from injector.worker import Batching, BatchWorker
 
 RABBITMQ_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 RABBITMQ_STOMP = "127.0.0.1:61613"
@@ -126,7 +129,7 @@ def measure(settings: Settings, bodies: list[bytes]) -> dict[str, float]:
     preloaded = time.perf_counter() - started
 
     route = Route(c.consumer_queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
-    worker = stomp_worker(c, settings.broker, route, ack_all, Batching(c.batch_size, c.batch_window, c.prefetch))
+    worker = BatchWorker(cleanup_link(settings), route, ack_all, Batching(c.batch_size, c.batch_window, c.prefetch))
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="cleanup-bench", daemon=True)
     started = time.perf_counter()
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     try:
         if args.broker in ("both", "rabbitmq"):
-            report(f"RabbitMQ STOMP {RABBITMQ_STOMP}", on_rabbitmq(bodies))
+            report("RabbitMQ (hermes over STOMP, cleanup over AMQP)", on_rabbitmq(bodies))
         if args.broker in ("both", "activemq"):
             report("ActiveMQ Classic (throw-away)", on_activemq(bodies))
     except KeyboardInterrupt:  # everything made here is already deleted or stopped by now

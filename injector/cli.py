@@ -28,7 +28,8 @@ def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
-        log.info("received %s: finishing the current batch, then stopping", signal.Signals(signum).name)
+        log.info("received %s: finishing the batch in progress, handing the rest back, then stopping",
+                 signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)

@@ -16,11 +16,12 @@ import pytest
 import stomp
 
 from consumers.services import cleanup_link
-from injector.messages import Delivery
+from injector import topology
+from injector.messages import Delivery, Outgoing
 from injector.settle import Outcome, Route
 from injector.worker import Batching, BatchWorker
 from tests.integration.netfault import Proxy
-from tests.integration.rabbit import declared, running, unique_settings, wait_for
+from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
 from tests.integration.test_cleanup_rucio import _Hermes, dead_letters
 
 pytestmark = pytest.mark.integration
@@ -241,3 +242,68 @@ def test_rabbitmq_closing_the_consumers_connection_is_survived():
             wait_for(lambda: b"after" in rec.seen, timeout=30, what="a message after the broker closed us")
     finally:
         subprocess.run([*ctl, "delete_vhost", vhost], check=False, capture_output=True)
+
+
+class Announcing(Recorder):
+    """Emits a file-archived-like message to the DAQ exchange for every event: cleanup's AMQP publishing."""
+
+    def __init__(self, s: Any) -> None:
+        super().__init__()
+        self.exchange = s.broker.daq_exchange
+
+    def __call__(self, batch: list[Delivery]) -> Sequence[Outcome]:
+        self.seen.extend(d.body for d in batch)
+        return [Outcome.done("archived", emit=(Outgoing(self.exchange, "file.archived.ORM.LST1", d.body),))
+                for d in batch]
+
+
+def test_an_idle_consumer_keeps_its_connections_through_three_heartbeat_intervals(broker):
+    flavour, handle = broker
+    s = settings_for(flavour, handle)
+    s = s.model_copy(update={"broker": s.broker.model_copy(update={"heartbeat": 2})})
+    rec = Announcing(s)
+    w = worker_for(s, rec)
+    with declared(s), running(w):
+        wait_for(lambda: w.metrics.health()[0], timeout=20, what="subscribed")
+        send(s, "first")
+        wait_for(lambda: w.stats.outcomes.get("archived") == 1, timeout=20, what="first announced")
+        time.sleep(3 * 2 + 2)  # idle: nothing consumed, nothing published
+        send(s, "second")
+        wait_for(lambda: w.stats.outcomes.get("archived") == 2, timeout=20, what="second announced")
+        archived = get_all(s, topology.archived_queue(s))
+    assert w.stats.reconnects == 0, "an idle consumer lost a connection"
+    assert sorted(m.body for m in archived) == [b"first", b"second"]
+
+
+def test_activemq_gives_back_what_a_disconnecting_consumer_held_without_counting_or_dead_lettering(activemq):
+    s = settings_for("activemq", activemq)
+    with declared(s):
+        rec = Recorder()
+        w = worker_for(s, rec)
+        with running(w):  # creates the consumer queue
+            wait_for(lambda: w.metrics.health()[0], timeout=20, what="subscribed")
+        send(s, "held")
+        for generation in range(10):  # ten consumers receive it and stop without settling it
+            buffer: list[Delivery] = []
+            link = cleanup_link(s)(generation, buffer)
+            try:
+                received = lambda link=link, buffer=buffer: link.pump(0.1) or bool(buffer)  # noqa: E731
+                wait_for(received, timeout=20, what="the message received")
+                assert buffer[0].attempts == 1
+            finally:
+                link.close()
+        attempts = Attempts()
+        w = worker_for(s, attempts)
+        with running(w):
+            wait_for(lambda: attempts.seen_attempts == [1], timeout=20, what="delivered as a first attempt")
+    assert not dead_letters(s)
+
+
+class Attempts(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen_attempts: list[int] = []
+
+    def __call__(self, batch: list[Delivery]) -> Sequence[Outcome]:
+        self.seen_attempts.extend(d.attempts for d in batch)
+        return super().__call__(batch)
