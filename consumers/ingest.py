@@ -22,7 +22,7 @@ from injector import marks
 from injector.config import Settings, Stream
 from injector.errors import ChecksumConflict, DatasetClosed, Permanent, Transient
 from injector.events import FileClosed
-from injector.gateway import Attachment, NewReplica, RucioGateway, chunks, isolate
+from injector.gateway import Attachment, FileMeta, NewReplica, RucioGateway, chunks, isolate
 from injector.settle import Outcome
 from injector.streams import Placement, place
 
@@ -159,12 +159,9 @@ def _check_against_rucio(files: Sequence[_File], rucio: RucioGateway, *, after_a
     """Mark files Rucio already holds; the same name with other size/adler32 is a conflict."""
     todo = [f for f in _ok(files) if not (after_add and f.existed)]
     for part in chunks(todo, BULK):
-        try:
-            meta = rucio.file_metadata([f.key for f in part])
-        except (Permanent, Transient) as exc:
-            _fail(part, exc)
-            continue
-        for f in part:
+        meta: dict[Did, FileMeta] = {}
+        _bisect(part, lambda fs, meta=meta: meta.update(rucio.file_metadata([f.key for f in fs])))  # bad ones alone
+        for f in _ok(part):
             m = meta.get(f.key)
             if m is None:
                 if after_add:

@@ -283,21 +283,24 @@ class _Announcer:
 
 def run(settings: Settings, options: Options, streams: Sequence[str], every: float | None,
         report: Callable[[list[Finding]], None], stop: threading.Event,
-        metrics_port: int | None = None) -> list[Finding]:
+        metrics_port: int | None = None, rucio: RucioInspector | None = None,
+        publish: Publish | None = None) -> list[Finding]:
     """One sweep, or one every `every` seconds until `stop` (serving /metrics and /healthz meanwhile);
-    returns the last sweep's findings."""
+    returns the last sweep's findings. A sweep cut short by a Rucio outage is followed, in the loop, by
+    another as soon as Rucio answers (the gateway's breaker probes meanwhile)."""
     from injector.gateway import ClientGateway
 
     selected(settings, streams)  # fail fast on an unknown stream name
     metrics = _metrics(settings, every, metrics_port)
-    rucio = ClientGateway(settings.rucio, observe=metrics.observe if metrics else None)
+    if rucio is None:
+        rucio = ClientGateway(settings.rucio, observe=metrics.observe if metrics else None)
     announce = _Announcer(settings)
     if metrics is not None:
         metrics.metrics.track_breaker(rucio.breaker)
     try:
         while True:
             started = time.monotonic()
-            findings = sweep(settings, rucio, announce, options, streams)
+            findings = sweep(settings, rucio, publish or announce, options, streams)
             report(findings)
             if metrics is not None:
                 metrics.swept(findings, time.monotonic() - started)

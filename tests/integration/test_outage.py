@@ -18,15 +18,17 @@ from typing import Any
 import pytest
 
 from consumers.services import cleanup_worker, ingest_worker
-from injector import topology
-from injector.events import FileClosed
+from injector import deadletter, topology
+from injector.events import FileClosed, encode
+from injector.gateway import ClientGateway
 from injector.messages import Delivery
 from injector.settle import Outcome
-from injector.testbed.rucio import RucioServer
+from injector.testbed.rucio import PASSWORD, USERNAME, RucioServer
 from injector.worker import BatchWorker
 from producers.publish import DaqPublisher
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
-from tests.integration.rabbit import declared, depth, ingested, running, wait_for
+from tests.integration.httpfault import RucioProxy
+from tests.integration.rabbit import declared, depth, get_all, ingested, running, wait_for
 from tests.integration.test_cleanup_rucio import _Hermes, cleanup_settings, dead_letters, outcomes, transfer_done
 from tests.integration.test_ingest_rucio import files, settings_for
 
@@ -166,3 +168,61 @@ def test_cleanup_waits_out_an_outage_mid_stream_of_transfer_done_events(lab: Lab
     lab.server.run_daemons("reaper", rses=[SOURCE])  # every source really was released
     assert all(list(r["states"]) == [ARCHIVE] for r in lab.replicas([e.path for e in events]).values())
     assert outage_lines(caplog) == (1, 1)
+
+
+@pytest.fixture
+def proxy(lab: Lab) -> Iterator[RucioProxy]:
+    p = RucioProxy(lab.server.url)
+    yield p
+    p.close()
+
+
+def through(proxy: RucioProxy, s: Any) -> ClientGateway:
+    """A gateway whose Rucio client talks to the server through `proxy`."""
+    from rucio.client import Client
+
+    def client() -> Any:
+        return Client(rucio_host=proxy.url, auth_host=proxy.url, account="root", auth_type="userpass",
+                      creds={"username": USERNAME, "password": PASSWORD}, timeout=10)
+
+    return ClientGateway(s.rucio, factory=client)
+
+
+def test_503s_from_a_proxy_in_front_of_rucio_are_an_outage_waited_out(lab, proxy):
+    s = settings_for(lab, rucio=FAST_PROBES)
+    events = files(lab, 100)
+    gateway = through(proxy, s)
+    worker = ingest_worker(s, gateway)
+    attempts = Attempts(worker)
+    with declared(s), running(worker):
+        proxy.unavailable = True
+        with DaqPublisher(s.broker) as daq:
+            daq.publish(events)
+        wait_for(lambda: gateway.breaker.open, timeout=60, what="breaker open")
+        time.sleep(8)
+        assert worker.stats.messages == 0
+        proxy.unavailable = False
+        wait_for(lambda: worker.stats.messages == 100, timeout=60, what="ingested once the proxy answers")
+        dead = depth(s, topology.dead_letter_queue(s.ingest.queue))
+    assert dead == 0 and sorted(attempts.seen) == [1] * len(attempts.seen)
+    assert set(worker.stats.outcomes) == {"registered"} and gateway.breaker.outages == 1
+
+
+def test_a_bare_500_for_one_event_while_rucio_answers_dead_letters_that_event_only(lab, proxy):
+    s = settings_for(lab, broker={"delivery_limit": 2})
+    events = files(lab, 20)
+    poison = events[7]
+    proxy.poison = "Run00007"  # the server "chokes" on any request naming this file
+    gateway = through(proxy, s)
+    worker = ingest_worker(s, gateway)
+    worker.batching.retry_pause = 0.2
+    with declared(s), running(worker):
+        with DaqPublisher(s.broker) as daq:
+            daq.publish(events)
+        wait_for(lambda: depth(s, topology.dead_letter_queue(s.ingest.queue)) == 1, timeout=60, what="dead letter")
+        (dead,) = get_all(s, topology.dead_letter_queue(s.ingest.queue))
+    h = dead.properties["application_headers"]
+    assert dead.body == encode(poison) and h[deadletter.REASON] == "rucio-unavailable"
+    assert "500" in h[deadletter.ERROR] and h[deadletter.ATTEMPTS] == 2
+    assert sorted(lab.content(f"LST1_{lab.tag}_20261124_raw")) == sorted(e.path for e in events if e is not poison)
+    assert gateway.breaker.outages == 0 and proxy.refused > 0, "Rucio answered throughout: never an outage"

@@ -334,3 +334,26 @@ def test_expired_rule_waiting_for_a_child_and_soft_deleted_rule():
 def test_stuck_rule_says_why_and_what_fix_does():
     f = diagnose_rule("s", "lst:ds", rule(state="STUCK", error="SOURCE_NOT_FOUND", locks_stuck_cnt=3), NOW)
     assert f is not None and f.kind == "rule-stuck" and "SOURCE_NOT_FOUND" in f.detail and "boost" in f.fix
+
+
+def test_the_reconcile_loop_waits_out_a_rucio_outage_and_sweeps_again_as_soon_as_rucio_answers(settings, rucio):
+    import threading
+
+    from consumers import reconcile
+
+    archived(rucio, NAMES[0])
+    rucio.down = True
+    sweeps: list[list[str]] = []
+    stop = threading.Event()
+
+    def report(found):
+        sweeps.append(sorted(f.kind for f in found))
+        if len(sweeps) == 1:
+            threading.Timer(0.2, lambda: setattr(rucio, "down", False)).start()
+        else:
+            stop.set()
+
+    reconcile.run(settings, Options(grace=LATER), ["lst1-raw"], 3600, report, stop, metrics_port=0, rucio=rucio,
+                  publish=Broker())
+    assert sweeps == [["sweep-failed"], ["release-source"]], "swept again once Rucio answered, not an hour later"
+    assert rucio.breaker.outages == 1 and not rucio.breaker.open

@@ -1,0 +1,68 @@
+"""An HTTP proxy in front of the real Rucio server that a test can make misbehave: answer every request with a
+503 (a load balancer in front of a dead server), or answer a bare 500, with no Rucio exception headers, to any
+request whose body mentions a poison string (a request the server chokes on while it is healthy)."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
+
+
+class RucioProxy:
+    def __init__(self, upstream: str) -> None:
+        u = urlparse(upstream)
+        self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
+        self.unavailable = False  # every request: 503
+        self.poison: str | None = None  # requests whose body contains it: bare 500
+        self.refused = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.unavailable:
+                    return self._answer(503, b"<html>503 Service Unavailable</html>")
+                if proxy.poison and proxy.poison.encode() in body:
+                    proxy.refused += 1
+                    return self._answer(500, b"Internal Server Error")
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body or None,
+                                 headers={k: v for k, v in self.headers.items() if k.lower() not in HOP})
+                    reply = conn.getresponse()
+                    data = reply.read()
+                    self.send_response(reply.status)
+                    for k, v in reply.getheaders():
+                        if k.lower() not in HOP:
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            def _answer(self, code: int, text: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _relay  # noqa: N815 - http.server's naming
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
