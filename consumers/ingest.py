@@ -160,7 +160,11 @@ def _check_against_rucio(files: Sequence[_File], rucio: RucioGateway, *, after_a
     todo = [f for f in _ok(files) if not (after_add and f.existed)]
     for part in chunks(todo, BULK):
         meta: dict[Did, FileMeta] = {}
-        _bisect(part, lambda fs, meta=meta: meta.update(rucio.file_metadata([f.key for f in fs])))  # bad ones alone
+
+        def lookup(fs: Sequence[_File], meta: dict[Did, FileMeta] = meta) -> None:
+            meta.update(rucio.file_metadata([f.key for f in fs]))
+
+        _bisect(part, lookup)  # a name Rucio chokes on fails alone
         for f in _ok(part):
             m = meta.get(f.key)
             if m is None:

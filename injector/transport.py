@@ -46,14 +46,15 @@ def _lost(what: str) -> Iterator[None]:
         raise BrokerUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
-def connection(broker: Broker) -> kombu.Connection:
-    """An open kombu connection (failover over broker.urls), retried with jittered backoff."""
+def connection(broker: Broker, attempts: int | None = None) -> kombu.Connection:
+    """An open kombu connection (failover over broker.urls), retried with jittered backoff (`attempts`, default
+    broker.connect_attempts; a consumer passes 1: its own loop retries, and stops at once on SIGTERM)."""
     conn = kombu.Connection(broker.urls, heartbeat=broker.heartbeat, connect_timeout=10,
                             failover_strategy="round-robin")
 
     @retry(
         retry=retry_if_exception_type(BrokerUnavailable),
-        stop=stop_after_attempt(broker.connect_attempts),
+        stop=stop_after_attempt(attempts or broker.connect_attempts),
         wait=wait_random_exponential(multiplier=0.5, max=15),
         reraise=True,
     )
@@ -214,7 +215,7 @@ class AmqpLink:
         self.generation = generation
         self.buffer = buffer
         self.tag: str | None = None
-        self.conn: kombu.Connection = connection(broker)
+        self.conn: kombu.Connection = connection(broker, attempts=1)
         try:
             with _lost(f"cannot consume {queue}"):
                 self.channel: amqp.Channel = self.conn.channel()

@@ -5,10 +5,12 @@ heartbeats) and settles; each batch is processed on a worker thread so that slow
 starve heartbeats. While a batch is in flight the next one fills up (bounded by the prefetch).
 
 Rucio outage (the process's breaker is open, injector.breaker): the batch in progress is HELD, unacked,
-and processed again once Rucio answers; intake is paused meanwhile, so no delivery budget is spent however
-long it lasts. Past `outage_hold` seconds (RabbitMQ would return unacked messages, counted, at its
-consumer_timeout) the held batch and the buffer are handed back without spending their budget and the
-link is closed until Rucio answers.
+and processed again once Rucio answers; no other batch starts, and the broker sends no more than the
+prefetch, all held unacked, so no delivery budget is spent however long it lasts. (The consumer is not
+cancelled for an outage: RabbitMQ 3.x returns, counted, a quorum-queue message it was sending to a
+consumer at the instant that consumer is cancelled.) Past `outage_hold` seconds (RabbitMQ would return
+unacked messages, counted, at its consumer_timeout) the consumer is cancelled, the held batch and the
+buffer are handed back without spending their budget and the link is closed until Rucio answers.
 
 Stop (SIGTERM): intake is paused at once, only the batch in progress is finished and settled, the
 deliveries received but not started are handed back without spending their budget, then the link closes.
@@ -156,11 +158,11 @@ class BatchWorker:
         paused = False
         while True:
             self.metrics.heartbeat()
-            if paused != (stop.is_set() or self._rucio_down()):  # no intake while stopping or Rucio is down
-                paused = not paused
-                (link.pause if paused else link.resume)()
+            if stop.is_set() and not paused:  # take nothing new; finish only the batch in progress
+                link.pause()
+                paused = True
             if inflight is not None and inflight.future.done():
-                retried = self._finish(link.session, inflight, buffer, stop)
+                retried = self._finish(link, inflight, buffer, stop)
                 inflight = None
                 if retried:
                     resume_at = time.monotonic() + self.batching.retry_pause
@@ -210,16 +212,18 @@ class BatchWorker:
             log.exception("batch of %d failed unexpectedly; requeueing", len(batch))
             return [Outcome("retry", "handler-crashed", None, "handler-crashed", repr(exc))] * len(batch)
 
-    def _finish(self, session: Session, inflight: _Inflight, buffer: list[Delivery], stop: threading.Event) -> bool:
+    def _finish(self, link: Link, inflight: _Inflight, buffer: list[Delivery], stop: threading.Event) -> bool:
         """Settle a finished batch (True when some of it is retried), or hand back a held one."""
         outcomes = inflight.future.result()
         if outcomes is not None:
-            return self._settle(session, outcomes, inflight.batch, inflight.started)
-        self._hand_back(session, inflight.batch, "Rucio still down" if not stop.is_set() else "stopping")
-        self._unsettled = self._unsettled[:1]
+            return self._settle(link.session, outcomes, inflight.batch, inflight.started)
         if not stop.is_set():  # held past outage_hold: give everything back and wait for Rucio disconnected
-            self._hand_back(session, buffer, "Rucio still down")
+            link.pause()
+            self._hand_back(link.session, inflight.batch + buffer, "Rucio still down")
+            buffer.clear()
             raise _HandedBack()
+        self._hand_back(link.session, inflight.batch, "stopping")
+        self._unsettled = self._unsettled[:1]
         return False
 
     def _hand_back(self, session: Session, deliveries: list[Delivery], why: str) -> None:
