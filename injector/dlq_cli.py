@@ -218,7 +218,8 @@ def notes(s: ReplaySummary) -> list[str]:
     ) if n]
     if s.interrupted:
         out.append(f"{s.queue}: interrupted: {s.interrupted}; what was not reached is still dead-lettered: run "
-                   "the same replay again")
+                   "the same replay again (the broker returns what the lost connection held once it notices the "
+                   "loss: at once when the connection closed, else after the heartbeat timeout)")
     out += [f"  error: {_line(e, 200)}" for e in s.errors[:20]]
     if len(s.errors) > 20:
         out.append(f"  … and {len(s.errors) - 20} more error(s) (the log has each)")

@@ -16,10 +16,13 @@ from consumers.dlq import RabbitDlq
 from consumers.services import ingest_worker
 from injector.config import Settings
 from injector.deadletter import Filter
+from injector.replay import ReplaySummary
 from injector.testing import FakeRucio
+from injector.topology import TopologyMissing
 from injector.worker import BatchWorker
 from tests.conftest import STREAMS
-from tests.integration.rabbit import declared, depth, running, unique_settings, wait_for
+from tests.integration.netfault import Proxy
+from tests.integration.rabbit import declared, depth, get_all, running, unique_settings, wait_for
 from tests.integration.test_dlq import dlq_name, fill_dlq
 
 pytestmark = pytest.mark.integration
@@ -88,3 +91,38 @@ def test_replaying_a_thousand_while_ingest_fails_some_again_is_exact_ten_times_i
             assert contents(s) == untouched + failed_again, f"{what}: the DLQ is not before - replayed + failed"
             assert depth(s, s.ingest.queue) == 0
     assert {i for i, _ in selected} == still_bad and not matching & set(i for i, _ in contents(s))
+
+
+def test_a_connection_dropped_mid_replay_loses_nothing_and_the_summary_says_what_happened(settings):
+    s = settings
+    ids = set(fill_dlq(s, 1000, reason="no-stream"))
+    proxy = Proxy(("127.0.0.1", 5672))
+    via = s.broker.model_copy(update={"urls": [f"amqp://guest:guest@127.0.0.1:{proxy.port}//"]})
+    result: list[ReplaySummary] = []
+    replay = threading.Thread(target=lambda: result.append(RabbitDlq(via).replay(dlq_name(s), rate=500)))
+    try:
+        replay.start()
+        wait_for(lambda: depth(s, s.ingest.queue) >= 300, timeout=30, what="replay under way")
+        assert proxy.drop() >= 1
+        replay.join(60)
+    finally:
+        proxy.close()
+    (summary,) = result
+    assert summary.interrupted and "connection lost" in summary.interrupted, summary
+    assert 300 <= summary.replayed < 1000 and summary.in_both == 0 and summary.unchecked == 0, summary
+    back = Counter(m.properties["message_id"] for m in get_all(s, s.ingest.queue))
+    still = contents(s)
+    assert set(back) | {i for i, _ in still} == ids, "nothing lost"
+    assert max(back.values()) == 1 and max(still.values()) == 1
+    both = set(back) & {i for i, _ in still}
+    assert len(both) <= summary.doubtful, f"{len(both)} in both places, only {summary.doubtful} reported doubtful"
+    assert summary.replayed <= len(back) <= summary.replayed + summary.doubtful, summary
+    again = RabbitDlq(s.broker).replay(dlq_name(s))
+    assert again.clean and again.replayed == sum(still.values()) and not contents(s)
+    assert set(m.properties["message_id"] for m in get_all(s, s.ingest.queue)) == {i for i, _ in still}
+
+
+def test_replaying_a_dlq_that_does_not_exist_says_so_and_changes_nothing():
+    s = unique_settings(STREAMS)
+    with pytest.raises(TopologyMissing, match="does not exist on amqp://127.0.0.1:5672//: run `rucio-injector"):
+        RabbitDlq(s.broker).replay(dlq_name(s))
