@@ -111,18 +111,19 @@ def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
 
 def render(data: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     if not console.is_terminal:  # piped or mailed: no terminal width to fit, keep every column whole
         console.width = max(console.width, 200)
     for stream, datasets in data["streams"].items():
-        table = Table(title=f"stream {stream}: files per stage (from Rucio)")
+        table = Table(title=f"stream {escape(stream)}: files per stage (from Rucio)")
         table.add_column("dataset", no_wrap=True)
         for s in STAGES:
             table.add_column(s, justify="right")
         for ds, counts in datasets.items():
-            table.add_row(ds, *(str(counts[s]) for s in STAGES))
+            table.add_row(escape(ds), *(str(counts[s]) for s in STAGES))
         if not datasets:
             table.add_row("(no files)", *["0"] * len(STAGES))
         console.print(table)
@@ -132,7 +133,7 @@ def render(data: dict[str, Any]) -> None:
     queues.add_column("consumers", justify="right")
     for name, q in data["queues"].items():
         if isinstance(q, dict):
-            queues.add_row(name, str(q["messages"]), str(q["consumers"]))
+            queues.add_row(escape(name), str(q["messages"]), str(q["consumers"]))
         else:
-            queues.add_row(name, q, "")
+            queues.add_row(escape(name), escape(q), "")
     console.print(queues)
