@@ -67,14 +67,14 @@ class RabbitDlq:
 
     def depth(self, queue: str) -> int:
         with self._connection() as conn:
-            return _depth(conn, conn.channel(), queue)
+            return depth_of(conn, conn.channel(), queue)
 
     def peek(self, queue: str, where: Filter = EVERYTHING) -> list[Record]:
         """The dead letters present now that `where` selects; nothing is consumed or counted."""
         with self._connection() as conn:
             channel = conn.channel()
-            found = [r for r in _take(channel, queue, _depth(conn, channel, queue)) if where(r)]
-            _close(channel)
+            found = [r for r in take(channel, queue, depth_of(conn, channel, queue)) if where(r)]
+            close_gracefully(channel)
         return found
 
     def purge(self, queue: str, where: Filter = EVERYTHING) -> int:
@@ -82,11 +82,11 @@ class RabbitDlq:
         with self._connection() as conn:
             channel = conn.channel()
             gone = []
-            for r in _take(channel, queue, _depth(conn, channel, queue)):
+            for r in take(channel, queue, depth_of(conn, channel, queue)):
                 if where(r):
                     channel.basic_ack(r.tag[0])
                     gone.append(r)
-            _close(channel)
+            close_gracefully(channel)
         for r in gone:
             log.info("purged %s from %s (reason %s)", r.id, queue, r.reason, extra={"event_id": r.id})
         return len(gone)
@@ -113,11 +113,11 @@ class RabbitDlq:
             for _ in range(CHECKS):
                 with self._connection() as conn:
                     channel = conn.channel()
-                    found = [r for r in _take(channel, queue, run.summary.depth) if left[r.key] > 0]
+                    found = [r for r in take(channel, queue, run.summary.depth) if left[r.key] > 0]
                     for r in found:
                         channel.basic_ack(r.tag[0])
                         left[r.key] -= 1
-                    _close(channel)
+                    close_gracefully(channel)
                 if not found:
                     return
                 run.summary.resettled += len(found)
@@ -142,22 +142,22 @@ class _Replay:
         self.pending: list[tuple[Record, Outgoing]] = []
         self.removed: list[Record] = []  # acked; removed for sure once the channel closed
         self.started = time.monotonic()
-        self.publisher: _Confirms | None = None
+        self.publisher: Confirms | None = None
         self.exchanges: dict[str, str | None] = {}  # exchange → why it cannot be used (None: it exists)
 
     def read(self, conn: kombu.Connection) -> None:
         browse = conn.channel()
-        self.summary.depth = _depth(conn, browse, self.queue)
+        self.summary.depth = depth_of(conn, browse, self.queue)
         if not self.summary.dry_run:
-            self.publisher = _Confirms(conn)
-        for r in _take(browse, self.queue, self.summary.depth):
+            self.publisher = Confirms(conn)
+        for r in take(browse, self.queue, self.summary.depth):
             self.summary.seen += 1
             if self.where(r):
                 self._select(conn, browse, r)
             if self.limit is not None and self.summary.selected >= self.limit:
                 break
         self._flush(browse)
-        _close(browse)  # the broker answers only after it processed every ack sent before
+        close_gracefully(browse)  # the broker answers only after it processed every ack sent before
 
     def _select(self, conn: kombu.Connection, browse: Any, r: Record) -> None:
         self.summary.count(r, "selected")
@@ -183,7 +183,7 @@ class _Replay:
             try:
                 channel.exchange_declare(target.exchange, "topic", passive=True)
                 self.exchanges[target.exchange] = None
-                _close(channel)
+                close_gracefully(channel)
             except amqp.exceptions.NotFound:
                 self.exchanges[target.exchange] = f"exchange {target.exchange!r} does not exist"
         return self.exchanges.get(target.exchange)
@@ -232,7 +232,7 @@ class _Replay:
         log.error("replay of %s interrupted: %s", self.queue, self.summary.interrupted)
 
 
-class _Confirms:
+class Confirms:
     """A confirm-mode channel that tells, message by message, whether the broker took a message (confirmed
     and routed to a queue): a replay must know which dead letters it may remove."""
 
@@ -276,7 +276,7 @@ class _Confirms:
         return self.refused
 
 
-def _depth(conn: kombu.Connection, channel: Any, queue: str) -> int:
+def depth_of(conn: kombu.Connection, channel: Any, queue: str) -> int:
     try:
         return int(channel.queue_declare(queue, passive=True).message_count)
     except amqp.exceptions.NotFound:
@@ -285,7 +285,7 @@ def _depth(conn: kombu.Connection, channel: Any, queue: str) -> int:
         ) from None
 
 
-def _take(channel: Any, queue: str, most: int) -> Iterator[Record]:
+def take(channel: Any, queue: str, most: int) -> Iterator[Record]:
     """Up to `most` messages, oldest first, unacked (they return to their place unless acked)."""
     for _ in range(most):
         m = channel.basic_get(queue, no_ack=False)
@@ -298,7 +298,7 @@ def _take(channel: Any, queue: str, most: int) -> Iterator[Record]:
                      tag=(m.delivery_tag, props.get("content_type") or "application/json"))
 
 
-def _close(channel: Any) -> None:
+def close_gracefully(channel: Any) -> None:
     """Close gracefully: the broker's close-ok comes after it processed every frame sent before."""
     if channel.is_open:
         channel.close()

@@ -63,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     rep.add_argument("--to", dest="routing_key", metavar="ROUTING_KEY",
                      help="instead: through the original exchange with this routing key (ActiveMQ: to this "
                           "destination)")
+    mig = acts.add_parser("migrate", help="recreate a DLQ an older version declared as a quorum queue as the "
+                                          "classic queue declared now, keeping every dead letter")
+    mig.add_argument("queue", nargs="?", help="work queue or its DLQ (default: every RabbitMQ DLQ)")
 
 
 def run(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -71,6 +74,8 @@ def run(args: argparse.Namespace, settings: config.Settings) -> int:
         preflight.stomp_reachable(settings)
     if args.action == "show":
         return _show(settings, queues, args.id)
+    if args.action == "migrate":
+        return _migrate(settings, [q for q in queues if not isinstance(dlq_for(settings, q), ActiveMqDlq)])
     where = _filter(args, settings, queues)
     if args.action == "list":
         _print_list([r for q in queues for r in dlq_for(settings, q).peek(q, where)], args.json)
@@ -80,6 +85,17 @@ def run(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.action == "purge":
         return _purge(settings, queues, where, args.yes)
     return _replay(settings, queues, where, args)
+
+
+def _migrate(settings: config.Settings, queues: Sequence[str]) -> int:
+    from consumers.dlq_migrate import migrate
+
+    for q in queues:
+        m = migrate(settings, q)
+        err.print(Text(f"{q}: {m.note}" if m.note else
+                       f"{q}: recreated as declared now; {m.moved_out} dead letter(s) moved out, {m.moved_back} "
+                       f"back ({m.duplicates} duplicate(s) dropped)"))
+    return 0
 
 
 def _filter(args: argparse.Namespace, settings: config.Settings, queues: Sequence[str]) -> Filter:

@@ -196,6 +196,6 @@ def apply(connection: Any, topology: Topology) -> list[str]:
 def _mismatch(what: str, exc: Exception) -> str:
     text = f"the broker already has {what} declared differently ({exc})"
     if what.startswith("queue ") and what.split()[1].endswith(DLQ_SUFFIX):
-        return (f"{text}: dead-letter queues are classic queues now; move its dead letters to a new classic "
-                "queue (see broker-config/README.md, \"Dead-letter queues are classic\"), then run `broker setup`")
+        return (f"{text}: dead-letter queues are classic queues now: run `rucio-injector dlq migrate`, which "
+                "recreates it keeping every dead letter (broker-config/README.md), then `broker setup` again")
     return f"{text}: delete it (after draining it) or rename it in the config, then run `broker setup` again"

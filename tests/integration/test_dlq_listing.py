@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -94,3 +97,38 @@ def test_broker_setup_refuses_a_dlq_still_declared_as_a_quorum_queue_and_says_ho
     finally:
         with kombu.Connection(AMQP_URL) as conn:
             topology.remove(conn, topology.declare(s))
+
+
+def test_dlq_migrate_recreates_a_quorum_dlq_as_classic_keeping_every_dead_letter_once(tmp_path):
+    s = unique_settings(STREAMS)
+    decl = topology.declare(s)
+    older = topology.Topology(decl.vhost, decl.exchanges, [
+        topology.Queue(q.name, {"x-queue-type": "quorum"}) if q.name.endswith(topology.DLQ_SUFFIX) else q
+        for q in decl.queues], decl.bindings)
+    with kombu.Connection(AMQP_URL) as conn:
+        topology.apply(conn, older)  # as an older version declared it
+    try:
+        ids = fill_dlq(s, 500)
+        before = [(m.properties["message_id"], _headers(m), m.body) for m in raw(s, dlq_name(s))]
+        cfg = write_config(s, tmp_path / "c.toml")
+        env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
+        refused = subprocess.run([sys.executable, "-m", "injector.cli", "broker", "setup"], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 3 and "dlq migrate" in refused.stderr, refused.stderr
+        done = subprocess.run([sys.executable, "-m", "injector.cli", "dlq", "migrate"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and "500 back" in done.stderr, done.stderr
+        after = [(m.properties["message_id"], _headers(m), m.body) for m in raw(s, dlq_name(s))]
+        assert sorted(after, key=str) == sorted(before, key=str) and sorted(i for i, _, _ in after) == sorted(ids)
+        with kombu.Connection(AMQP_URL) as conn:
+            topology.apply(conn, decl)  # declared as now: classic
+            with pytest.raises(amqp.exceptions.NotFound):
+                conn.channel().queue_declare(dlq_name(s) + ".migrating", passive=True)
+    finally:
+        with kombu.Connection(AMQP_URL) as conn:
+            topology.remove(conn, decl)
+            conn.channel().queue_delete(dlq_name(s) + ".migrating")
+
+
+def _headers(m: amqp.Message) -> dict[str, Any]:
+    return {k: v for k, v in m.properties["application_headers"].items() if k != "x-delivery-count"}
