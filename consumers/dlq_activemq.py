@@ -212,10 +212,12 @@ class _Link:
                 newest: int | None = None) -> Iterator[Record]:
         """Frames of one subscription as records, until the browse ends or `idle` seconds pass without one.
         `newest`: only messages not newer than this broker timestamp (ms)."""
+        # A browser consumes nothing; with client acks ActiveMQ would stop after its prefetch (500) unacked.
         headers = {"browser": "true"} if browse else {"activemq.prefetchSize": str(prefetch)}
         if newest is not None:
             headers["selector"] = f"JMSTimestamp <= {newest}"
-        self.conn.subscribe(f"/queue/{queue}", id=uuid.uuid4().hex[:8], ack="client-individual", headers=headers)
+        self.conn.subscribe(f"/queue/{queue}", id=uuid.uuid4().hex[:8], ack="auto" if browse else "client-individual",
+                            headers=headers)
         while True:
             try:
                 frame = self.inbox.get(timeout=idle)
