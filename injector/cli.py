@@ -110,6 +110,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     else:
         status.render(data)
+    missing = [name for name, q in data["queues"].items() if isinstance(q, str)]
+    if missing:  # the tables show Rucio's side all the same
+        from injector import topology
+
+        where = topology.where(settings.broker.urls[0])
+        raise topology.TopologyMissing(f"{len(missing)} queue(s) do not exist on {where} ({', '.join(missing)}): "
+                                       "run `rucio-injector broker setup`")
     return 0
 
 
@@ -239,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb not in ("demo", "watch") and not (args.verb == "broker" and args.action == "definitions"):
             preflight.check(args.verb, _settings(args), action=getattr(args, "action", None),
-                            looping=getattr(args, "every", None) is not None)
+                            looping=getattr(args, "every", None) is not None, streams=getattr(args, "stream", None))
         return func(args)
     except BaseException as exc:  # noqa: BLE001 - every failure gets its one line and exit code, or re-raised
         if isinstance(exc, SystemExit):

@@ -23,8 +23,14 @@ from injector.errors import BrokerUnavailable, RucioUnavailable
 CONNECT_TIMEOUT = 5.0
 
 
-def check(verb: str, settings: Settings, *, action: str | None = None, looping: bool = False) -> None:
-    """Raise the error that explains what `verb` lacks; return when it has what it needs."""
+def check(verb: str, settings: Settings, *, action: str | None = None, looping: bool = False,
+          streams: list[str] | None = None) -> None:
+    """Raise the error that explains what `verb` lacks; return when it has what it needs. Usage comes first:
+    an unknown --stream is named before the broker or Rucio is asked anything."""
+    if streams:
+        from consumers.inventory import selected
+
+        selected(settings, streams)
     if verb in ("ingest", "cleanup") or (verb == "reconcile" and looping):
         _if_reachable(settings, _consumer_queues(verb, settings))
         return
@@ -41,9 +47,9 @@ def _needs(verb: str, settings: Settings) -> tuple[list[str], list[str]]:
     b = settings.broker
     if verb in ("publish", "reconcile"):
         return [b.daq_exchange], []
-    if verb == "status":
-        return [b.daq_exchange], [q.name for q in topology.declare(settings).queues]
-    return [], []  # broker setup: reachable is enough; dlq: each DLQ is checked where it is read
+    # status reports each missing queue in its table (and exits 3); broker setup: reachable is enough;
+    # dlq: each DLQ is checked where it is read
+    return [], []
 
 
 def _consumer_queues(verb: str, settings: Settings) -> list[str]:
