@@ -177,8 +177,11 @@ class _Replay:
         for r in self.pending:
             self.summary.count(r, "doubtful")
         self.pending = []
-        for r in self.waiting.values():
-            self._fail(r, f"{r.id}: not reached before the connection was lost")
+        for r in self.waiting.values():  # selected at the start, never reached: still dead-lettered
+            self.summary.count(r, "failed")
+        if self.waiting:
+            self.summary.errors.append(f"{len(self.waiting)} selected dead letter(s) not reached before the "
+                                       f"connection was lost: still in {self.queue}")
         self.waiting = {}
         self.summary.interrupted = f"broker connection lost ({type(exc).__name__}: {exc})"
         log.error("replay of %s interrupted: %s", self.queue, self.summary.interrupted)

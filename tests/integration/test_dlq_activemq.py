@@ -21,6 +21,7 @@ from consumers.services import cleanup_worker
 from injector import deadletter
 from injector.deadletter import Filter
 from injector.testing import FakeRucio
+from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, running, unique_settings, wait_for
 
 pytestmark = pytest.mark.integration
@@ -154,3 +155,33 @@ def test_replay_on_activemq_takes_all_the_dead_letters_present_at_its_start_and_
             expected = untouched + Counter((i, k + 1) for i, k in selected.elements() if i in bad)
             wait_for(lambda e=expected: contents() == e, timeout=20, what=f"{what}: DLQ = before - replayed + failed")
     assert not set(fine) & {i for i, _ in contents()}
+
+
+def test_a_connection_dropped_mid_replay_on_activemq_loses_nothing_and_the_summary_says_so(activemq):
+    s = settings_for(activemq)
+    (dlq_name,) = [q for q in dead_letter_queues(s) if q.startswith("DLQ.")]
+    ids = set(dead_letter(s, 600, reason="invalid-event", valid=True))
+    proxy = Proxy(("127.0.0.1", activemq.stomp_port))
+    via = s.cleanup.model_copy(update={"stomp_hosts": [f"127.0.0.1:{proxy.port}"]})
+    dlq = ActiveMqDlq(s.cleanup)
+    consumer_queue = ActiveMqDlq(s.cleanup)
+
+    def where() -> tuple[Counter[str], Counter[str]]:
+        return (Counter(r.headers["test-id"] for r in consumer_queue.peek(s.cleanup.consumer_queue)),
+                Counter(r.headers["test-id"] for r in dlq.peek(dlq_name)))
+
+    result: list[Any] = []
+    replay = threading.Thread(target=lambda: result.append(ActiveMqDlq(via).replay(dlq_name, rate=300)))
+    try:
+        replay.start()
+        wait_for(lambda: sum(where()[0].values()) >= 200, timeout=30, what="replay under way")
+        assert proxy.drop() >= 1
+        replay.join(60)
+    finally:
+        proxy.close()
+    (summary,) = result
+    assert summary.interrupted and summary.in_both == 0 and summary.unchecked == 0, summary
+    back, still = where()
+    assert set(back) | set(still) == ids and max(back.values()) == 1 and max(still.values()) == 1, "nothing lost"
+    assert len(set(back) & set(still)) <= summary.doubtful, summary
+    assert summary.replayed <= len(back) <= summary.replayed + summary.doubtful, summary
