@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import amqp
@@ -71,6 +71,12 @@ def migrate(settings: Settings, queue: str) -> Migration:
         _delete_if_empty(conn, hold)
         m.done = not _exists(conn, hold)
     return m
+
+
+def missing(settings: Settings, queues: Sequence[str]) -> list[str]:
+    """The DLQs that exist neither as themselves nor half-way through a migration."""
+    with _connection(settings) as conn:
+        return [q for q in queues if not _exists(conn, q) and not _exists(conn, q + HOLD_SUFFIX)]
 
 
 def _move(conn: kombu.Connection, source: str, target: str, *, dedupe: bool = False) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from consumers.dlq import ActiveMqDlq, dead_letter_queues, dlq_for, export_line
-from injector import config, preflight
+from injector import config, preflight, topology
 from injector.deadletter import SHORT_ID, Filter, Record, UnknownId, parse_duration, resolve
 from injector.errors import InjectorError
 from injector.replay import ReplaySummary
@@ -88,8 +88,12 @@ def run(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _migrate(settings: config.Settings, queues: Sequence[str]) -> int:
-    from consumers.dlq_migrate import migrate
+    from consumers.dlq_migrate import migrate, missing
 
+    absent = missing(settings, queues)
+    if absent:
+        raise topology.TopologyMissing(f"queue(s) {', '.join(absent)} do not exist on "
+                                       f"{topology.where(settings.broker.urls[0])}: run `rucio-injector broker setup`")
     for q in queues:
         m = migrate(settings, q)
         err.print(Text(f"{q}: {m.note}" if m.note else

@@ -59,12 +59,13 @@ def unreachable_rucio(tmp_path: Path) -> str:
 
 
 ONE_SHOT = [("publish", "/etc/hostname", "--site", "ORM", "--instrument", "LST1"), ("dlq", "list"),
-            ("dlq", "replay"), ("dlq", "purge", "--yes"), ("dlq", "export", "-"), ("dlq", "show", "abc")]
+            ("dlq", "replay"), ("dlq", "purge", "--yes"), ("dlq", "export", "-"), ("dlq", "show", "abc"),
+            ("dlq", "migrate")]
 
 
 @pytest.mark.parametrize("args", ONE_SHOT + [("ingest",), ("cleanup",)], ids=" ".join)
 def test_before_broker_setup_a_verb_says_in_one_line_which_queue_or_exchange_is_missing(tmp_path, args):
-    line = one_line(run(config(tmp_path), *args), exits.BROKER, "does not exist on amqp://127.0.0.1:5672//",
+    line = one_line(run(config(tmp_path), *args), exits.BROKER, "not exist on amqp://127.0.0.1:5672//",
                     "run `rucio-injector broker setup`")
     assert "guest" not in line
 
