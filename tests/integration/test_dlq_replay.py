@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import kombu
 import pytest
 
 from consumers.dlq import RabbitDlq
@@ -126,3 +127,17 @@ def test_replaying_a_dlq_that_does_not_exist_says_so_and_changes_nothing():
     s = unique_settings(STREAMS)
     with pytest.raises(TopologyMissing, match="does not exist on amqp://127.0.0.1:5672//: run `rucio-injector"):
         RabbitDlq(s.broker).replay(dlq_name(s))
+
+
+def test_dead_letters_whose_queue_is_gone_fail_and_stay_dead_lettered_and_the_summary_says_why(settings):
+    s = settings
+    fill_dlq(s, 300, reason="no-stream")
+    before = contents(s)
+    with kombu.Connection(s.broker.urls[0]) as conn:
+        conn.channel().queue_delete(s.ingest.queue)
+    summary = RabbitDlq(s.broker).replay(dlq_name(s))
+    assert (summary.selected, summary.replayed, summary.failed) == (300, 0, 300) and not summary.clean
+    assert "unroutable" in summary.errors[0] and s.ingest.queue in summary.errors[0]
+    assert contents(s) == before
+    wrong = RabbitDlq(s.broker).replay(dlq_name(s), routing_key="file.closed.ORM.LST1")  # DAQ exchange: no binding
+    assert (wrong.replayed, wrong.failed) == (0, 300) and contents(s) == before
