@@ -1,4 +1,6 @@
-"""`rucio-injector` command line: parse → build settings → call the library. Nothing else."""
+"""`rucio-injector` command line: parse → build settings → call the library. Nothing else.
+
+Errors are answered in `main()`: one line on stderr and an exit code from `injector.exits` (see --help)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from injector import __version__, config, logs
+from injector import __version__, config, exits, logs, prerequisites
 from injector.errors import InjectorError
 
 log = logging.getLogger("rucio_injector")
@@ -20,7 +22,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _settings(args: argparse.Namespace) -> config.Settings:
-    return config.load(args.config)
+    if getattr(args, "settings", None) is None:
+        args.settings = config.load(args.config)
+    return args.settings  # type: ignore[no-any-return]
 
 
 def _stop_on_signals() -> threading.Event:
@@ -107,6 +111,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     else:
         status.render(data)
+    missing = [name for name, q in data["queues"].items() if isinstance(q, str)]
+    if missing:  # the tables show Rucio's side all the same
+        from injector import topology
+
+        where = topology.where(settings.broker.urls[0])
+        raise topology.TopologyMissing(f"{len(missing)} queue(s) do not exist on {where} ({', '.join(missing)}): "
+                                       "run `rucio-injector broker setup`")
     return 0
 
 
@@ -162,7 +173,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rucio-injector", description=__doc__)
+    p = argparse.ArgumentParser(prog="rucio-injector", description=__doc__, epilog=exits.epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"rucio-injector {__version__}")
     p.add_argument("--config", help=f"TOML config file (default: ${config.CONFIG_ENV})")
     p.add_argument("--log-level", default="INFO")
@@ -253,14 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a usage error exits 2 here
     logs.setup(args.log_level, args.log_json)
     func: Handler = args.func
     try:
+        if args.verb not in ("demo", "watch") and not (args.verb == "broker" and args.action == "definitions"):
+            prerequisites.check(args.verb, _settings(args), action=getattr(args, "action", None),
+                                looping=getattr(args, "every", None) is not None,
+                                streams=getattr(args, "stream", None))
         return func(args)
-    except InjectorError as exc:
-        print(f"rucio-injector {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # noqa: BLE001 - every failure gets its one line and exit code, or re-raised
+        if isinstance(exc, SystemExit):
+            raise
+        failure = exits.explain(exc, getattr(args, "settings", None))
+        if failure is None:
+            raise
+        code, line = failure
+        print(f"rucio-injector {args.verb}: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Dead-letter records: the headers this project puts on a message it dead-letters.
 
 The body is never touched. Header names have no `x-` prefix: RabbitMQ owns those (x-death).
-`broker` dead-lettering after the queue's delivery limit carries x-death instead; `describe`
-reads both so operators see one picture.
+`broker` dead-lettering after the queue's delivery limit carries x-death instead; `record`
+reads both so operators see one picture. Ids: `stable_id` (what operators see), `resolve` (short prefixes).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from injector.errors import InjectorError
+from injector.messages import COPY_HEADERS, ORIGIN_EXCHANGE, ORIGIN_ROUTING_KEY
+
 REASON = "dlq-reason"
 ERROR = "dlq-error"
 EXCHANGE = "dlq-original-exchange"
@@ -25,6 +28,12 @@ HOST = "dlq-consumer-host"
 ATTEMPTS = "dlq-attempts"
 REPLAY_COUNT = "dlq-replay-count"
 EVENT_ID = "event-id"
+# A replay that goes straight back into its queue (the default exchange) carries the address the event first
+# came by, as every copy put back in a queue does (injector.messages), so that a dead letter of the replayed
+# copy still names it (and `--to` can route through it). Consumers read it into Delivery.exchange/routing_key.
+REPLAYED_EXCHANGE = ORIGIN_EXCHANGE
+REPLAYED_ROUTING_KEY = ORIGIN_ROUTING_KEY
+SHORT_ID = 8  # characters of an id shown in tables; `show` and `--id` accept any unambiguous prefix
 
 MAX_ERROR_TEXT = 4000  # AMQP header tables share the frame; keep them small
 
@@ -40,8 +49,11 @@ def headers(
     attempts: int,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """The original headers plus this project's dead-letter record."""
-    out = {k: v for k, v in original.items() if not k.startswith("x-")}
+    """The original headers plus this project's dead-letter record (never the count a copy carried: a replay
+    starts afresh)."""
+    exchange = str(original.get(REPLAYED_EXCHANGE, exchange))
+    routing_key = str(original.get(REPLAYED_ROUTING_KEY, routing_key))
+    out = {k: v for k, v in original.items() if not k.startswith("x-") and k not in COPY_HEADERS}
     out.update({
         REASON: reason,
         ERROR: error if len(error) <= MAX_ERROR_TEXT else error[: MAX_ERROR_TEXT - 3] + "...",
@@ -73,6 +85,16 @@ class Record:
     attempts: int
     replay_count: int
     tag: Any = None  # the broker's handle for ack / requeue
+    message_id: str | None = None  # as the broker gave it (ActiveMQ: its JMS id, the browse's unit)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:SHORT_ID]
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """This dead letter, told apart from a later dead letter of its own replay (one replay-count more)."""
+        return self.id, self.replay_count, str(self.headers.get(FAILED_AT) or self.failed_at or "")
 
     def field(self, path: str) -> Any:
         """A body field (dotted path into the JSON), else a header of that name."""
@@ -98,7 +120,7 @@ def record(queue: str, body: bytes, headers: dict[str, Any], message_id: str | N
     reason = headers.get(REASON) or (f"broker-{death['reason']}" if death.get("reason") else "unknown")
     failed_at = headers.get(FAILED_AT) or death.get("time")
     return Record(
-        id=message_id or hashlib.sha1(body).hexdigest()[:16],
+        id=stable_id(message_id, body),
         queue=queue,
         body=body,
         headers=headers,
@@ -109,17 +131,48 @@ def record(queue: str, body: bytes, headers: dict[str, Any], message_id: str | N
         routing_key=str(headers.get(ROUTING_KEY) or routing_keys[0]),
         source_queue=str(headers.get(SOURCE_QUEUE) or death.get("queue") or ""),
         failed_at=_time(failed_at),
-        attempts=int(headers.get(ATTEMPTS) or death.get("count") or 0),
-        replay_count=int(headers.get(REPLAY_COUNT) or 0),
+        attempts=_count(headers.get(ATTEMPTS) or death.get("count")),
+        replay_count=_count(headers.get(REPLAY_COUNT)),
         tag=tag,
+        message_id=message_id,
     )
 
 
-def replay_headers(r: Record) -> dict[str, Any]:
-    """Headers for the republished message: our record removed, replay-count incremented."""
-    out = {k: v for k, v in r.headers.items() if not k.startswith(("dlq-", "x-"))}
-    out[REPLAY_COUNT] = r.replay_count + 1
-    return out
+# Ids a broker makes up: ActiveMQ's `ID:<host>-<port>-…`, RabbitMQ STOMP's `T_<subscription>@@session-…@@<n>`.
+# They share long prefixes, so a short id of theirs would name nothing: such a dead letter goes by a digest.
+_BROKER_MADE = re.compile(r"^ID:|@@")
+
+
+def stable_id(message_id: str | None, body: bytes) -> str:
+    """The id operators see: the message id the event was published with (the DAQ's event_id), or a digest
+    of a broker-made id, or of the body when there is none. The same dead letter has the same id every time."""
+    if not message_id:
+        return hashlib.sha1(body).hexdigest()[:16]
+    if _BROKER_MADE.search(message_id):
+        return hashlib.sha1(message_id.encode()).hexdigest()[:16]
+    return message_id
+
+
+class UnknownId(InjectorError):
+    """An id (or prefix) that names no dead letter, or more than one."""
+
+
+def resolve(prefixes: tuple[str, ...], ids: list[str]) -> tuple[str, ...]:
+    """The full ids the given ids or unambiguous prefixes name (the table shows the first SHORT_ID characters)."""
+    known = sorted(set(ids))
+    out = []
+    for p in prefixes:
+        if p in known:
+            out.append(p)
+            continue
+        matches = [i for i in known if i.startswith(p)]
+        if not matches:
+            raise UnknownId(f"no dead letter has an id starting with {p!r}")
+        if len(matches) > 1:
+            raise UnknownId(f"id prefix {p!r} is ambiguous: {', '.join(matches[:10])}"
+                            f"{' …' if len(matches) > 10 else ''}; give more characters")
+        out.append(matches[0])
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -153,6 +206,13 @@ def parse_duration(text: str) -> timedelta:
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 2h, 7d)")
     return timedelta(seconds=float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+
+
+def _count(value: Any) -> int:
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _time(value: Any) -> datetime | None:

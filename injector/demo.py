@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -46,6 +47,7 @@ from injector.checksum import size_and_adler32
 from injector.config import Settings, parse
 from injector.errors import InjectorError
 from injector.events import FileClosed
+from injector.logs import masked
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +226,7 @@ def _run(options: Options, console: Console, cleanup: contextlib.ExitStack) -> i
     settings = _settings(broker, tag, buffer)
     db = f"{'SQLite' if server.database.startswith('/') else 'PostgreSQL'} {server.database}"
     console.print(f"Rucio {server.url} ({db}), buffer {buffer}, archive {archive}")
-    console.print(f"broker: {broker.what}, AMQP {broker.amqp_url} (demo topology demo-{tag}.*), "
+    console.print(f"broker: {broker.what}, AMQP {masked(broker.amqp_url)} (demo topology demo-{tag}.*), "
                   f"hermes → STOMP {broker.stomp_host}:{broker.stomp_port} /topic/{settings.cleanup.topic}")
     amqp = urlparse(broker.amqp_url)
     hermes = HermesBroker(host=broker.stomp_host, port=broker.stomp_port,
@@ -302,8 +304,8 @@ def _broker(options: Options, log_file: Path, console: Console) -> Iterator[Demo
             return
         if options.broker != AUTO:
             raise DemoError(missing)
-        console.print(f"[yellow]{missing}[/]\n[yellow]→ using the embedded broker instead[/] (one Python process "
-                      "speaking AMQP 0-9-1 and STOMP, messages in memory; for this demo only)")
+        console.print(f"[yellow]{escape(missing)}[/]\n[yellow]→ using the embedded broker instead[/] (one Python "
+                      "process speaking AMQP 0-9-1 and STOMP, messages in memory; for this demo only)")
     with embedded(log_file=log_file) as eb:
         yield DemoBroker(eb.amqp_url, eb.host, eb.stomp_port, "embedded (in memory)")
 
@@ -418,13 +420,13 @@ def _pipeline(options: Options, settings: Settings, server: Any, hermes: Any, cl
         logging.getLogger("injector.settle").removeHandler(handler)
         _say(console, "")  # the live display ends without a newline, also when interrupted
     for e in errors:
-        console.print(f"[red]{e}[/]")
+        console.print(f"[red]{escape(e)}[/]")
     with tracker.lock:
         dead = sorted(tracker.dead.values())
     if dead:
         console.print(f"[red]{len(dead)} event(s) dead-lettered[/] (the log has every one), e.g.:")
         for why in dead[:3]:
-            console.print(f"  [red]{why}[/]")
+            console.print(f"  [red]{escape(why)}[/]")
     done = len(tracker.latencies("archived"))
     if done + len(dead) < total and not errors:
         console.print(f"[red]timed out after {options.timeout:.0f}s: {done}/{total} files archived[/]")
@@ -571,7 +573,7 @@ def _proof(tracker: Tracker, client: Any, buffer: Path, console: Console) -> boo
     console.print(f"[{style}]proof: buffer holds {len(left)} file(s); archive holds {good}/{len(files)} files "
                   f"with the DAQ's adler32[/]")
     for line in [str(p) for p in left[:5]] + bad[:5]:
-        console.print(f"[red]  {line}[/]")
+        console.print(f"[red]  {escape(line)}[/]")
     return ok
 
 

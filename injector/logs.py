@@ -1,13 +1,21 @@
-"""Logging set-up: readable lines by default, JSON lines on request; per-message context fields."""
+"""Logging set-up: readable lines by default, JSON lines on request; per-message context fields.
+No line carries credentials: the user and password of every URL in it are cut out (`masked`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
 CONTEXT = ("event_id", "did", "outcome", "kind")
+_CREDENTIALS = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s]*@", re.IGNORECASE)
+
+
+def masked(text: str) -> str:
+    """`text` with the user and password cut out of every URL in it (amqp://user:secret@host → amqp://host)."""
+    return _CREDENTIALS.sub(r"\1", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -16,11 +24,11 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": masked(record.getMessage()),
         }
         data.update({k: getattr(record, k) for k in CONTEXT if getattr(record, k, None) is not None})
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+            data["exc"] = masked(self.formatException(record.exc_info))
         return json.dumps(data, default=str)
 
 
@@ -29,7 +37,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = masked(super().format(record))
         eid = getattr(record, "event_id", None)
         return f"{line} [event_id={eid}]" if eid else line
 

@@ -83,6 +83,8 @@ def _text(body: bytes | str | None) -> str:
 
 def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
     """A received MESSAGE frame; `headers` keeps the event's own headers (and RabbitMQ's count)."""
+    from injector.replay import stomp_destination
+
     h = dict(frame.headers)
     body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()
     # The count lives in `deliveries`, not in headers: a dead letter replayed later starts afresh.
@@ -92,8 +94,12 @@ def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
         deliveries = _int(h.get(RETRIES)) + 1
     elif "x-delivery-count" in headers:
         headers["x-delivery-count"] = _int(headers["x-delivery-count"])
+    # Where the event came from, as a dead letter must record it to be replayed. RabbitMQ: the AMQP exchange
+    # and routing key behind the STOMP destination (/topic/<name> is amq.topic + <name>), never the destination
+    # itself, which names no exchange. ActiveMQ: the consumer queue the frame came from (never the virtual topic).
     destination = h.get("destination", "")
-    return Delivery(body=body, headers=headers, exchange=destination, routing_key=destination, delivery_tag=0,
+    exchange, routing_key = stomp_destination(destination) if flavour == "rabbitmq" else (destination, "")
+    return Delivery(body=body, headers=headers, exchange=exchange, routing_key=routing_key, delivery_tag=0,
                     redelivered=h.get("redelivered") == "true", message_id=h.get("message-id"),
                     content_type=h.get("content-type", "application/json"), generation=generation,
                     ack_id=h.get("ack") or h.get("message-id"), deliveries=deliveries)

@@ -12,9 +12,23 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from injector.config import Settings
-from injector.errors import ConfigError
+from injector.errors import InjectorError
 
 DLQ_SUFFIX = ".dlq"
+# Dead-letter queues are CLASSIC durable queues, by design: an operator reads them with basic.get and puts
+# the messages back, and a classic queue keeps each message's place and counts nothing, while a quorum queue
+# counts every return in x-delivery-count and, from RabbitMQ 4.0 on, drops a message returned more than
+# 20 times (the default delivery limit; a DLQ has no dead-letter exchange of its own). Listing must never
+# spend a budget. Classic queues are not replicated: a DLQ holds what a person looks at, not the flow.
+DLQ_ARGUMENTS = {"x-queue-type": "classic"}
+
+
+class TopologyMissing(InjectorError):
+    """A queue or exchange the command needs does not exist on the broker (`broker setup` was not run)."""
+
+
+class TopologyMismatch(InjectorError):
+    """The broker has a queue or exchange of ours declared with other arguments than the declaration."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,7 @@ def declare(settings: Settings) -> Topology:
 
     def work_queue(name: str, exchange: str, routing_key: str) -> None:
         queues.append(Queue(name, _work_arguments(settings, name)))
-        queues.append(Queue(dead_letter_queue(name), {"x-queue-type": "quorum"}))
+        queues.append(Queue(dead_letter_queue(name), dict(DLQ_ARGUMENTS)))
         bindings.append(Binding(exchange, name, routing_key))
         bindings.append(Binding(b.dead_letter_exchange, dead_letter_queue(name), name))
 
@@ -99,6 +113,14 @@ def _work_arguments(settings: Settings, name: str) -> dict[str, Any]:
 def vhost_of(url: str) -> str:
     path = urlparse(url).path
     return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def where(url: str) -> str:
+    """A broker URL as it may be shown: scheme, host, port and vhost; never the user or the password."""
+    u = urlparse(url)
+    host = u.hostname or "localhost"
+    port = f":{u.port}" if u.port else ""
+    return f"{u.scheme}://{host}{port}{u.path or '/'}"
 
 
 def definitions(topology: Topology) -> dict[str, Any]:
@@ -163,12 +185,17 @@ def apply(connection: Any, topology: Topology) -> list[str]:
             try:
                 getattr(channel, method)(*args, **kwargs)
             except amqp.exceptions.PreconditionFailed as exc:
-                raise ConfigError(
-                    f"the broker already has {what} declared differently: {exc}. Delete it "
-                    "(after draining it) or rename it in the config, then run `broker setup` again."
-                ) from None
+                raise TopologyMismatch(_mismatch(what, exc)) from None
             done.append(what)
     finally:
         if channel.is_open:
             channel.close()
     return done
+
+
+def _mismatch(what: str, exc: Exception) -> str:
+    text = f"the broker already has {what} declared differently ({exc})"
+    if what.startswith("queue ") and what.split()[1].endswith(DLQ_SUFFIX):
+        return (f"{text}: dead-letter queues are classic queues now: run `rucio-injector dlq migrate`, which "
+                "recreates it keeping every dead letter (broker-config/README.md), then `broker setup` again")
+    return f"{text}: delete it (after draining it) or rename it in the config, then run `broker setup` again"

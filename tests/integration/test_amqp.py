@@ -9,7 +9,7 @@ import pytest
 
 from consumers.services import ingest_worker
 from injector import deadletter, topology
-from injector.errors import ConfigError, PublishFailed
+from injector.errors import PublishFailed
 from injector.events import FileClosed, encode
 from injector.testing import FakeRucio, Unavailable
 from injector.transport import Outgoing, Publisher, connection
@@ -60,7 +60,7 @@ def test_setup_names_a_queue_that_exists_with_other_arguments():
     ch = conn.channel()
     ch.queue_declare(s.ingest.queue, durable=True, auto_delete=False)  # classic, no dead-lettering
     try:
-        with pytest.raises(ConfigError, match=f"queue {s.ingest.queue} .*declared differently"):
+        with pytest.raises(topology.TopologyMismatch, match=f"queue {s.ingest.queue} .*declared differently"):
             topology.apply(conn, topology.declare(s))
     finally:
         conn.channel().queue_delete(s.ingest.queue)

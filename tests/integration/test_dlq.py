@@ -142,10 +142,11 @@ def test_unknown_queue_is_a_clear_error(settings):
 
 
 def write_config(s, path):
-    b, i = s.broker, s.ingest
+    b, i, c = s.broker, s.ingest, s.cleanup
     path.write_text(
         f'[broker]\nurls = ["{b.urls[0]}"]\ndaq_exchange = "{b.daq_exchange}"\n'
-        f'dead_letter_exchange = "{b.dead_letter_exchange}"\n[ingest]\nqueue = "{i.queue}"\n')
+        f'dead_letter_exchange = "{b.dead_letter_exchange}"\n[ingest]\nqueue = "{i.queue}"\n'
+        f'[cleanup]\nqueue = "{c.queue}"\nhermes_destination = "{c.hermes_destination}"\n')
     return path
 
 

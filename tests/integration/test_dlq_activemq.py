@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,10 @@ import stomp
 
 from consumers.dlq import ActiveMqDlq, dead_letter_queues
 from consumers.services import cleanup_worker
+from injector import deadletter
 from injector.deadletter import Filter
+from injector.testing import FakeRucio
+from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, running, unique_settings, wait_for
 
 pytestmark = pytest.mark.integration
@@ -78,3 +84,104 @@ def test_list_filter_replay_and_purge_on_activemq(activemq, tmp_path: Path):
         assert dlq.purge(dlq_name, Filter(ids=(again.id,))) == 1
         assert dlq.depth(dlq_name) == 2
         assert dlq.purge(dlq_name) == 2 and dlq.depth(dlq_name) == 0
+
+
+def dead_letter(s: Any, n: int, *, reason: str, valid: bool) -> list[str]:
+    """n dead letters straight into DLQ.<consumer queue>, as the cleanup consumer writes them; each carries a
+    `test-id` header (ActiveMQ gives every copy a new message id): valid ones are events no stream manages
+    (acked on replay), the others are not JSON (dead-lettered again as invalid-event)."""
+    host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
+    conn = stomp.Connection12([(host, int(port))])
+    receipts: list[threading.Event] = []
+    got: dict[str, threading.Event] = {}
+
+    class Receipts(stomp.ConnectionListener):  # type: ignore[misc]
+        def on_receipt(self, frame: Any) -> None:
+            got[frame.headers["receipt-id"]].set()
+
+    conn.set_listener("r", Receipts())
+    conn.connect("guest", "guest", wait=True)
+    ids = []
+    for _ in range(n):
+        ids.append(uuid.uuid4().hex)
+        body = json.dumps({"event_type": "transfer-done", "payload": {"scope": "atlas", "name": ids[-1]}}) \
+            if valid else f"not json {ids[-1]}"
+        h = deadletter.headers({"test-id": ids[-1]}, reason=reason, error="test", exchange=s.cleanup.subscription,
+                               routing_key="", queue=s.cleanup.consumer_queue, attempts=1)
+        receipt = uuid.uuid4().hex
+        got[receipt] = threading.Event()
+        receipts.append(got[receipt])
+        conn.send(s.cleanup.dead_letter_destination, body, headers={**{k: str(v) for k, v in h.items()},
+                                                                      "persistent": "true"}, receipt=receipt)
+    assert all(r.wait(30) for r in receipts)
+    conn.disconnect()
+    return ids
+
+
+def test_replay_on_activemq_takes_all_the_dead_letters_present_at_its_start_and_only_those_three_rounds(activemq):
+    s = settings_for(activemq)
+    (dlq_name,) = [q for q in dead_letter_queues(s) if q.startswith("DLQ.")]
+    dlq = ActiveMqDlq(s.cleanup)
+    worker = cleanup_worker(s, FakeRucio())
+    seen: Counter[str] = Counter()
+    process = worker.process
+
+    def recording(batch: list[Any]) -> Any:
+        seen.update(d.headers.get("test-id") for d in batch)
+        return process(batch)
+
+    worker.process = recording
+
+    def contents() -> Counter[tuple[str, int]]:
+        return Counter((r.headers["test-id"], r.replay_count) for r in dlq.peek(dlq_name))
+
+    with declared(s), running(worker):
+        wait_for(lambda: worker.metrics.health()[0], timeout=20, what="subscribed")
+        fine = dead_letter(s, 600, reason="invalid-event", valid=True)  # more than a browser showed (400, 500)
+        bad = set(dead_letter(s, 100, reason="invalid-event", valid=False))
+        untouched = Counter((i, 0) for i in dead_letter(s, 30, reason="source-lost", valid=True))
+        for round_ in range(3):
+            before = contents()
+            selected = Counter(k for k in before.elements() if k not in untouched)
+            done_before, seen_before = worker.stats.messages, Counter(seen)
+            summary = dlq.replay(dlq_name, Filter(reason="invalid-event"))
+            what = f"round {round_ + 1}: {summary}"
+            n = sum(selected.values())
+            assert (summary.seen, summary.selected, summary.replayed, summary.failed, summary.in_both) == (
+                sum(before.values()), n, n, 0, 0), what
+            wait_for(lambda m=done_before + n: worker.stats.messages >= m, timeout=60, what=what)
+            time.sleep(1.0)
+            assert Counter(seen) - seen_before == Counter(i for i, _ in selected.elements()), what
+            expected = untouched + Counter((i, k + 1) for i, k in selected.elements() if i in bad)
+            wait_for(lambda e=expected: contents() == e, timeout=20, what=f"{what}: DLQ = before - replayed + failed")
+    assert not set(fine) & {i for i, _ in contents()}
+
+
+def test_a_connection_dropped_mid_replay_on_activemq_loses_nothing_and_the_summary_says_so(activemq):
+    s = settings_for(activemq)
+    (dlq_name,) = [q for q in dead_letter_queues(s) if q.startswith("DLQ.")]
+    ids = set(dead_letter(s, 600, reason="invalid-event", valid=True))
+    proxy = Proxy(("127.0.0.1", activemq.stomp_port))
+    via = s.cleanup.model_copy(update={"stomp_hosts": [f"127.0.0.1:{proxy.port}"]})
+    dlq = ActiveMqDlq(s.cleanup)
+    consumer_queue = ActiveMqDlq(s.cleanup)
+
+    def where() -> tuple[Counter[str], Counter[str]]:
+        return (Counter(r.headers["test-id"] for r in consumer_queue.peek(s.cleanup.consumer_queue)),
+                Counter(r.headers["test-id"] for r in dlq.peek(dlq_name)))
+
+    result: list[Any] = []
+    replay = threading.Thread(target=lambda: result.append(ActiveMqDlq(via).replay(dlq_name, rate=300)))
+    try:
+        replay.start()
+        wait_for(lambda: sum(where()[0].values()) >= 200, timeout=30, what="replay under way")
+        assert proxy.drop() >= 1
+        replay.join(60)
+    finally:
+        proxy.close()
+    (summary,) = result
+    assert summary.interrupted and summary.in_both == 0 and summary.unchecked == 0, summary
+    back, still = where()
+    assert set(back) | set(still) == ids and max(back.values()) == 1 and max(still.values()) == 1, "nothing lost"
+    assert len(set(back) & set(still)) <= summary.doubtful, summary
+    assert summary.replayed <= len(back) <= summary.replayed + summary.doubtful, summary

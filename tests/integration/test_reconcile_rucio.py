@@ -59,6 +59,7 @@ def config_file(s: Settings, path: Path) -> Path:
     path.write_text(
         f'[broker]\nurls = ["{s.broker.urls[0]}"]\ndaq_exchange = "{s.broker.daq_exchange}"\n'
         f'dead_letter_exchange = "{s.broker.dead_letter_exchange}"\n[ingest]\nqueue = "{s.ingest.queue}"\n'
+        f'[cleanup]\nqueue = "{s.cleanup.queue}"\nhermes_destination = "{s.cleanup.hermes_destination}"\n'
         f'[metrics]\nreconcile_port = 0\n[[streams]]\nname = "{st.name}"\nsite = "ORM"\ninstrument = "LST1"\n'
         f'source_rse = "{st.source_rse}"\nstorage_root = "{st.storage_root}"\nscope = "lst"\n'
         f'dataset = "{st.dataset}"\nrules = [{{ rse_expression = "{ARCHIVE}", copies = 1 }}]\n')

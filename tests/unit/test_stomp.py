@@ -54,3 +54,15 @@ def test_the_last_allowed_activemq_attempt_is_dead_lettered_with_its_count():
 def test_retry_delay_doubles_from_one_second_up_to_a_cap():
     assert [retry_delay_ms(n) for n in (1, 2, 3, 4)] == [1000, 2000, 4000, 8000]
     assert retry_delay_ms(50) == 120_000
+
+
+def test_a_rabbitmq_topic_frame_records_amq_topic_and_the_topic_as_its_exchange_and_routing_key():
+    frame = Frame(b"{}", {"message-id": "T_1", "ack": "T_1", "destination": "/topic/rucio.events"})
+    d = to_delivery(frame, 1, "rabbitmq")
+    assert (d.exchange, d.routing_key) == ("amq.topic", "rucio.events")
+
+
+def test_an_activemq_frame_records_the_consumer_queue_it_came_from_never_the_virtual_topic():
+    d = to_delivery(Frame(b"{}", {**ACTIVEMQ, "original-destination": "/topic/VirtualTopic.rucio.events"}), 1,
+                    "activemq")
+    assert d.exchange == "/queue/Consumer.app.VirtualTopic.rucio.events" and "topic" not in d.routing_key

@@ -1,0 +1,286 @@
+"""ActiveMQ's DLQ.<queue> (the cleanup consumer's) over STOMP: list, purge and replay, exactly.
+
+Listing uses a queue BROWSER: nothing is consumed or counted. Purge and replay first browse (the dead
+letters present at the start, by the broker's message id), then consume client-individual with a selector
+that excludes anything newer than the newest of them, and act only on the browsed ids: a replayed event that
+fails again and comes back meanwhile is never taken again by the same replay. A copy is SENT with a receipt
+before its dead letter is ACKed, and the ACKs carry a receipt too, so a dead letter counts as removed only
+once the broker said so; a check afterwards browses again and removes what is still there. Whatever is not
+acked returns to the DLQ at disconnect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from queue import Empty, Queue
+from typing import Any
+
+import stomp
+import stomp.exception
+
+from injector.config import Cleanup
+from injector.deadletter import EXCHANGE, REASON, Filter, Record, record
+from injector.errors import BrokerUnavailable, PublishFailed
+from injector.messages import Outgoing
+from injector.replay import ReplaySummary, replay_headers, stomp_target
+
+log = logging.getLogger(__name__)
+
+EVERYTHING = Filter()
+FLUSH = 200
+RECEIPT_TIMEOUT = 30.0
+CHECKS = 3
+LOST = (BrokerUnavailable, PublishFailed, stomp.exception.StompException, OSError)
+Progress = Callable[[Record], None]
+
+
+class ActiveMqDlq:
+    IDLE = 1.0  # seconds without a frame: the queue has nothing more for us
+    PREFETCH = 1000
+
+    def __init__(self, cfg: Cleanup) -> None:
+        self.cfg = cfg
+
+    def peek(self, queue: str, where: Filter = EVERYTHING) -> list[Record]:
+        with _Link(self.cfg) as link:
+            return [r for r in link.records(queue, browse=True, idle=self.IDLE) if where(r)]
+
+    def depth(self, queue: str) -> int:
+        return len(self.peek(queue))
+
+    def purge(self, queue: str, where: Filter = EVERYTHING) -> int:
+        chosen = [r for r in self.peek(queue) if where(r)]
+        removed = self._remove(queue, {r.message_id for r in chosen if r.message_id}, _newest(chosen))
+        for r in chosen:
+            if r.message_id in removed:
+                log.info("purged %s from %s (reason %s)", r.id, queue, r.reason, extra={"event_id": r.id})
+        return len(removed)
+
+    def replay(self, queue: str, where: Filter = EVERYTHING, *, limit: int | None = None, rate: float | None = None,
+               routing_key: str | None = None, dry_run: bool = False,
+               progress: Progress | None = None) -> ReplaySummary:
+        """Send the selected dead letters of the start back to the consumer queue they came from (or to the
+        destination `routing_key`); remove each once the broker receipted its copy; then check."""
+        summary = ReplaySummary(queue, dry_run)
+        present = self.peek(queue)
+        summary.depth = summary.seen = len(present)
+        chosen = [r for r in present if where(r)][:limit]
+        for r in chosen:
+            summary.count(r, "selected")
+            if dry_run:
+                log.info("would replay %s from %s to %s", r.id, queue, stomp_target(r, routing_key))
+        if dry_run or not chosen:
+            return summary
+        run = _Replay(queue, chosen, routing_key, rate, progress, summary)
+        try:
+            with _Link(self.cfg) as link:
+                run.consume(link, self.IDLE, self.PREFETCH)
+        except LOST as exc:
+            run.lost(exc)
+        self._check(queue, run)
+        return summary
+
+    def _remove(self, queue: str, ids: set[str], newest: int | None) -> set[str]:
+        """Consume and ack the messages with these broker ids; returns the ids whose ack was receipted."""
+        done: set[str] = set()
+        if not ids:
+            return done
+        with _Link(self.cfg) as link:
+            for r in link.records(queue, browse=False, idle=self.IDLE, prefetch=self.PREFETCH, newest=newest):
+                if r.message_id in ids:
+                    link.ack([r.tag[0]])
+                    done.add(str(r.message_id))
+                    if done == ids:
+                        break
+        return done
+
+    def _check(self, queue: str, run: _Replay) -> None:
+        """Remove any replayed dead letter still in the DLQ (its ack was lost); count what stays."""
+        left = {str(r.message_id) for r in run.removed}
+        if not left:
+            return
+        try:
+            for _ in range(CHECKS):
+                still = [r for r in self.peek(queue) if r.message_id in left]
+                if not still:
+                    return
+                removed = self._remove(queue, {str(r.message_id) for r in still}, _newest(still))
+                run.summary.resettled += len(removed)
+                left = {str(r.message_id) for r in still}
+        except LOST as exc:
+            run.summary.unchecked = len(left)
+            run.summary.errors.append(f"could not check {queue} after the replay: {type(exc).__name__}: {exc}")
+            return
+        run.summary.in_both = len(left)
+
+
+class _Replay:
+    """One replay over one ActiveMQ DLQ: the chosen dead letters (browsed at the start) and nothing else."""
+
+    def __init__(self, queue: str, chosen: list[Record], to: str | None, rate: float | None,
+                 progress: Progress | None, summary: ReplaySummary) -> None:
+        self.queue, self.to, self.rate, self.progress, self.summary = queue, to, rate, progress, summary
+        self.waiting = {str(r.message_id): r for r in chosen}  # browsed, not received yet
+        self.newest = _newest(chosen)
+        self.pending: list[Record] = []  # received, copy not yet sent
+        self.removed: list[Record] = []
+        self.started = time.monotonic()
+
+    def consume(self, link: _Link, idle: float, prefetch: int) -> None:
+        for r in link.records(self.queue, browse=False, idle=idle, prefetch=prefetch, newest=self.newest):
+            chosen = self.waiting.pop(str(r.message_id), None)
+            if chosen is None:
+                continue  # not one of the start's chosen: never acked, it returns to the DLQ at disconnect
+            self.pending.append(r)
+            if len(self.pending) >= _flush_size(self.rate) or not self.waiting:
+                self._flush(link)
+            if not self.waiting:
+                break
+        self._flush(link)
+        for r in self.waiting.values():  # consumed meanwhile by someone else (a purge), or not delivered
+            self._fail(r, f"{r.id}: no longer delivered from {self.queue}")
+
+    def _flush(self, link: _Link) -> None:
+        while self.pending:
+            destination = stomp_target(self.pending[0], self.to).routing_key
+            records = [r for r in self.pending if stomp_target(r, self.to).routing_key == destination]
+            link.send(destination, [Outgoing(destination, "", r.body, replay_headers(r), None, r.tag[1])
+                                    for r in records])
+            self.pending = [r for r in self.pending if r not in records]
+            for r in records:  # copies receipted: replayed; the removal of each dead letter is checked after
+                self._done(r, destination)
+            link.ack([r.tag[0] for r in records])
+
+    def _done(self, r: Record, destination: str) -> None:
+        self.removed.append(r)
+        self.summary.count(r, "replayed")
+        log.info("replayed %s from %s to %s (replay-count %d, reason was %s)", r.id, self.queue, destination,
+                 r.replay_count + 1, r.reason, extra={"event_id": r.id})
+        if self.progress:
+            self.progress(r)
+        if self.rate:
+            ahead = self.summary.replayed / self.rate - (time.monotonic() - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def _fail(self, r: Record, why: str) -> None:
+        self.summary.count(r, "failed")
+        self.summary.errors.append(why)
+        log.error("replay of %s failed, it stays dead-lettered: %s", r.id, why, extra={"event_id": r.id})
+
+    def lost(self, exc: BaseException) -> None:
+        for r in self.pending:
+            self.summary.count(r, "doubtful")
+        self.pending = []
+        for r in self.waiting.values():  # selected at the start, never reached: still dead-lettered
+            self.summary.count(r, "failed")
+        if self.waiting:
+            self.summary.errors.append(f"{len(self.waiting)} selected dead letter(s) not reached before the "
+                                       f"connection was lost: still in {self.queue}")
+        self.waiting = {}
+        self.summary.interrupted = f"broker connection lost ({type(exc).__name__}: {exc})"
+        log.error("replay of %s interrupted: %s", self.queue, self.summary.interrupted)
+
+
+class _Link:
+    """A short-lived STOMP connection for operator commands: one subscription, receipted sends and acks."""
+
+    def __init__(self, cfg: Cleanup) -> None:
+        from injector.stomp import Receipts
+
+        self.inbox: Queue[Any] = Queue()
+        inbox = self.inbox
+
+        class Inbox(stomp.ConnectionListener):  # type: ignore[misc]
+            def on_message(self, frame: Any) -> None:
+                inbox.put(frame)
+
+        self.receipts = Receipts()
+        hosts = [(h, int(p)) for h, _, p in (hp.rpartition(":") for hp in cfg.stomp_hosts)]
+        self.conn = stomp.Connection12(hosts, vhost=cfg.vhost, auto_decode=False, reconnect_attempts_max=1)
+        self.conn.set_listener("records", Inbox())
+        self.conn.set_listener("receipts", self.receipts)
+        try:
+            self.conn.connect(cfg.username, cfg.password, wait=True)
+        except (stomp.exception.StompException, OSError) as exc:
+            raise BrokerUnavailable(f"cannot connect to STOMP {', '.join(cfg.stomp_hosts)}: "
+                                    f"{type(exc).__name__}: {exc}") from None
+
+    def records(self, queue: str, *, browse: bool, idle: float, prefetch: int = 0,
+                newest: int | None = None) -> Iterator[Record]:
+        """Frames of one subscription as records, until the browse ends or `idle` seconds pass without one.
+        `newest`: only messages not newer than this broker timestamp (ms)."""
+        # A browser consumes nothing; with client acks ActiveMQ would stop after its prefetch (500) unacked.
+        headers = {"browser": "true"} if browse else {"activemq.prefetchSize": str(prefetch)}
+        if newest is not None:
+            headers["selector"] = f"JMSTimestamp <= {newest}"
+        self.conn.subscribe(f"/queue/{queue}", id=uuid.uuid4().hex[:8], ack="auto" if browse else "client-individual",
+                            headers=headers)
+        while True:
+            try:
+                frame = self.inbox.get(timeout=idle)
+            except Empty:
+                if not self.conn.is_connected():
+                    raise BrokerUnavailable(f"STOMP connection lost while reading {queue}") from None
+                return
+            if frame.headers.get("browser") == "end":
+                return
+            yield _record(queue, frame)
+
+    def send(self, destination: str, messages: list[Outgoing]) -> None:
+        self.receipts.send(self.conn, destination, messages)
+
+    def ack(self, ack_ids: list[str]) -> None:
+        """ACK each; the last carries a receipt: the broker handles a connection's frames in order."""
+        receipt = uuid.uuid4().hex
+        done = self.receipts.pending[receipt] = threading.Event()
+        try:
+            for i, ack_id in enumerate(ack_ids):
+                self.conn.ack(ack_id, receipt=receipt if i == len(ack_ids) - 1 else None)
+            if not done.wait(RECEIPT_TIMEOUT) or self.receipts.lost.is_set():
+                raise BrokerUnavailable("no receipt from the broker for the acks")
+        finally:
+            self.receipts.pending.pop(receipt, None)
+
+    def __enter__(self) -> _Link:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.disconnect()  # with a receipt: what we acked is settled before the socket closes
+
+
+def _record(queue: str, frame: Any) -> Record:
+    from injector.stomp import event_headers
+
+    h = dict(frame.headers)
+    body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()
+    headers = event_headers(h)
+    if EXCHANGE not in headers and h.get("original-destination"):
+        # The broker itself dead-lettered it (its redelivery limit): no reason headers of ours.
+        headers[EXCHANGE] = h["original-destination"]
+        headers.setdefault(REASON, "broker-redelivery-limit")
+    return record(queue, body, headers, h.get("message-id"),
+                  tag=(h.get("ack") or h.get("message-id"), h.get("content-type") or "application/json",
+                       _int(h.get("timestamp"))))
+
+
+def _newest(records: list[Record]) -> int | None:
+    stamps = [r.tag[2] for r in records if r.tag and r.tag[2]]
+    return max(stamps) if len(stamps) == len(records) and stamps else None
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _flush_size(rate: float | None) -> int:
+    return FLUSH if rate is None else max(1, min(FLUSH, int(rate)))

@@ -1,0 +1,145 @@
+"""What a command needs before it starts, checked once and quickly: the broker answers, the queues and
+exchanges it uses exist, Rucio answers. A missing piece is then ONE clear line (`injector.exits`) instead of
+minutes of retries or a traceback.
+
+Long-running consumers (`ingest`, `cleanup`, `watch`, `reconcile --every`) wait for an unreachable broker or
+Rucio instead (they retry and log); if the broker answers, their queue must exist all the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import amqp
+import kombu
+
+from injector import topology
+from injector.config import Settings
+from injector.errors import BrokerUnavailable, RucioUnavailable
+
+CONNECT_TIMEOUT = 5.0
+
+
+def check(verb: str, settings: Settings, *, action: str | None = None, looping: bool = False,
+          streams: list[str] | None = None) -> None:
+    """Raise the error that explains what `verb` lacks; return when it has what it needs. Usage comes first:
+    an unknown --stream is named before the broker or Rucio is asked anything."""
+    if streams:
+        from consumers.inventory import selected
+
+        selected(settings, streams)
+    if verb in ("ingest", "cleanup") or (verb == "reconcile" and looping):
+        _if_reachable(settings, _consumer_queues(verb, settings))
+        return
+    needs_rucio = verb in ("status", "reconcile")
+    if needs_rucio:
+        rucio_reachable()
+    if verb in ("publish", "reconcile", "status", "dlq") or (verb == "broker" and action == "setup"):
+        exchanges, queues = _needs(verb, settings)
+        with _connection(settings) as conn:
+            _exist(conn, exchanges, queues)
+
+
+def _needs(verb: str, settings: Settings) -> tuple[list[str], list[str]]:
+    b = settings.broker
+    if verb in ("publish", "reconcile"):
+        return [b.daq_exchange], []
+    # status reports each missing queue in its table (and exits 3); broker setup: reachable is enough;
+    # dlq: each DLQ is checked where it is read
+    return [], []
+
+
+def _consumer_queues(verb: str, settings: Settings) -> list[str]:
+    if verb == "ingest":
+        return [settings.ingest.queue]
+    if verb == "cleanup" and settings.cleanup.flavour == "rabbitmq":
+        return [settings.cleanup.queue]
+    return []
+
+
+def _if_reachable(settings: Settings, queues: list[str]) -> None:
+    try:
+        with _connection(settings) as conn:
+            _exist(conn, [], queues)
+    except BrokerUnavailable:
+        return  # the consumer waits for the broker, logging each attempt
+
+
+@contextlib.contextmanager
+def _connection(settings: Settings) -> Iterator[kombu.Connection]:
+    """The first broker URL that answers (one attempt each), else BrokerUnavailable naming each failure."""
+    errors = []
+    for url in settings.broker.urls:
+        conn = kombu.Connection(url, connect_timeout=CONNECT_TIMEOUT)
+        try:
+            conn.connect()
+        except amqp.exceptions.AccessRefused:
+            conn.release()
+            raise
+        except (OSError, *conn.connection_errors) as exc:
+            conn.release()
+            errors.append(f"{topology.where(url)} ({type(exc).__name__}: {exc})")
+            continue
+        try:
+            yield conn
+        finally:
+            conn.release()
+        return
+    raise BrokerUnavailable(f"broker unreachable: {'; '.join(errors)}")
+
+
+def _exist(conn: kombu.Connection, exchanges: list[str], queues: list[str]) -> None:
+    where = topology.where(conn.as_uri())
+    for kind, names in (("exchange", exchanges), ("queue", queues)):
+        for name in names:
+            channel = conn.channel()
+            try:
+                if kind == "exchange":
+                    channel.exchange_declare(name, "topic", passive=True)
+                else:
+                    channel.queue_declare(name, passive=True)
+            except amqp.exceptions.NotFound:
+                raise topology.TopologyMissing(
+                    f"{kind} {name!r} does not exist on {where}: run `rucio-injector broker setup`") from None
+            if channel.is_open:
+                channel.close()
+
+
+def stomp_reachable(settings: Settings) -> None:
+    """A TCP connection to one of the STOMP hosts (ActiveMQ's DLQ is read over STOMP)."""
+    errors = []
+    for hp in settings.cleanup.stomp_hosts:
+        host, _, port = hp.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+            return
+        except OSError as exc:
+            errors.append(f"{hp} ({exc})")
+    raise BrokerUnavailable(f"STOMP broker unreachable: {'; '.join(errors)}")
+
+
+def rucio_reachable() -> None:
+    """Authenticate and ping once. rucio-clients logs its own errors: silenced here, the one line is ours."""
+    logging.disable(logging.CRITICAL)
+    try:
+        from rucio.client import Client
+
+        Client().ping()
+    except Exception as exc:
+        if type(exc).__name__ in ("ServerConnectionException", "CannotAuthenticate", "ConnectionError",
+                                  "RucioException", "ServiceUnavailable"):
+            raise RucioUnavailable(f"{_rucio_host()}: {type(exc).__name__}: {exc}") from None
+        raise
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _rucio_host() -> str:
+    with contextlib.suppress(Exception):
+        from rucio.common.config import config_get
+
+        return str(config_get("client", "rucio_host"))
+    return "the Rucio server"
