@@ -141,8 +141,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    """`config check`: 0 fine (warnings allowed), 1 a problem Rucio would refuse; an unreadable file, or Rucio not
-    answering, exits 2 through main()."""
+    """`config check`: 0 fine (warnings allowed), 1 a problem Rucio would refuse; an unreadable file exits 2 and
+    Rucio not answering 4, through main()."""
     settings = _settings(args)
     print(f"ok      config: {len(settings.streams)} stream(s) valid")
     if not args.rucio:

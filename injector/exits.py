@@ -10,7 +10,7 @@ import amqp
 
 from injector import topology
 from injector.config import Settings
-from injector.errors import BrokerUnavailable, ConfigError, InjectorError, PublishFailed, RucioUnavailable
+from injector.errors import BrokerUnavailable, ConfigError, InjectorError, PublishFailed, RucioDown, RucioUnavailable
 from injector.logs import masked
 
 OK = 0
@@ -55,7 +55,7 @@ def _classify(exc: BaseException, settings: Settings | None) -> tuple[int, str] 
         return BROKER, str(exc)
     if isinstance(exc, BrokerUnavailable | PublishFailed):
         return BROKER, f"{exc} (is the broker running, and are [broker] urls / [cleanup] stomp_hosts right?)"
-    if isinstance(exc, RucioUnavailable):
+    if isinstance(exc, RucioUnavailable | RucioDown):
         return RUCIO, f"Rucio unreachable: {exc} (is the server up; are rucio_host and auth in RUCIO_CONFIG right?)"
     if isinstance(exc, ConfigError | InjectorError):
         return BAD_CONFIG, str(exc)

@@ -1,5 +1,5 @@
 """The demo's embedded broker: routing and the quorum-queue rules it copies from RabbitMQ.
-Its protocols are tested against the project's real clients in tests/integration (test_amqp, test_stomp)."""
+Its protocols are tested against the project's real clients in tests/integration (test_amqp, test_cleanup_transport)."""
 
 from __future__ import annotations
 
