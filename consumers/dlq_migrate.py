@@ -14,10 +14,9 @@ command is reading the queue: a message another command holds unacked would not 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import amqp
@@ -52,7 +51,7 @@ def migrate(settings: Settings, queue: str) -> Migration:
     """Recreate `queue` (a DLQ of the topology) as declared now, keeping its dead letters."""
     m = Migration(queue)
     hold = queue + HOLD_SUFFIX
-    with _connection(settings) as conn:
+    with connection(settings.broker) as conn:  # kombu releases it at exit
         if not _exists(conn, queue) and not _exists(conn, hold):
             m.note = "does not exist: run `rucio-injector broker setup`"
             return m
@@ -75,7 +74,7 @@ def migrate(settings: Settings, queue: str) -> Migration:
 
 def missing(settings: Settings, queues: Sequence[str]) -> list[str]:
     """The DLQs that exist neither as themselves nor half-way through a migration."""
-    with _connection(settings) as conn:
+    with connection(settings.broker) as conn:  # kombu releases it at exit
         return [q for q in queues if not _exists(conn, q) and not _exists(conn, q + HOLD_SUFFIX)]
 
 
@@ -191,13 +190,3 @@ def _delete_if_empty(conn: kombu.Connection, queue: str) -> None:
     except amqp.exceptions.PreconditionFailed:
         return  # not empty (a dead letter arrived, or an ack was lost): the caller moves again
     close_gracefully(channel)
-
-
-@contextlib.contextmanager
-def _connection(settings: Settings) -> Iterator[kombu.Connection]:
-    conn = connection(settings.broker)
-    try:
-        yield conn
-    finally:
-        with contextlib.suppress(Exception):
-            conn.release()

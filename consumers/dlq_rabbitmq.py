@@ -56,14 +56,8 @@ class RabbitDlq:
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
 
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[kombu.Connection]:
-        conn = connection(self._broker)
-        try:
-            yield conn
-        finally:
-            with contextlib.suppress(Exception):
-                conn.release()
+    def _connection(self) -> kombu.Connection:
+        return connection(self._broker)  # a context manager: kombu releases it at exit
 
     def depth(self, queue: str) -> int:
         with self._connection() as conn:

@@ -300,22 +300,25 @@ class ClientGateway:
 
         return attempt()
 
-    def file_metadata(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FileMeta]:
+    def _metadata(self, dids: Sequence[tuple[str, str]], **kwargs: Any) -> list[dict[str, Any]]:
+        """get_metadata_bulk of the DIDs that exist (Rucio answers an all-missing batch with an error)."""
         if not dids:
-            return {}
+            return []
         request = [{"scope": s, "name": n} for s, n in dids]
 
         def fetch() -> list[dict[str, Any]]:
             try:
-                return list(self.client.get_metadata_bulk(request))
-            except Exception as exc:  # an all-missing batch is an error in Rucio, not an empty answer
+                return list(self.client.get_metadata_bulk(request, **kwargs))
+            except Exception as exc:
                 if not_found(exc):
                     return []
                 raise
 
-        rows = self._call("get_metadata_bulk", fetch)
+        return self._call("get_metadata_bulk", fetch)
+
+    def file_metadata(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], FileMeta]:
         return {(r["scope"], r["name"]): FileMeta(r["scope"], r["name"], r.get("bytes"), r.get("adler32"))
-                for r in rows}
+                for r in self._metadata(dids)}
 
     def add_replicas(self, rse: str, replicas: Sequence[NewReplica]) -> None:
         files = [_replica_dict(r) for r in replicas]
@@ -383,20 +386,8 @@ class ClientGateway:
         self._call("set_tombstone", self.client.set_tombstone, body)
 
     def marks(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
-        if not dids:
-            return {}
-        request = [{"scope": s, "name": n} for s, n in dids]
-
-        def fetch() -> list[dict[str, Any]]:
-            try:
-                return list(self.client.get_metadata_bulk(request, plugin="JSON"))
-            except Exception as exc:
-                if not_found(exc):
-                    return []
-                raise
-
         return {(r["scope"], r["name"]): {k: v for k, v in r.items() if k.startswith(MARK_PREFIX)}
-                for r in self._call("get_metadata_bulk", fetch)}
+                for r in self._metadata(dids, plugin="JSON")}
 
     def mark(self, items: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         if items:
@@ -464,26 +455,14 @@ class ClientGateway:
     # Closed datasets (ingest, reconcile, status) and the start-up checks (injector.preflight).
 
     def datasets_open(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bool]:
-        if not dids:
-            return {}
-        request = [{"scope": s, "name": n} for s, n in dids]
-
-        def fetch() -> list[dict[str, Any]]:
-            try:
-                return list(self.client.get_metadata_bulk(request))
-            except Exception as exc:  # none of them exists
-                if type(exc).__name__ == "DataIdentifierNotFound":
-                    return []
-                raise
-
-        return {(r["scope"], r["name"]): bool(r.get("is_open", True)) for r in self._call("get_metadata_bulk", fetch)}
+        return {(r["scope"], r["name"]): bool(r.get("is_open", True)) for r in self._metadata(dids)}
 
     def find_rse(self, rse: str) -> dict[str, Any] | None:
         def exists() -> bool:
             try:
                 self.client.get_rse(rse)
             except Exception as exc:
-                if type(exc).__name__ == "RSENotFound":
+                if isinstance(exc, rx.RSENotFound):
                     return False
                 raise
             return True

@@ -31,20 +31,42 @@ def rucio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RucioServ
 def rucio_client(rucio_server: RucioServer) -> Any:
     from rucio.client import Client
 
-    client = Client()
-    src, dst = create_rses(client, rucio_server.base_dir / "data", source=SOURCE, archive=ARCHIVE)
+    return _equipped(Client(), rucio_server)
+
+
+def _equipped(client: Any, server: RucioServer) -> Any:
+    """The testbed's RSEs and scopes on a fresh server; the client keeps where their files live."""
+    src, dst = create_rses(client, server.base_dir / "data", source=SOURCE, archive=ARCHIVE)
     for scope in ("lst", "magic"):
         client.add_scope("root", scope)
     client.source_dir, client.archive_dir = src, dst
     return client
 
 
+@pytest.fixture(scope="module")
+def own_rucio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """A Rucio server of one heavy test module (thousands of files with rules, an outage): the session's server,
+    whose daemons every test runs, stays small and up. Tests take a corner of it with `own_lab`; in-process code
+    reaches it with `lab.gateway(settings)`, a CLI subprocess with RUCIO_CONFIG=lab.server.client_config."""
+    from injector.testbed.rucio import PASSWORD, USERNAME
+
+    base = tmp_path_factory.mktemp("own-rucio")
+    with start_server(base, venv_python=ensure_server_venv()) as server:
+        from rucio.client import Client
+
+        own = {"rucio_host": server.url, "auth_host": server.url, "account": "root", "auth_type": "userpass",
+               "creds": {"username": USERNAME, "password": PASSWORD}}
+        client = Client(**own)
+        yield Lab(_equipped(client, server), server, own)
+
+
 class Lab:
     """A per-test corner of the shared Rucio: its own buffer directory and dataset names."""
 
-    def __init__(self, client: Any, server: RucioServer) -> None:
+    def __init__(self, client: Any, server: RucioServer, own: dict[str, Any] | None = None) -> None:
         self.client = client
         self.server = server
+        self._own = own  # Client(...) arguments when this is not the session's server (RUCIO_CONFIG)
         self.tag = uuid.uuid4().hex[:8]
         self.root: Path = client.source_dir / self.tag
         self.root.mkdir()
@@ -79,10 +101,34 @@ class Lab:
     def rules(self, dataset: str, scope: str = "lst") -> list[dict[str, Any]]:
         return list(self.client.list_did_rules(scope, dataset))
 
+    def gateway(self, settings: Any) -> Any:
+        """A ClientGateway to this lab's server (the session's through RUCIO_CONFIG, an own one explicitly)."""
+        from injector.gateway import ClientGateway
+
+        if self._own is None:
+            return ClientGateway(settings.rucio)
+        from rucio.client import Client
+
+        own = self._own
+        return ClientGateway(settings.rucio, factory=lambda: Client(**own, timeout=settings.rucio.timeout))
+
+    def discard_rucio_events(self) -> None:
+        """Send whatever events earlier tests left in the shared Rucio's outbox to a topic nobody reads: hermes sends
+        everything pending to the destination of whoever runs it next, and a test must see only its own."""
+        from injector.testbed.rucio import HermesBroker
+
+        self.server.run_daemons("hermes", hermes=HermesBroker(destination=f"/topic/discard-{self.tag}"))
+
 
 @pytest.fixture
 def lab(rucio_client: Any, rucio_server: RucioServer) -> Lab:
     return Lab(rucio_client, rucio_server)
+
+
+@pytest.fixture
+def own_lab(own_rucio: Lab) -> Lab:
+    """A per-test corner of the module's own Rucio server."""
+    return Lab(own_rucio.client, own_rucio.server, own_rucio._own)
 
 
 @pytest.fixture(scope="session")

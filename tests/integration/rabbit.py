@@ -86,10 +86,10 @@ def running(*workers: BatchWorker) -> Iterator[threading.Event]:
             assert not t.is_alive(), "worker did not stop within 30 s of the stop signal"
 
 
-def ingested(settings: Settings, events: list[FileClosed]) -> None:
+def ingested(settings: Settings, events: list[FileClosed], rucio: Any = None) -> None:
     """Publish file-closed events as the DAQ does and run one ingest consumer until it took them all."""
     with DaqPublisher(settings.broker) as daq:
         daq.publish(events)
-    worker = ingest_worker(settings)
+    worker = ingest_worker(settings, rucio)
     with running(worker):
         wait_for(lambda: worker.stats.messages == len(events), timeout=60, what="ingest")

@@ -49,7 +49,7 @@ def cleanup_dlq(s: Settings) -> str:
     return name
 
 
-def dead_lettered_while_rucio_was_down(s: Settings, lab: Lab) -> None:
+def dead_lettered_while_rucio_was_down(s: Settings, lab: Lab, names: list[str]) -> None:
     """hermes delivers the transfer-done events while the cleanup consumer cannot reach Rucio: after
     `delivery_limit` deliveries each is dead-lettered as rucio-unavailable, its source kept."""
     down = FakeRucio()
@@ -59,12 +59,14 @@ def dead_lettered_while_rucio_was_down(s: Settings, lab: Lab) -> None:
     with running(worker):
         wait_for(lambda: worker.metrics.health()[0], timeout=30, what="cleanup subscribed")
         lab.server.run_daemons("hermes", rses=[SOURCE, ARCHIVE], hermes=hermes_for(s))
-        wait_for(lambda: len(transfers_done(s)) == 2, timeout=90, what="both transfer-done events dead-lettered")
+        wait_for(lambda: len(transfers_done(s, names)) == 2, timeout=90,
+                 what="both transfer-done events dead-lettered")
 
 
-def transfers_done(s: Settings) -> list[Any]:
+def transfers_done(s: Settings, names: list[str]) -> list[Any]:
     q = cleanup_dlq(s)
-    return [r for r in dlq_for(s, q).peek(q) if r.field("event_type") == "transfer-done"]
+    return [r for r in dlq_for(s, q).peek(q)
+            if r.field("event_type") == "transfer-done" and r.field("payload.name") in names]
 
 
 def test_a_dead_lettered_transfer_done_replayed_with_the_cli_releases_its_source(lab, broker, tmp_path):
@@ -74,11 +76,12 @@ def test_a_dead_lettered_transfer_done_replayed_with_the_cli_releases_its_source
     env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(config_toml(s, lab, tmp_path / "c.toml"))}
     with declared(s):
         ingested(s, events)
+        lab.discard_rucio_events()  # only this test's transfer-done events reach its topic
         lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", rses=[SOURCE, ARCHIVE])
         assert all(lab.replicas([n])[n]["states"].get(ARCHIVE) == "AVAILABLE" for n in names)
-        dead_lettered_while_rucio_was_down(s, lab)
+        dead_lettered_while_rucio_was_down(s, lab, names)
         q = cleanup_dlq(s)
-        dead = transfers_done(s)
+        dead = transfers_done(s, names)
         assert {r.reason for r in dead} == {"rucio-unavailable"}, [r.summary() for r in dlq_for(s, q).peek(q)]
         assert all(r.source_queue == s.cleanup.consumer_queue for r in dead)
         assert all(SOURCE in lab.replicas([n])[n]["states"] for n in names), "nothing released yet"

@@ -37,6 +37,12 @@ pytestmark = pytest.mark.integration
 FAST_PROBES = {"probe_first": 0.5, "probe_cap": 3.0}  # the defaults (1 s → 60 s) would only make the tests slow
 
 
+@pytest.fixture
+def lab(own_lab: Lab) -> Lab:
+    """This module stops its Rucio server and registers thousands of files: its own server, not the session's."""
+    return own_lab
+
+
 @contextmanager
 def rucio_down(server: RucioServer) -> Iterator[None]:
     """Rucio's REST API stopped; always started again (same port, same database)."""
@@ -87,7 +93,7 @@ def test_a_rucio_outage_during_a_burst_dead_letters_nothing_and_spends_no_delive
     caplog.set_level(logging.INFO)
     s = settings_for(lab, rucio=FAST_PROBES)
     events = files(lab, 500)
-    worker = ingest_worker(s)
+    worker = ingest_worker(s, lab.gateway(s))
     attempts = Attempts(worker)
     with declared(s), running(worker):
         burst = paced(s, events, per_second=50)  # 10 s of events
@@ -117,7 +123,7 @@ def test_an_outage_longer_than_the_hold_hands_everything_back_uncounted_and_fini
     caplog.set_level(logging.INFO)
     s = settings_for(lab, rucio=FAST_PROBES, broker={"outage_hold": 3})
     events = files(lab, 60)
-    worker = ingest_worker(s)
+    worker = ingest_worker(s, lab.gateway(s))
     attempts = Attempts(worker)
     with declared(s), DaqPublisher(s.broker) as daq, running(worker):
         with rucio_down(lab.server):
@@ -130,6 +136,15 @@ def test_an_outage_longer_than_the_hold_hands_everything_back_uncounted_and_fini
         dead = depth(s, topology.dead_letter_queue(s.ingest.queue))
     assert dead == 0 and sorted(attempts.seen) == [1] * len(attempts.seen)
     assert len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 60
+
+
+def archived_at_pic(lab: Lab, names: list[str], passes: int = 5) -> None:
+    """Rucio's transfer daemons, one pass at a time, until every file is AVAILABLE at the archive."""
+    for _ in range(passes):
+        lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", rses=[SOURCE, ARCHIVE])
+        if all(r["states"].get(ARCHIVE) == "AVAILABLE" for r in lab.replicas(names).values()):
+            return
+    raise AssertionError(f"not all of {len(names)} files AVAILABLE at {ARCHIVE} after {passes} daemon passes")
 
 
 @pytest.fixture(params=["rabbitmq", "activemq"])
@@ -145,10 +160,10 @@ def test_cleanup_waits_out_an_outage_mid_stream_of_transfer_done_events(lab: Lab
     s = s.model_copy(update={"rucio": s.rucio.model_copy(update=FAST_PROBES)})
     events: list[FileClosed] = files(lab, 120)
     with declared(s):
-        ingested(s, events)
-        lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", rses=[SOURCE, ARCHIVE])
-        assert all(ARCHIVE in r["states"] for r in lab.replicas([e.path for e in events]).values())
-        worker = cleanup_worker(s)
+        ingested(s, events, lab.gateway(s))
+        lab.discard_rucio_events()
+        archived_at_pic(lab, [e.path for e in events])
+        worker = cleanup_worker(s, lab.gateway(s))
         worker.batching.batch_window = 0.1
         attempts = Attempts(worker)
         hermes = _Hermes(s)

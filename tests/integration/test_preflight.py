@@ -15,20 +15,21 @@ from typing import Any
 
 import pytest
 
-from injector.config import parse
+from injector.config import load, parse
 from injector.errors import RucioDown
 from injector.gateway import ClientGateway
 from injector.preflight import check
 from injector.testbed.rses import file_protocol
 from tests.integration.conftest import Lab
-from tests.integration.rabbit import AMQP_URL, wait_for
+from tests.integration.rabbit import AMQP_URL, declared, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def toml(streams: list[dict[str, Any]], head: str = "") -> str:
-    """A config file: the test's own queue names, metrics off, the streams."""
-    out = [head, f'[broker]\nurls = ["{AMQP_URL}"]\n[metrics]\ningest_port = 0\ncleanup_port = 0\n']
+def toml(streams: list[dict[str, Any]], head: str = "", tag: str = "preflight") -> str:
+    """A config file: the test's own exchange and queue names, metrics off, the streams."""
+    out = [head, f'[broker]\nurls = ["{AMQP_URL}"]\ndaq_exchange = "t-{tag}.daq"\n'
+                 f'dead_letter_exchange = "t-{tag}.dlx"\n[metrics]\ningest_port = 0\ncleanup_port = 0\n']
     for s in streams:
         out.append("[[streams]]\n")
         for key, value in s.items():
@@ -104,8 +105,9 @@ def test_ingest_and_cleanup_refuse_to_start_naming_each_problem(lab, tmp_path, v
     bad = bad_streams(lab, tmp_path)
     config = tmp_path / "injector.toml"
     config.write_text(toml([s for s, _ in bad.values()], f'[ingest]\nqueue = "t-{lab.tag}.ingest"\n'
-                           f'[cleanup]\nqueue = "t-{lab.tag}.cleanup"\n'))
-    done = cli(config, verb)
+                           f'[cleanup]\nqueue = "t-{lab.tag}.cleanup"\n', lab.tag))
+    with declared(load(config)):  # the broker side is fine: what is refused is the streams
+        done = cli(config, verb)
     assert done.returncode == 2, done.stderr
     assert f"{verb} refuses to start" in done.stderr
     concerns = {"ingest": set(bad), "cleanup": {"unknown-rse", "no-scope", "no-archive"}}[verb]
@@ -121,20 +123,22 @@ def test_a_rucio_outage_at_start_up_is_waited_out_not_reported_as_a_config_error
     dead = tmp_path / "rucio-dead.cfg"  # the same client config, pointing at a port where nothing answers
     dead.write_text(lab.server.client_config.read_text().replace(lab.server.url, "http://127.0.0.1:9"))
     config = tmp_path / "injector.toml"
-    config.write_text(toml([lab.stream()], f'[ingest]\nqueue = "t-{lab.tag}.ingest"\n[rucio]\nretry_attempts = 1\n'))
-    proc = subprocess.Popen([sys.executable, "-m", "injector.cli", "--config", str(config), "ingest"],
-                            env={**os.environ, "RUCIO_CONFIG": str(dead)}, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    stderr = proc.stderr
-    err: list[str] = []
-    threading.Thread(target=lambda: err.extend(iter(stderr.readline, "")), daemon=True).start()
-    try:
-        wait_for(lambda: "Rucio does not answer" in "".join(err), timeout=60, what="the check waiting for Rucio")
-        time.sleep(1)
-        assert proc.poll() is None, "still waiting for Rucio, not refusing to start"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    config.write_text(toml([lab.stream()], f'[ingest]\nqueue = "t-{lab.tag}.ingest"\n[rucio]\nretry_attempts = 1\n',
+                           lab.tag))
+    with declared(load(config)):
+        proc = subprocess.Popen([sys.executable, "-m", "injector.cli", "--config", str(config), "ingest"],
+                                env={**os.environ, "RUCIO_CONFIG": str(dead)}, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        stderr = proc.stderr
+        err: list[str] = []
+        threading.Thread(target=lambda: err.extend(iter(stderr.readline, "")), daemon=True).start()
+        try:
+            wait_for(lambda: "Rucio does not answer" in "".join(err), timeout=60, what="the check waiting for Rucio")
+            time.sleep(1)
+            assert proc.poll() is None, "still waiting for Rucio, not refusing to start"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
     assert proc.returncode == 0 and "refuses to start" not in "".join(err), "".join(err)
 
 

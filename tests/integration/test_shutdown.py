@@ -50,11 +50,12 @@ def stable_depth(s, queue: str) -> int:
     return last
 
 
-def test_sigterm_at_random_points_acks_exactly_what_it_logged_and_hands_the_rest_back_uncounted(lab, tmp_path):
+def test_sigterm_at_random_points_acks_exactly_what_it_logged_and_hands_the_rest_back_uncounted(own_lab, tmp_path):
+    lab = own_lab  # tens of thousands of files with rules: not on the session's server
     s = settings_for(lab, ingest={"batch_size": 250})
     events = backlog(lab, 4000 + 400 * RUNS)
     config = write_config(s, tmp_path / "injector.toml", stream_toml(lab), ingest="batch_size = 250\n")
-    env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(config)}
+    env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(config), "RUCIO_CONFIG": str(lab.server.client_config)}
     rng = random.Random(11)
     discrepancies, stops = [], []
     with declared(s):

@@ -114,8 +114,9 @@ def test_status_with_activemq_unreachable_says_so_in_one_line_and_shows_the_rest
     with declared(s):
         data = status.collect(s, ClientGateway(s.rucio))
         table = status_cli(s, tmp_path / "injector.toml")
-    assert data["activemq_queues"] == {"error": f"ActiveMQ unreachable: cannot connect to STOMP "
-                                                f"{s.cleanup.stomp_hosts}: ConnectFailedException"}
+    error = data["activemq_queues"]["error"]
+    assert error.startswith("ActiveMQ unreachable: cannot connect to STOMP") and "ConnectFailedException" in error
+    assert s.cleanup.stomp_hosts[0] in error
     assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
     lines = [line for line in table.stdout.splitlines() if "unreachable" in line]
     assert len(lines) == 1 and "ActiveMQ unreachable" in lines[0], table.stdout
