@@ -110,7 +110,9 @@ def test_a_connection_dropped_mid_replay_loses_nothing_and_the_summary_says_what
         proxy.close()
     (summary,) = result
     assert summary.interrupted and "connection lost" in summary.interrupted, summary
-    assert 300 <= summary.replayed < 1000 and summary.in_both == 0 and summary.unchecked == 0, summary
+    # cut after 300 copies reached the queue: those were confirmed (replayed) or in flight (doubtful) at the cut
+    assert summary.replayed + summary.doubtful >= 300 and summary.replayed < 1000, summary
+    assert summary.in_both == 0 and summary.unchecked == 0, summary
     back = Counter(m.properties["message_id"] for m in get_all(s, s.ingest.queue))
     still = contents(s)
     assert set(back) | {i for i, _ in still} == ids, "nothing lost"
