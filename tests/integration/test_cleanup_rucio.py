@@ -258,3 +258,27 @@ def test_events_for_files_no_stream_manages_are_acked_and_counted(lab, broker):
             hermes.close()
         wait_for(lambda: sum(w.stats.messages for w in workers) == 3, timeout=30, what="3 events")
         assert outcomes(workers, "unmanaged") == 2 and outcomes(workers, "ignored-rule_ok") == 1
+
+
+def test_a_rule_whose_expression_also_matches_the_source_never_counts_the_source_as_its_archive_copy(lab):
+    # Rucio satisfies a copies=1 rule on "SOURCE|ARCHIVE" with the replica already at SOURCE: no transfer, the
+    # only copy is the source. A transfer-done (forged, or for another rule) must not release it.
+    s = cleanup_settings(lab, ("rabbitmq", *RABBIT_STOMP),
+                         rules=[{"rse_expression": f"{SOURCE}|{ARCHIVE}", "copies": 1}])
+    (event,) = files(lab, 1)
+    with declared(s), cleanup_running(s) as workers:
+        ingested(s, [event])
+        (rule,) = lab.rules(f"LST1_{lab.tag}_20261124_raw")
+        assert rule["state"] == "OK", "the rule is satisfied by the source replica alone"
+        hermes = _Hermes(s)
+        try:
+            hermes.send("transfer-done", transfer_done(event))
+        finally:
+            hermes.close()
+        wait_for(lambda: sum(w.stats.messages for w in workers) == 1, timeout=30, what="the event handled")
+        assert outcomes(workers, "not-yet-safe") == 1 and outcomes(workers, "released") == 0
+        assert not dead_letters(s)
+    (replica,) = lab.client.list_replicas([{"scope": "lst", "name": event.path}], all_states=True)
+    assert replica["states"] == {SOURCE: "AVAILABLE"}
+    lab.server.run_daemons("reaper", rses=[SOURCE])
+    assert Path(event.path).exists(), "the reaper deleted the only copy"
