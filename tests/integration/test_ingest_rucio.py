@@ -10,6 +10,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,6 +191,35 @@ def test_a_file_rucio_refuses_is_dead_lettered_without_delaying_its_neighbours(l
     h = dead.properties["application_headers"]
     assert h[deadletter.REASON] == "rucio-refused" and "RSEFileNameNotSupported" in h[deadletter.ERROR]
     assert len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 20
+
+
+def test_one_refused_file_in_a_batch_of_1000_is_found_by_bisection_not_one_call_per_file(lab, tmp_path, monkeypatch):
+    outside = tmp_path / "not-under-the-rse-prefix"
+    outside.mkdir()
+    bad_stream = lab.stream(name="lst2-raw", instrument="LST2", storage_root=str(outside))
+    s = settings_for(lab, lab.stream(), bad_stream)
+    (outside / "run.fits.fz").write_bytes(b"x")
+    bad = file_closed(outside / "run.fits.fz", site="ORM", instrument="LST2", night="20261124")
+    good = files(lab, 999)
+    calls: list[int] = []
+    real = ClientGateway.add_replicas
+
+    def counted(self: ClientGateway, rse: str, replicas: Any) -> None:
+        calls.append(len(replicas))
+        real(self, rse, replicas)
+
+    monkeypatch.setattr(ClientGateway, "add_replicas", counted)
+    with declared(s):
+        with DaqPublisher(s.broker) as daq:
+            daq.publish(good[:500] + [bad] + good[500:])
+        worker = ingest_worker(s)
+        with running(worker):
+            wait_for(lambda: worker.stats.messages == 1000, timeout=120)
+        assert len(get_all(s, topology.dead_letter_queue(s.ingest.queue))) == 1
+    assert worker.stats.batches == 1 and calls[0] == 1000
+    # Halving: each level retries both halves once, so ≤ 1 + 2·⌈log2 1000⌉ = 21 calls, not 1 + 1000.
+    assert len(calls) <= 21, f"{len(calls)} add_replicas calls for one bad file in 1000"
+    assert len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 999
 
 
 def test_rucio_unreachable_from_the_start_holds_the_event_unacked_and_dead_letters_nothing(lab, tmp_path):
