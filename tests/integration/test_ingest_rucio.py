@@ -170,6 +170,33 @@ def test_same_name_with_other_checksum_is_dead_lettered_and_rucio_keeps_the_orig
     assert lab.replicas([first.path])[first.path]["adler32"] == first.adler32
 
 
+def test_a_rival_registering_other_bytes_between_the_check_and_the_add_is_caught_after_the_add(lab, monkeypatch):
+    # add_replicas leaves an existing replica as it is without comparing: the check after it is what sees that
+    # another process registered the same name with other content between this batch's first check and its add.
+    s = settings_for(lab)
+    (event,) = files(lab, 1)
+    real = ClientGateway.add_replicas
+
+    def rival_first(self: ClientGateway, rse: str, replicas: Any) -> None:
+        lab.client.add_replicas(rse=rse, files=[{"scope": "lst", "name": event.path, "bytes": event.size,
+                                                 "adler32": "0badc0de", "pfn": f"file://localhost{event.path}"}])
+        real(self, rse, replicas)
+
+    monkeypatch.setattr(ClientGateway, "add_replicas", rival_first)
+    with declared(s):
+        with DaqPublisher(s.broker) as daq:
+            daq.publish([event])
+        worker = ingest_worker(s)
+        with running(worker):
+            wait_for(lambda: worker.stats.messages == 1)
+        (dead,) = get_all(s, topology.dead_letter_queue(s.ingest.queue))
+    h = dead.properties["application_headers"]
+    assert h[deadletter.REASON] == "checksum-conflict" and "0badc0de" in h[deadletter.ERROR]
+    assert worker.stats.outcomes.get("registered", 0) == 0
+    assert lab.replicas([event.path])[event.path]["adler32"] == "0badc0de"
+    assert lab.content(f"LST1_{lab.tag}_20261124_raw") == [], "the rival's file was not attached as this one"
+
+
 def test_a_file_rucio_refuses_is_dead_lettered_without_delaying_its_neighbours(lab, tmp_path):
     outside = tmp_path / "not-under-the-rse-prefix"
     bad_stream = lab.stream(name="lst2-raw", instrument="LST2", storage_root=str(outside))
