@@ -14,15 +14,24 @@ from typing import Any
 import pytest
 
 from injector.testbed.rses import create_rses
-from injector.testbed.rucio import RucioServer, ensure_server_venv, start_server
+from injector.testbed.rucio import RucioServer, ensure_server_venv, postgres_available, start_server
 
 SOURCE, ARCHIVE = "ORM-BUFFER", "PIC-ARCHIVE"
+
+
+def on_postgresql() -> str:
+    """The integration tests' Rucio database: PostgreSQL, as in production. No fallback to SQLite (the demo's):
+    without PostgreSQL every test needing Rucio errors with this reason."""
+    if not postgres_available():
+        raise RuntimeError("the integration tests run Rucio on PostgreSQL and none answers on 127.0.0.1:5432; "
+                           "start it (SQLite is for the demo only)")
+    return "postgresql"
 
 
 @pytest.fixture(scope="session")
 def rucio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RucioServer]:
     base = tmp_path_factory.mktemp("rucio")
-    with start_server(base, venv_python=ensure_server_venv()) as server:
+    with start_server(base, venv_python=ensure_server_venv(), database=on_postgresql()) as server:
         os.environ["RUCIO_CONFIG"] = str(server.client_config)  # before rucio-clients reads its config
         yield server
 
@@ -51,7 +60,7 @@ def own_rucio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     from injector.testbed.rucio import PASSWORD, USERNAME
 
     base = tmp_path_factory.mktemp("own-rucio")
-    with start_server(base, venv_python=ensure_server_venv()) as server:
+    with start_server(base, venv_python=ensure_server_venv(), database=on_postgresql()) as server:
         from rucio.client import Client
 
         own = {"rucio_host": server.url, "auth_host": server.url, "account": "root", "auth_type": "userpass",
