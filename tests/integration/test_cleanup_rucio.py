@@ -206,7 +206,7 @@ def _stomp_take(s: Settings, destination: str, wait: float = 1.0) -> list[dict[s
     return frames
 
 
-def test_duplicated_shuffled_events_with_two_consumers_one_release_and_one_file_archived_per_file(lab, broker):
+def test_duplicated_shuffled_events_with_two_consumers_release_every_source_and_one_file_archived_per_file(lab, broker):
     s = cleanup_settings(lab, broker)
     events = files(lab, 5)
     with declared(s), cleanup_running(s, n=2) as workers:
@@ -234,6 +234,9 @@ def test_duplicated_shuffled_events_with_two_consumers_one_release_and_one_file_
             hermes.close()
         received = [decode_file_archived(m.body) for m in get_all(s, topology.archived_queue(s))]
     assert all(w.stats.messages > 0 for w in workers), "both consumers took part"
+    # A duplicate may release again while the tombstoned source still exists (idempotent): what is exact is that
+    # every event settles as a release or a source already gone, every source is reaped, one file-archived per file.
+    assert outcomes(workers, "released") >= 5
     assert outcomes(workers, "released") + outcomes(workers, "source-gone") == 15
     # One outcome per file, whoever handled which duplicate: the DAQ dedupes on the deterministic event_id.
     by_file: dict[str, set[tuple[str, str]]] = {}
