@@ -307,3 +307,36 @@ class Attempts(Recorder):
     def __call__(self, batch: list[Delivery]) -> Sequence[Outcome]:
         self.seen_attempts.extend(d.attempts for d in batch)
         return super().__call__(batch)
+
+
+class Busy(Announcing):
+    """Announces like Announcing, after working `seconds` on each batch (a slow Rucio)."""
+
+    def __init__(self, s: Any, seconds: float) -> None:
+        super().__init__(s)
+        self.seconds = seconds
+
+    def __call__(self, batch: list[Delivery]) -> Sequence[Outcome]:
+        time.sleep(self.seconds)
+        return super().__call__(batch)
+
+
+def test_a_consumer_busy_for_three_heartbeat_intervals_keeps_its_connections(broker):
+    # STOMP heart-beats on ActiveMQ (heartbeat_ms 1000), AMQP heartbeats on RabbitMQ and the embedded broker (2 s):
+    # they keep flowing while a batch takes longer than the broker's patience.
+    flavour, handle = broker
+    s = settings_for(flavour, handle)
+    s = s.model_copy(update={"broker": s.broker.model_copy(update={"heartbeat": 2})})
+    busy = Busy(s, 3 * 2 + 1)
+    w = worker_for(s, busy)
+    with declared(s), running(w):
+        wait_for(lambda: w.metrics.health()[0], timeout=20, what="subscribed")
+        send(s, "slow")
+        wait_for(lambda: w.stats.outcomes.get("archived") == 1, timeout=40, what="the slow batch settled")
+        busy.seconds = 0
+        send(s, "after")
+        wait_for(lambda: w.stats.outcomes.get("archived") == 2, timeout=20, what="the next one")
+        archived = get_all(s, topology.archived_queue(s))
+    assert w.stats.reconnects == 0, "a busy consumer lost a connection"
+    assert w.stats.messages == 2, "the slow one was not delivered again"
+    assert sorted(m.body for m in archived) == [b"after", b"slow"]
