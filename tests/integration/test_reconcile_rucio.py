@@ -239,6 +239,7 @@ def rucio_counts(lab: Lab, dataset: str) -> dict[str, int]:
     reps = lab.replicas(names)
     meta = json_marks(lab, names)
     stuck = {lk["name"] for r in lab.rules(dataset) for lk in c.list_replica_locks(r["id"]) if lk["state"] == "STUCK"}
+    tombstoned = {n for n, when in lab.tombstones(names, SOURCE).items() if when is not None}
     counts = Counter({"registered": len(names)})
     for n in names:
         st = reps[n]["states"]
@@ -249,7 +250,7 @@ def rucio_counts(lab: Lab, dataset: str) -> dict[str, int]:
             counts["replicating"] += 1
             counts["stuck"] += n in stuck
         else:
-            counts["released" if meta[n].get("injector_released_at") else "replicated"] += 1
+            counts["released" if n in tombstoned else "replicated"] += 1  # Rucio's tombstone, not our mark
     return counts
 
 
