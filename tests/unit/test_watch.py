@@ -142,15 +142,14 @@ def test_a_close_a_rename_and_a_move_in_are_candidates_and_creations_and_tempora
     ]
 
 
-def test_with_nested_roots_a_file_belongs_to_the_deepest_streams_watch_only():
-    outer = stream(storage_root="/data/lst1")
-    inner = stream(name="lst1-dl1", datatype="dl1", storage_root="/data/lst1/dl1")
-    watcher = Watcher([outer, inner], Options())
-    _Handler(watcher, outer).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
-    _Handler(watcher, inner).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
-    _Handler(watcher, outer).dispatch(FileClosedEvent("/data/lst1/raw/Run1.fits"))
-    got = [(c.stream.name, c.path) for c in (watcher.candidates.get_nowait() for _ in range(2))]
-    assert got == [("lst1-dl1", "/data/lst1/dl1/Run1.h5"), ("lst1-raw", "/data/lst1/raw/Run1.fits")]
+def test_streams_splitting_one_root_by_datatype_announce_each_file_once_by_the_first_selected():
+    raw = stream(datatype="raw")
+    dl1 = stream(name="lst1-dl1", datatype="dl1")
+    watcher = Watcher([dl1, raw], Options())
+    _Handler(watcher, raw).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
+    _Handler(watcher, dl1).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
+    assert [(c.stream.name, c.path) for c in [watcher.candidates.get_nowait()]] == [
+        ("lst1-dl1", "/data/lst1/dl1/Run1.h5")]
     assert watcher.candidates.empty()
 
 
