@@ -48,8 +48,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     meta = dict(_key_value(kv) for kv in args.meta)
     extra = {k: v for k, v in (("run", args.run), ("night", args.night), ("datatype", args.datatype)) if v}
     events = [file_closed(p, site=args.site, instrument=args.instrument, metadata=meta, **extra) for p in args.paths]
-    with DaqPublisher(settings.broker) as daq:
-        daq.publish(events)
+    with DaqPublisher(settings.broker, settings.streams) as daq:
+        events = daq.publish(events)
     for e in events:
         print(f"published {e.event_id} {e.routing_key} {e.path} size={e.size} adler32={e.adler32}")
     return 0

@@ -90,9 +90,14 @@ def _check_path_pattern(pattern: str) -> None:
         raise ValueError(f"{pattern!r} has {found}; allowed: (?P<name>...) with name in {sorted(PATH_FIELDS)}")
 
 
+def template_fields(template: str) -> frozenset[str]:
+    """The fields a dataset template names ({night} ...)."""
+    return frozenset(name for _, name, _, _ in string.Formatter().parse(template) if name is not None)
+
+
 def _check_template(template: str) -> None:
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        names = template_fields(template)
     except ValueError as exc:
         raise ValueError(f"dataset template {template!r} is not a valid format string: {exc}") from None
     unknown = names - TEMPLATE_FIELDS
@@ -214,6 +219,9 @@ class Settings(_Section):
             if key in seen:
                 raise ValueError(f"streams {seen[key]!r} and {s.name!r} both match {key}")
             seen[key] = s.name
+        for i, a in enumerate(self.streams):
+            for b in self.streams[i + 1:]:
+                _check_roots(a, b)
         return self
 
     def stream_named(self, name: str) -> Stream:
@@ -221,6 +229,34 @@ class Settings(_Section):
             if s.name == name:
                 return s
         raise ConfigError(f"no stream named {name!r} (known: {[s.name for s in self.streams]})")
+
+
+def _check_roots(a: Stream, b: Stream) -> None:
+    """Two streams must not own one file (it would become two DIDs), except the datatype split of one stream:
+    the same root and DID rule, so the file's DID is the same whichever of them takes it."""
+    same = ("site", "instrument", "scope", "source_rse", "storage_root", "did_name", "did_prefix")
+    if all(getattr(a, f) == getattr(b, f) for f in same) and a.datatype != b.datatype:
+        return
+    ra, rb = a.storage_root.rstrip("/") or "/", b.storage_root.rstrip("/") or "/"
+    why = _overlap(ra, rb)
+    if why is None and os.path.exists(ra) and os.path.exists(rb):
+        real_a, real_b = os.path.realpath(ra), os.path.realpath(rb)
+        found = _overlap(real_a, real_b)
+        why = None if found is None else f"{found} once symlinks are resolved ({ra} is {real_a}, {rb} is {real_b})"
+    if why is not None:
+        raise ValueError(
+            f"streams {a.name!r} and {b.name!r} have overlapping storage roots: {why}; a file below both would be "
+            "registered twice (two DIDs). Give each stream its own directory (only streams that split one "
+            "site+instrument by datatype may share a root, with the same scope, source_rse, did_name, did_prefix)")
+
+
+def _overlap(a: str, b: str) -> str | None:
+    if a == b:
+        return f"both are {a}"
+    for outer, inner in ((a, b), (b, a)):
+        if os.path.commonpath([outer, inner]) == outer:
+            return f"{inner} lies inside {outer}"
+    return None
 
 
 def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:

@@ -40,6 +40,12 @@ class PathOutsideRoot(Permanent):
     reason = "path-outside-root"
 
 
+class PathNotCanonical(Permanent):
+    """The announced path reaches its file through a symlink: the file has another (canonical) name."""
+
+    reason = "path-not-canonical"
+
+
 class TemplateFieldMissing(Permanent):
     reason = "template-field-missing"
 

@@ -1,15 +1,19 @@
-"""Streams: which stream an event belongs to, and where its file goes in Rucio."""
+"""Streams: which stream an event belongs to, and where its file goes in Rucio.
+
+One file is one DID: `canonical_path` is the one rule that turns any spelling of a file into the path it is
+announced and registered under (producers apply it before announcing, ingest checks it when it sees the disk).
+"""
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from injector.config import Stream
-from injector.errors import NoStream, PathOutsideRoot, RucioRefused, TemplateFieldMissing
+from injector.config import Stream, template_fields
+from injector.errors import NoStream, PathNotCanonical, PathOutsideRoot, RucioRefused, TemplateFieldMissing
 from injector.events import FileClosed
 
 # Rucio's generic schema: names ≤ 250 characters of this form.
@@ -51,6 +55,7 @@ def place(streams: Sequence[Stream], event: FileClosed) -> Placement:
     eid = str(event.event_id)
     stream = match(streams, event.site, event.instrument, event.datatype)
     relative = relative_path(stream, event.path, eid)
+    check_canonical(stream, event.path, eid)
     name = stream.did_prefix + {"path": event.path, "relative": relative, "basename": posixpath.basename(relative)}[
         stream.did_name
     ]
@@ -74,6 +79,42 @@ def relative_path(stream: Stream, path: str, event_id: str | None = None) -> str
     return path[len(root) + 1 :]
 
 
+def canonical_path(stream: Stream, path: str, event_id: str | None = None) -> str:
+    """The one name of a file: the stream's storage_root as configured + the file's real path (symlinks
+    resolved) relative to the root's real path. PathOutsideRoot when the real path leaves the root."""
+    root = stream.storage_root.rstrip("/")
+    real_root, real = os.path.realpath(root or "/"), os.path.realpath(path)
+    if real == real_root or os.path.commonpath([real, real_root]) != real_root:
+        via = "" if real == path else f" (its real path is {real!r})"
+        raise PathOutsideRoot(
+            f"path {path!r}{via} is outside stream {stream.name!r} storage_root {stream.storage_root!r}"
+            + ("" if real_root == root else f" (real path {real_root!r})"), event_id=event_id)
+    return f"{root}/{os.path.relpath(real, real_root)}"
+
+
+def canonical(streams: Sequence[Stream], event: FileClosed) -> FileClosed:
+    """The event announcing its file under the canonical path (producers, before publishing); as it is when
+    no stream of this config takes it (ingest then decides)."""
+    try:
+        stream = match(streams, event.site, event.instrument, event.datatype)
+    except NoStream:
+        return event
+    path = canonical_path(stream, event.path, str(event.event_id))
+    return event if path == event.path else event.model_copy(update={"path": path})
+
+
+def check_canonical(stream: Stream, path: str, event_id: str | None) -> None:
+    """Ingest: a path this host can see must be the canonical one; a path it cannot see keeps the lexical checks."""
+    if not os.path.lexists(path):
+        return
+    found = canonical_path(stream, path, event_id)
+    if found != path:
+        raise PathNotCanonical(
+            f"event {event_id}: field path {path!r} is not the canonical path of its file: a symlink on it resolves "
+            f"to {found!r} (stream {stream.name!r}); one file must have one DID, so announce {found!r}",
+            event_id=event_id)
+
+
 def dataset_name(stream: Stream, event: FileClosed) -> str:
     values = {
         "site": event.site,
@@ -84,8 +125,7 @@ def dataset_name(stream: Stream, event: FileClosed) -> str:
         "date": event.occurred_at.strftime("%Y%m%d"),
         "stream": stream.name,
     }
-    used = {n for _, n, _, _ in string.Formatter().parse(stream.dataset) if n is not None}
-    missing = sorted(n for n in used if values.get(n) is None)
+    missing = sorted(n for n in template_fields(stream.dataset) if values.get(n) is None)
     if missing:
         raise TemplateFieldMissing(
             f"stream {stream.name!r} dataset template {stream.dataset!r} needs {missing}, absent from the event",

@@ -39,9 +39,10 @@ from watchdog.events import (
 )
 from watchdog.observers.inotify import InotifyObserver
 
-from injector.config import Settings, Stream
-from injector.errors import ConfigError, InjectorError
+from injector.config import PATH_FIELDS, Settings, Stream, template_fields
+from injector.errors import ConfigError, InjectorError, PathOutsideRoot
 from injector.events import FileClosed
+from injector.streams import canonical_path
 from producers.announcer import Announcer
 from producers.candidates import Candidate, Settler
 from producers.publish import file_closed
@@ -114,7 +115,12 @@ def fields_from_path(stream: Stream, relative: str) -> tuple[dict[str, Any], lis
 
 def announcement(candidate: Candidate) -> FileClosed | None:
     """The file-closed event of a file (size and adler32 read now); None when it cannot be read."""
-    stream, path = candidate.stream, candidate.path
+    stream = candidate.stream
+    try:
+        path = canonical_path(stream, candidate.path)
+    except PathOutsideRoot as exc:
+        log.error("%s NOT announced: %s", candidate.path, exc)
+        return None
     fields, problems = fields_from_path(stream, relative_to_root(stream, path) or "")
     for problem in problems:
         log.warning("%s %s; announced anyway: if its dataset name needs a missing field, ingest dead-letters it "
@@ -156,11 +162,12 @@ class Watcher:
         self.options = options
         self.found_quiet = max(options.settle, options.found_quiet)
         self.candidates: queue.Queue[Candidate] = queue.Queue()
-        self._streams = sorted(streams, key=lambda s: len(s.storage_root.rstrip("/")), reverse=True)
+        self._streams = list(streams)
         self._observer: InotifyObserver | None = None
 
     def owner(self, path: str) -> Stream | None:
-        """The stream whose root holds the path; with nested roots, the deepest one."""
+        """The stream whose root holds the path. Roots never overlap (the config refuses it) but in the datatype
+        split of one stream, whose streams share one root: the first of them selected announces the file."""
         return next((s for s in self._streams if relative_to_root(s, path) is not None), None)
 
     def offer(self, stream: Stream, path: str, quiet: float, tree: bool = False) -> None:
@@ -211,7 +218,18 @@ def selected(settings: Settings, names: Sequence[str]) -> list[Stream]:
     for s in streams:
         if not os.path.isdir(s.storage_root):
             raise ConfigError(f"stream {s.name!r}: storage_root {s.storage_root} is not a directory here")
+        missing = sorted(template_fields(s.dataset) & PATH_FIELDS - set(fields_watch_provides(s)))
+        if missing:
+            raise ConfigError(f"stream {s.name!r}: dataset template {s.dataset!r} needs {missing}, which watch "
+                              f"cannot provide: add (?P<{missing[0]}>...) to its path_fields (or set its datatype), "
+                              "else every file would be dead-lettered template-field-missing")
     return streams
+
+
+def fields_watch_provides(stream: Stream) -> frozenset[str]:
+    """Event fields watch can fill for a stream's files: its datatype, and the groups of its path_fields."""
+    groups = set(re.compile(stream.path_fields).groupindex) if stream.path_fields else set()
+    return frozenset(groups | ({"datatype"} if stream.datatype else set()))
 
 
 def run(settings: Settings, options: Options, stop: threading.Event, ready: threading.Event | None = None) -> int:

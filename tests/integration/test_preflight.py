@@ -66,13 +66,15 @@ def bad_streams(lab: Lab, tmp_path: Path) -> dict[str, tuple[dict[str, Any], str
         "no-archive": ({"rules": [{"rse_expression": f"NOWHERE-{tag}"}]},
                        f"rule 'NOWHERE-{tag}' x1: the RSE expression matches no RSE: "),
     }
-    return {name: (lab.stream(name=name, instrument=name.replace("-", "").upper(), **over), words)
+    # Each stream its own directory: overlapping roots are refused at load.
+    return {name: (lab.stream(name=name, instrument=name.replace("-", "").upper(),
+                              **{"storage_root": str(lab.root / name), **over}), words)
             for name, (over, words) in cases.items()}
 
 
 def test_config_check_rucio_names_each_bad_stream_and_exits_1_and_passes_good_ones_with_0(lab, tmp_path):
     bad = bad_streams(lab, tmp_path)
-    good = lab.stream(name="good")
+    good = lab.stream(name="good", storage_root=str(lab.root / "good"))
     config = tmp_path / "injector.toml"
     config.write_text(toml([good, *(s for s, _ in bad.values())]))
     done = cli(config, "config", "check", "--rucio")

@@ -65,3 +65,30 @@ def test_broken_toml_is_reported_with_its_path(tmp_path):
     f.write_text("[broker\n")
     with pytest.raises(ConfigError, match=str(f)):
         load(f, env={})
+
+
+def test_streams_splitting_one_site_and_instrument_by_datatype_may_share_a_root():
+    s = STREAMS["streams"][0]
+    settings = parse({"streams": [{**s, "datatype": "raw"}, {**s, "name": "lst1-dl1", "datatype": "dl1",
+                                                              "dataset": "LST1_{night}_dl1"}]})
+    assert [x.storage_root for x in settings.streams] == ["/data/lst1", "/data/lst1"]
+
+
+def test_a_datatype_split_with_another_scope_is_an_overlap_naming_both_streams():
+    s = STREAMS["streams"][0]
+    with pytest.raises(ConfigError, match="streams 'lst1-raw' and 'lst1-dl1' have overlapping storage roots: both are"):
+        parse({"streams": [{**s, "datatype": "raw"}, {**s, "name": "lst1-dl1", "datatype": "dl1", "scope": "dl1"}]})
+
+
+def test_roots_sharing_only_a_name_prefix_do_not_overlap():
+    s = STREAMS["streams"][0]
+    other = {**s, "name": "lst10-raw", "instrument": "LST10", "storage_root": "/data/lst10"}
+    assert len(parse({"streams": [s, other]}).streams) == 2
+
+
+def test_a_root_below_another_is_refused_whichever_comes_first():
+    s = STREAMS["streams"][0]
+    inner = {**s, "name": "lst1-sub", "instrument": "LST2", "storage_root": "/data/lst1/sub/"}
+    for streams in ([s, inner], [inner, s]):
+        with pytest.raises(ConfigError, match="/data/lst1/sub lies inside /data/lst1"):
+            parse({"streams": streams})

@@ -1,8 +1,12 @@
+import os
+
 import pytest
 
-from injector.errors import NoStream, PathOutsideRoot, RucioRefused, TemplateFieldMissing
+from injector.config import parse
+from injector.errors import NoStream, PathNotCanonical, PathOutsideRoot, RucioRefused, TemplateFieldMissing
 from injector.events import FileClosed
-from injector.streams import place
+from injector.streams import canonical_path, place
+from tests.conftest import STREAMS
 
 
 def ev(**over):
@@ -47,3 +51,41 @@ def test_template_field_absent_from_the_event_is_named(settings):
 def test_name_rucio_would_refuse_is_refused_before_calling_rucio(settings):
     with pytest.raises(RucioRefused, match="not a valid Rucio name"):
         place(settings.streams, ev(path="/data/lst1/bad name.fits"))
+
+
+def symlinked_tree(tmp_path):
+    """root/20261129/x.fits, root/alias -> 20261129, root/escape -> ../outside, link -> root."""
+    (tmp_path / "root" / "20261129").mkdir(parents=True)
+    (tmp_path / "root" / "20261129" / "x.fits").write_bytes(b"x")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "y.fits").write_bytes(b"y")
+    os.symlink("20261129", tmp_path / "root" / "alias")
+    os.symlink("../outside", tmp_path / "root" / "escape")
+    os.symlink("root", tmp_path / "link")
+    return tmp_path
+
+
+def lst1(root):
+    return parse({"streams": [{**STREAMS["streams"][0], "storage_root": str(root)}]}).streams[0]
+
+
+def test_the_canonical_path_resolves_symlinks_inside_the_root_and_keeps_the_configured_root(tmp_path):
+    t = symlinked_tree(tmp_path)
+    assert canonical_path(lst1(t / "root"), f"{t}/root/alias/x.fits") == f"{t}/root/20261129/x.fits"
+    assert canonical_path(lst1(t / "link"), f"{t}/root/alias/x.fits") == f"{t}/link/20261129/x.fits"
+    assert canonical_path(lst1(t / "link"), f"{t}/link/20261129/x.fits") == f"{t}/link/20261129/x.fits"
+
+
+def test_a_symlink_whose_target_leaves_the_root_is_outside_it(tmp_path):
+    t = symlinked_tree(tmp_path)
+    with pytest.raises(PathOutsideRoot, match=f"its real path is '{t}/outside/y.fits'"):
+        canonical_path(lst1(t / "root"), f"{t}/root/escape/y.fits")
+
+
+def test_ingest_refuses_a_visible_non_canonical_path_and_keeps_lexical_checks_for_an_invisible_one(tmp_path):
+    t = symlinked_tree(tmp_path)
+    streams = [lst1(t / "root")]
+    with pytest.raises(PathNotCanonical, match=f"field path '{t}/root/alias/x.fits'.*announce '{t}/root/20261129"):
+        place(streams, ev(path=f"{t}/root/alias/x.fits"))
+    assert place(streams, ev(path=f"{t}/root/20261129/x.fits")).name == f"{t}/root/20261129/x.fits"
+    assert place(streams, ev(path=f"{t}/root/gone/x.fits")).name == f"{t}/root/gone/x.fits"

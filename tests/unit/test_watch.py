@@ -12,12 +12,12 @@ from collections.abc import Sequence
 import pytest
 from watchdog.events import DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileMovedEvent
 
-from injector.config import Stream, parse
+from injector.config import Settings, Stream, parse
 from injector.errors import BrokerUnavailable, ConfigError, PublishFailed
 from injector.events import FileClosed
 from producers.announcer import Announcer
 from producers.candidates import Candidate, Settler
-from producers.watch import Options, Watcher, _Handler, _step, announcement, fields_from_path, ignored
+from producers.watch import Options, Watcher, _Handler, _step, announcement, fields_from_path, ignored, selected
 from tests.conftest import STREAMS
 
 
@@ -142,15 +142,14 @@ def test_a_close_a_rename_and_a_move_in_are_candidates_and_creations_and_tempora
     ]
 
 
-def test_with_nested_roots_a_file_belongs_to_the_deepest_streams_watch_only():
-    outer = stream(storage_root="/data/lst1")
-    inner = stream(name="lst1-dl1", datatype="dl1", storage_root="/data/lst1/dl1")
-    watcher = Watcher([outer, inner], Options())
-    _Handler(watcher, outer).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
-    _Handler(watcher, inner).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
-    _Handler(watcher, outer).dispatch(FileClosedEvent("/data/lst1/raw/Run1.fits"))
-    got = [(c.stream.name, c.path) for c in (watcher.candidates.get_nowait() for _ in range(2))]
-    assert got == [("lst1-dl1", "/data/lst1/dl1/Run1.h5"), ("lst1-raw", "/data/lst1/raw/Run1.fits")]
+def test_streams_splitting_one_root_by_datatype_announce_each_file_once_by_the_first_selected():
+    raw = stream(datatype="raw")
+    dl1 = stream(name="lst1-dl1", datatype="dl1")
+    watcher = Watcher([dl1, raw], Options())
+    _Handler(watcher, raw).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
+    _Handler(watcher, dl1).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
+    assert [(c.stream.name, c.path) for c in [watcher.candidates.get_nowait()]] == [
+        ("lst1-dl1", "/data/lst1/dl1/Run1.h5")]
     assert watcher.candidates.empty()
 
 
@@ -331,3 +330,32 @@ def test_a_stop_during_an_outage_keeps_the_events_pending():
     assert [e.path for e in a.pending] == ["/data/lst1/Run1.fits"]
     assert not a.flush_final(0.05)
     assert [e.path for e in a.pending] == ["/data/lst1/Run1.fits"] and published == []
+
+
+# --- the start check and canonical paths ----------------------------------------------------------
+
+def test_watch_refuses_a_stream_whose_template_needs_a_field_neither_its_datatype_nor_path_fields_give(tmp_path):
+    ok = stream(storage_root=str(tmp_path), datatype="raw", dataset="LST1_{night}_{datatype}_{date}",
+                path_fields=r"^(?P<night>\d{8})/")
+    assert selected(parse_settings(ok), []) == [ok]
+    bad = stream(storage_root=str(tmp_path), dataset="LST1_{night}_{run}_{datatype}", path_fields=r"^(?P<night>\d{8})/")
+    with pytest.raises(ConfigError, match=r"stream 'lst1-raw'.*needs \['datatype', 'run'\].*path_fields"):
+        selected(parse_settings(bad), [])
+
+
+def parse_settings(s: Stream) -> Settings:
+    return parse({"streams": [s.model_dump()]})
+
+
+def test_a_file_reached_through_a_symlinked_directory_is_announced_under_its_real_path(tmp_path, caplog):
+    (tmp_path / "20261124").mkdir()
+    (tmp_path / "20261124" / "Run1.fits").write_bytes(b"x")
+    os.symlink("20261124", tmp_path / "alias")
+    (tmp_path.parent / f"{tmp_path.name}-out.fits").write_bytes(b"y")
+    os.symlink(f"../{tmp_path.name}-out.fits", tmp_path / "escape.fits")
+    s = stream(storage_root=str(tmp_path), path_fields=r"^(?P<night>\d{8})/")
+    event = announcement(Candidate(s, str(tmp_path / "alias" / "Run1.fits"), 0.0))
+    assert event is not None and (event.path, event.night) == (str(tmp_path / "20261124" / "Run1.fits"), "20261124")
+    with caplog.at_level(logging.ERROR):
+        assert announcement(Candidate(s, str(tmp_path / "escape.fits"), 0.0)) is None
+    assert "escape.fits NOT announced" in caplog.text and "is outside stream 'lst1-raw'" in caplog.text
