@@ -233,10 +233,13 @@ class Settings(_Section):
 
 def _check_roots(a: Stream, b: Stream) -> None:
     """Two streams must not own one file (it would become two DIDs), except the datatype split of one stream:
-    the same root and DID rule, so the file's DID is the same whichever of them takes it."""
+    the same root and DID rule, so the file's DID is the same whichever of them takes it. Streams of different
+    sites with different source RSEs never share a disk, whatever their roots are called."""
     same = ("site", "instrument", "scope", "source_rse", "storage_root", "did_name", "did_prefix")
     if all(getattr(a, f) == getattr(b, f) for f in same) and a.datatype != b.datatype:
         return
+    if a.site != b.site and a.source_rse != b.source_rse:
+        return  # two sites' buffers: the same spelling names different disks
     ra, rb = a.storage_root.rstrip("/") or "/", b.storage_root.rstrip("/") or "/"
     why = _overlap(ra, rb)
     if why is None and os.path.exists(ra) and os.path.exists(rb):

@@ -92,3 +92,11 @@ def test_a_root_below_another_is_refused_whichever_comes_first():
     for streams in ([s, inner], [inner, s]):
         with pytest.raises(ConfigError, match="/data/lst1/sub lies inside /data/lst1"):
             parse({"streams": streams})
+
+
+def test_streams_of_two_sites_with_their_own_source_rses_may_spell_their_roots_alike():
+    s = STREAMS["streams"][0]
+    other = {**s, "name": "cta-s-raw", "site": "PARANAL", "instrument": "LST1", "source_rse": "PARANAL-BUFFER"}
+    assert len(parse({"streams": [s, other]}).streams) == 2
+    with pytest.raises(ConfigError, match="overlapping storage roots"):  # one site's two RSEs: one disk
+        parse({"streams": [s, {**other, "site": s["site"], "instrument": "LST2"}]})
