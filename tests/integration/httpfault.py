@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlparse
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
@@ -19,6 +21,8 @@ class RucioProxy:
         self.unavailable = False  # every request: 503
         self.poison: str | None = None  # requests whose body contains it: bare 500
         self.refused = 0
+        self.slow: tuple[str, str, float] | None = None  # (method, path, seconds): such requests wait first
+        self.held = threading.Event()  # set while a slow request is being held
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -28,6 +32,10 @@ class RucioProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if proxy.unavailable:
                     return self._answer(503, b"<html>503 Service Unavailable</html>")
+                slow = proxy.slow
+                if slow and self.command == slow[0] and self.path.split("?")[0] == slow[1]:
+                    proxy.held.set()
+                    time.sleep(slow[2])
                 if proxy.poison and proxy.poison.encode() in body:
                     proxy.refused += 1
                     return self._answer(500, b"Internal Server Error")
@@ -62,6 +70,11 @@ class RucioProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def client_config(self, original: Path, dest: Path) -> Path:
+        """A copy of a rucio-clients config that reaches the server through this proxy (for a CLI subprocess)."""
+        dest.write_text(original.read_text().replace(f"http://{self.upstream[0]}:{self.upstream[1]}", self.url))
+        return dest
 
     def close(self) -> None:
         self.server.shutdown()
