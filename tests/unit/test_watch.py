@@ -17,7 +17,10 @@ from injector.errors import BrokerUnavailable, ConfigError, PublishFailed
 from injector.events import FileClosed
 from producers.announcer import Announcer
 from producers.candidates import Candidate, Settler
-from producers.watch import Options, Watcher, _Handler, _step, announcement, fields_from_path, ignored
+from producers.edge import Edge
+from producers.hashing import HashPool
+from producers.refusals import Refusals
+from producers.watch import Options, Watcher, _Handler, announcement, fields_from_path, ignored
 from tests.conftest import STREAMS
 
 
@@ -165,18 +168,22 @@ def test_a_directory_candidate_stands_for_every_announceable_file_below_it(tmp_p
         (str(tmp_path / "n/Run1.fits"), 7.0, False), (str(tmp_path / "n/sub/Run2.fits"), 7.0, False)]
 
 
-def test_a_stop_during_a_long_backlog_puts_the_files_not_yet_read_back(tmp_path):
+def test_a_stop_during_a_long_backlog_leaves_the_files_not_yet_read_waiting(tmp_path):
     for n in range(3):
         (tmp_path / f"Run{n}.fits").write_bytes(b"x")
     _, watcher, s = handler_and_watcher(str(tmp_path))
     watcher.candidates.put(Candidate(s, str(tmp_path), 0.0, tree=True))
-    settler, published = Settler(), []
+    published: list[list[str]] = []
     a = announcer(published)
+    edge = Edge(watcher, Refusals(parse({})), HashPool(1, announcement), a)
     halts = iter([False, True])
-    _step(watcher, settler, a, lambda: None, lambda: next(halts), timeout=0)
+    edge.step(lambda: None, lambda: next(halts), timeout=0)
+    edge.pool.wait(5)
+    edge.step(lambda: None, lambda: True, timeout=0)
     assert len(a.pending) == 1
-    assert sorted([c.path for c in settler.waiting()] + [a.pending[0].path]) == [
+    assert sorted([c.path for c in edge.pool.waiting()] + [a.pending[0].path]) == [
         str(tmp_path / f"Run{n}.fits") for n in range(3)]
+    edge.pool.close()
 
 
 # --- the event of a file --------------------------------------------------------------------------
