@@ -36,7 +36,11 @@ class Edge:
     def step(self, flush: Callable[[], object], halt: Callable[[], bool], timeout: float) -> None:
         """Take the new candidates, start reading those ready while `halt` says go on (a long backlog, as
         --existing over a full buffer, must not delay a SIGTERM), and queue the events read meanwhile."""
-        self._gather(timeout)
+        if self.pool.reading():  # wake for a finished read too: the backlog moves at the pace of the reads
+            self.pool.wait(timeout)
+            self._gather(0)
+        else:
+            self._gather(timeout)
         self.pool.add(self.settler.ready())
         self.pool.pump(halt)
         for result in self.pool.done():
@@ -49,7 +53,8 @@ class Edge:
 
     def _gather(self, timeout: float) -> None:
         try:
-            first: Candidate | None = self.watcher.candidates.get(timeout=timeout)
+            first: Candidate | None = (self.watcher.candidates.get(timeout=timeout) if timeout > 0
+                                       else self.watcher.candidates.get_nowait())
         except queue.Empty:
             return
         while first is not None:

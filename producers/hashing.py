@@ -68,6 +68,9 @@ class HashPool:
             except Exception:  # a bug in reading one file must not end the watcher
                 log.exception("%s NOT announced: reading it failed", c.path)
 
+    def reading(self) -> bool:
+        return bool(self._running)
+
     def busy(self) -> bool:
         return bool(self._backlog or self._running)
 
