@@ -65,7 +65,8 @@ def _key_value(text: str) -> tuple[str, str]:
 def cmd_watch(args: argparse.Namespace) -> int:
     from producers import watch
 
-    options = watch.Options(streams=args.stream, existing=args.existing, settle=args.settle, ignore=args.ignore)
+    options = watch.Options(streams=args.stream, existing=args.existing, settle=args.settle, ignore=args.ignore,
+                            hash_workers=args.hash_workers, metrics_port=args.metrics_port or 0)
     return watch.run(_settings(args), options, _stop_on_signals())
 
 
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="announce a closed file once unmodified this long (writers that close and reopen)")
     wat.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                      help="never announce these names (repeatable; always ignored: .* *.tmp *.part)")
+    wat.add_argument("--hash-workers", type=int, default=2, metavar="N",
+                     help="files read for their checksum at once (small files do not wait behind a big one)")
+    wat.add_argument("--metrics-port", type=int, help="serve /metrics (refused files by reason) here (0 = off)")
     wat.set_defaults(func=cmd_watch)
 
     ing = sub.add_parser("ingest", help="run the ingest consumer (file-closed → Rucio)")

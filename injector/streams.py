@@ -54,15 +54,22 @@ def place(streams: Sequence[Stream], event: FileClosed) -> Placement:
     """Stream, DID name, PFN and dataset of an event; Permanent errors say what is wrong."""
     eid = str(event.event_id)
     stream = match(streams, event.site, event.instrument, event.datatype)
-    relative = relative_path(stream, event.path, eid)
+    name = did_name(stream, event.path, eid)
     check_canonical(stream, event.path, eid)
-    name = stream.did_prefix + {"path": event.path, "relative": relative, "basename": posixpath.basename(relative)}[
-        stream.did_name
-    ]
-    check_did_name(name, "DID name", eid)
     dataset = dataset_name(stream, event)
     check_did_name(dataset, f"dataset name (template {stream.dataset!r})", eid)
     return Placement(stream, stream.scope, name, stream.pfn_prefix + event.path, dataset)
+
+
+def did_name(stream: Stream, path: str, event_id: str | None = None) -> str:
+    """The DID name of a file of the stream (by its did_name and did_prefix); Permanent errors say why it has
+    none: a path outside the root, or a name Rucio refuses (`invalid-name`)."""
+    relative = relative_path(stream, path, event_id)
+    name = stream.did_prefix + {"path": path, "relative": relative, "basename": posixpath.basename(relative)}[
+        stream.did_name
+    ]
+    check_did_name(name, "DID name", event_id)
+    return name
 
 
 def relative_path(stream: Stream, path: str, event_id: str | None = None) -> str:
@@ -135,7 +142,7 @@ def dataset_name(stream: Stream, event: FileClosed) -> str:
 
 
 def check_did_name(name: str, what: str, event_id: str | None) -> None:
-    if not DID_NAME.match(name):
+    if not DID_NAME.fullmatch(name):  # not match: `$` also matches before a trailing newline
         raise RucioRefused(
             f"{what} {name!r} is not a valid Rucio name (^[/A-Za-z0-9][/A-Za-z0-9.-_]*$, ≤ 250)",
             event_id=event_id,

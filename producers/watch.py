@@ -7,8 +7,9 @@ names (`.*`, `*.tmp`, `*.part`, plus the caller's globs) are never announced, no
 directory with such a name. site, instrument and datatype come from the stream; night, run and
 datatype from the path, by the stream's `path_fields` pattern.
 
-Checksums are computed and events published on the caller's thread, never on watchdog's; see
-`producers.announcer` for the batching and the retries that never drop an event.
+Checksums are computed on a small pool of threads (`producers.hashing`), never on watchdog's, and events
+published on the caller's thread; see `producers.announcer` for the batching and the retries that never drop
+an event. A file whose name alone makes it unannounceable is refused and recorded (`producers.refusals`).
 
 Files closed while no watch saw them: a directory's watch starts a moment after the directory is
 created, so the files found in a new directory are announced once unmodified for `found_quiet`
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+from pydantic import ValidationError
 from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
@@ -39,13 +41,17 @@ from watchdog.events import (
 )
 from watchdog.observers.inotify import InotifyObserver
 
+from injector.checksum import size_and_adler32
 from injector.config import PATH_FIELDS, Settings, Stream, template_fields
 from injector.errors import ConfigError, InjectorError, PathOutsideRoot
-from injector.events import FileClosed
+from injector.metrics import Metrics, serve
 from injector.streams import canonical_path
 from producers.announcer import Announcer
-from producers.candidates import Candidate, Settler
+from producers.candidates import Candidate
+from producers.edge import Edge
+from producers.hashing import HashPool, Result
 from producers.publish import file_closed
+from producers.refusals import Refusal, Refusals, refusal
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,8 @@ class Options:
     batch_size: int = 500  # ... or until this many are pending
     retry_max_wait: float = 30.0  # longest backoff between publish attempts while the broker is down
     shutdown_timeout: float = 30.0  # after the stop: half to read files closed before it, half to publish
+    hash_workers: int = 2  # files read (size, adler32) at once: small files do not wait behind a big one
+    metrics_port: int = 0  # serve /metrics (refused files by reason) here; 0: off
 
 
 def ignored(relative: str, patterns: Sequence[str] = ()) -> bool:
@@ -113,20 +121,27 @@ def fields_from_path(stream: Stream, relative: str) -> tuple[dict[str, Any], lis
     return fields, problems
 
 
-def announcement(candidate: Candidate) -> FileClosed | None:
-    """The file-closed event of a file (size and adler32 read now); None when it cannot be read."""
+def announcement(candidate: Candidate, cancelled: Callable[[], bool] = lambda: False) -> Result:
+    """The file-closed event of a file by its canonical path (size and adler32 read now, `cancelled` asked
+    between chunks); None when it cannot be read; a Refusal when no valid event can be made of it."""
     stream = candidate.stream
     try:
         path = canonical_path(stream, candidate.path)
     except PathOutsideRoot as exc:
-        log.error("%s NOT announced: %s", candidate.path, exc)
-        return None
+        return Refusal(stream, candidate.path, "path-outside-root", str(exc))
+    if path != candidate.path and (refused := refusal(stream, path)) is not None:
+        return refused
     fields, problems = fields_from_path(stream, relative_to_root(stream, path) or "")
     for problem in problems:
         log.warning("%s %s; announced anyway: if its dataset name needs a missing field, ingest dead-letters it "
                     "(template-field-missing) to be fixed and replayed", path, problem)
     try:
-        return file_closed(path, site=stream.site, instrument=stream.instrument, **fields)
+        size, adler32 = size_and_adler32(path, cancelled)
+        return file_closed(path, site=stream.site, instrument=stream.instrument, size=size, adler32=adler32,
+                           **fields)
+    except ValidationError as exc:  # refusal() checked the name: this is a field no check foresaw
+        return Refusal(stream, path, "invalid-event", f"no valid file-closed event: {exc}",
+                       field=".".join(str(x) for x in exc.errors()[0]["loc"]))
     except FileNotFoundError:
         log.warning("%s vanished before it could be announced", path)
     except OSError as exc:
@@ -236,73 +251,35 @@ def run(settings: Settings, options: Options, stop: threading.Event, ready: thre
     """Watch until `stop` is set, then announce what is pending. Exit code: 0, or 1 when events could
     not be published before the shutdown timeout (their files stay; `--existing` announces them)."""
     streams = selected(settings, options.streams)
-    watcher = Watcher(streams, options)
-    announcer = Announcer(settings.broker, batch_size=options.batch_size, window=options.window,
-                          max_wait=options.retry_max_wait)
-    settler = Settler()
-    watcher.start()
+    metrics = Metrics("watch")
+    server = serve(metrics, options.metrics_port, settings.metrics.host) if options.metrics_port else None
+    edge = Edge(Watcher(streams, options), Refusals(settings, metrics), HashPool(options.hash_workers, announcement),
+                 Announcer(settings.broker, batch_size=options.batch_size, window=options.window,
+                           max_wait=options.retry_max_wait))
+    edge.watcher.start()
     try:
         if options.existing:
-            watcher.offer_existing()
+            edge.watcher.offer_existing()
         for s in streams:
-            log.info("watching stream %s: %s (settle %.1f s, ignoring %s)", s.name, s.storage_root, options.settle,
-                     ", ".join((*DEFAULT_IGNORE, *options.ignore)))
+            log.info("watching stream %s: %s (settle %.1f s, ignoring %s, %d hashing threads)", s.name,
+                     s.storage_root, options.settle, ", ".join((*DEFAULT_IGNORE, *options.ignore)),
+                     options.hash_workers)
         if ready is not None:
             ready.set()
         while not stop.is_set():
-            _step(watcher, settler, announcer, lambda: announcer.flush(stop), stop.is_set,
-                  timeout=min(options.window, 0.1))
-            if announcer.due():
-                announcer.flush(stop)
-            announcer.idle()
+            edge.step(lambda: edge.announcer.flush(stop), stop.is_set, timeout=min(options.window, 0.1))
+            if edge.announcer.due():
+                edge.announcer.flush(stop)
+            edge.announcer.idle()
+            edge.refusals.flush()
+            metrics.heartbeat()
         time.sleep(DRAIN)  # let watchdog hand over what the kernel reported just before the stop
     finally:
-        watcher.stop()
+        edge.watcher.stop()
+        if server is not None:
+            server.shutdown()
     try:
-        return _finish(watcher, settler, announcer, options)
+        return edge.finish(options.shutdown_timeout)
     finally:
-        announcer.close()
-
-
-def _step(watcher: Watcher, settler: Settler, announcer: Announcer, flush: Callable[[], object],
-          halt: Callable[[], bool], timeout: float) -> None:
-    """Take the new candidates, then announce those ready (checksums here, off watchdog's thread) until
-    `halt` says stop: a long backlog (--existing over a full buffer) must not delay a SIGTERM."""
-    try:
-        first = watcher.candidates.get(timeout=timeout)
-    except queue.Empty:
-        first = None
-    while first is not None:
-        for c in watcher.files(first):
-            settler.add(c)
-        try:
-            first = watcher.candidates.get_nowait()
-        except queue.Empty:
-            first = None
-    ready = settler.ready()
-    for i, c in enumerate(ready):
-        if halt():
-            for rest in ready[i:]:
-                settler.add(rest)
-            return
-        event = announcement(c)
-        if event is not None:
-            announcer.add(event)
-        if announcer.due():
-            flush()
-
-
-def _finish(watcher: Watcher, settler: Settler, announcer: Announcer, options: Options) -> int:
-    """After the stop: announce every file closed before it; files still settling may change, so they wait
-    for the next start (with --existing)."""
-    deadline = time.monotonic() + options.shutdown_timeout / 2  # the other half for publishing
-    _step(watcher, settler, announcer, lambda: None, lambda: time.monotonic() > deadline, timeout=0)
-    for c in settler.waiting():
-        log.warning("%s NOT announced when stopped (still settling, or no time left to read it); "
-                    "`watch --existing` announces it", c.path)
-    if announcer.flush_final(options.shutdown_timeout / 2):
-        return 0
-    for e in announcer.pending:
-        log.error("%s NOT announced: broker unavailable at shutdown; `watch --existing` announces it", e.path,
-                  extra={"event_id": str(e.event_id)})
-    return 1
+        edge.pool.close()
+        edge.announcer.close()

@@ -207,6 +207,6 @@ def test_a_stop_while_the_broker_stays_down_exits_1_naming_every_file_not_announ
     finally:
         proxy.close()
     assert code == [1]
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "producers.watch"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "producers.edge"]
     assert errors == [f"{closed} NOT announced: broker unavailable at shutdown; `watch --existing` announces it"]
     assert not any(r.getMessage().startswith("announced") for r in caplog.records)

@@ -17,7 +17,10 @@ from injector.errors import BrokerUnavailable, ConfigError, PublishFailed
 from injector.events import FileClosed
 from producers.announcer import Announcer
 from producers.candidates import Candidate, Settler
-from producers.watch import Options, Watcher, _Handler, _step, announcement, fields_from_path, ignored, selected
+from producers.edge import Edge
+from producers.hashing import HashPool
+from producers.refusals import Refusal, Refusals
+from producers.watch import Options, Watcher, _Handler, announcement, fields_from_path, ignored, selected
 from tests.conftest import STREAMS
 
 
@@ -164,18 +167,22 @@ def test_a_directory_candidate_stands_for_every_announceable_file_below_it(tmp_p
         (str(tmp_path / "n/Run1.fits"), 7.0, False), (str(tmp_path / "n/sub/Run2.fits"), 7.0, False)]
 
 
-def test_a_stop_during_a_long_backlog_puts_the_files_not_yet_read_back(tmp_path):
+def test_a_stop_during_a_long_backlog_leaves_the_files_not_yet_read_waiting(tmp_path):
     for n in range(3):
         (tmp_path / f"Run{n}.fits").write_bytes(b"x")
     _, watcher, s = handler_and_watcher(str(tmp_path))
     watcher.candidates.put(Candidate(s, str(tmp_path), 0.0, tree=True))
-    settler, published = Settler(), []
+    published: list[list[str]] = []
     a = announcer(published)
+    edge = Edge(watcher, Refusals(parse({})), HashPool(1, announcement), a)
     halts = iter([False, True])
-    _step(watcher, settler, a, lambda: None, lambda: next(halts), timeout=0)
+    edge.step(lambda: None, lambda: next(halts), timeout=0)
+    edge.pool.wait(5)
+    edge.step(lambda: None, lambda: True, timeout=0)
     assert len(a.pending) == 1
-    assert sorted([c.path for c in settler.waiting()] + [a.pending[0].path]) == [
+    assert sorted([c.path for c in edge.pool.waiting()] + [a.pending[0].path]) == [
         str(tmp_path / f"Run{n}.fits") for n in range(3)]
+    edge.pool.close()
 
 
 # --- the event of a file --------------------------------------------------------------------------
@@ -347,7 +354,7 @@ def parse_settings(s: Stream) -> Settings:
     return parse({"streams": [s.model_dump()]})
 
 
-def test_a_file_reached_through_a_symlinked_directory_is_announced_under_its_real_path(tmp_path, caplog):
+def test_a_file_reached_through_a_symlinked_directory_is_announced_under_its_real_path(tmp_path):
     (tmp_path / "20261124").mkdir()
     (tmp_path / "20261124" / "Run1.fits").write_bytes(b"x")
     os.symlink("20261124", tmp_path / "alias")
@@ -356,6 +363,6 @@ def test_a_file_reached_through_a_symlinked_directory_is_announced_under_its_rea
     s = stream(storage_root=str(tmp_path), path_fields=r"^(?P<night>\d{8})/")
     event = announcement(Candidate(s, str(tmp_path / "alias" / "Run1.fits"), 0.0))
     assert event is not None and (event.path, event.night) == (str(tmp_path / "20261124" / "Run1.fits"), "20261124")
-    with caplog.at_level(logging.ERROR):
-        assert announcement(Candidate(s, str(tmp_path / "escape.fits"), 0.0)) is None
-    assert "escape.fits NOT announced" in caplog.text and "is outside stream 'lst1-raw'" in caplog.text
+    refused = announcement(Candidate(s, str(tmp_path / "escape.fits"), 0.0))
+    assert isinstance(refused, Refusal) and refused.reason == "path-outside-root"
+    assert "escape.fits" in refused.error and "is outside stream 'lst1-raw'" in refused.error
