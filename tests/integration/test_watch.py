@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,10 +62,24 @@ def watching(settings: Settings, **options: Any) -> Iterator[list[int]]:
 
 
 def events(settings: Settings) -> dict[str, FileClosed]:
+    """Every event published, by path; a path announced twice fails here (counted with multiplicity)."""
     messages = get_all(settings, settings.ingest.queue)
     decoded = [decode_file_closed(m.body) for m in messages]
     assert all(m.delivery_info["routing_key"] == "file.closed.ORM.LST1" for m in messages)
+    twice = {p: n for p, n in Counter(e.path for e in decoded).items() if n > 1}
+    assert not twice, f"announced more than once: {twice}"
     return {e.path: e for e in decoded}
+
+
+def quiet(settings: Settings, seconds: float) -> None:
+    """Wait until the queue's depth has not changed for `seconds` (longer than any wait of the watcher's, so
+    a late duplicate would have been published)."""
+    last, since = -1, time.monotonic()
+    while time.monotonic() - since < seconds:
+        n = depth(settings, settings.ingest.queue)
+        if n != last:
+            last, since = n, time.monotonic()
+        time.sleep(0.1)
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -98,6 +113,7 @@ def test_closed_and_renamed_files_are_announced_with_their_fields_and_temporary_
             write(moved_dir / "LST-1.Run00047.fits", b"written in a temporary directory")
             os.rename(moved_dir, root / "20261126")
             wait_for(lambda: depth(s, s.ingest.queue) >= 4, timeout=10, what="4 file-closed events")
+            quiet(s, 2.5)  # > found_quiet (1 s) + the poll: a second sighting would be announced by now
         got = events(s)  # the stop published everything pending: any extra event would be here
     assert code == [0]
     assert {p: seen(e) for p, e in got.items()} == {
@@ -118,6 +134,7 @@ def test_existing_files_are_announced_at_start_with_existing(root):
     with declared(s):
         with watching(s, existing=True) as code:
             wait_for(lambda: depth(s, s.ingest.queue) >= 1, timeout=10, what="the existing file announced")
+            quiet(s, 2.5)
         got = events(s)
     assert code == [0]
     assert [seen(e) for e in got.values()] == [expect(old, b"closed while the watcher was down", run=7)]
