@@ -24,7 +24,7 @@ import stomp
 import stomp.exception
 
 from injector.config import Cleanup
-from injector.deadletter import EXCHANGE, REASON, Filter, Record, record
+from injector.deadletter import EXCHANGE, REASON, SOURCE_QUEUE, Filter, Record, record
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import Outgoing
 from injector.replay import ReplaySummary, replay_headers, stomp_target
@@ -264,6 +264,7 @@ def _record(queue: str, frame: Any) -> Record:
     if EXCHANGE not in headers and h.get("original-destination"):
         # The broker itself dead-lettered it (its redelivery limit): no reason headers of ours.
         headers[EXCHANGE] = h["original-destination"]
+        headers.setdefault(SOURCE_QUEUE, str(h["original-destination"]).removeprefix("/queue/"))
         headers.setdefault(REASON, "broker-redelivery-limit")
     return record(queue, body, headers, h.get("message-id"),
                   tag=(h.get("ack") or h.get("message-id"), h.get("content-type") or "application/json",

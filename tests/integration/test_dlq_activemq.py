@@ -185,3 +185,52 @@ def test_a_connection_dropped_mid_replay_on_activemq_loses_nothing_and_the_summa
     assert set(back) | set(still) == ids and max(back.values()) == 1 and max(still.values()) == 1, "nothing lost"
     assert len(set(back) & set(still)) <= summary.doubtful, summary
     assert summary.replayed <= len(back) <= summary.replayed + summary.doubtful, summary
+
+
+def test_a_dead_letter_activemq_made_at_its_redelivery_limit_is_listed_as_broker_made_and_replayed(activemq,
+                                                                                                  tmp_path: Path):
+    s = settings_for(activemq)
+    (dlq_name,) = [q for q in dead_letter_queues(s) if q.startswith("DLQ.")]
+    dlq = ActiveMqDlq(s.cleanup)
+    host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
+    nacker = stomp.Connection12([(host, int(port))])
+    nacks: list[str] = []
+
+    class Nack(stomp.ConnectionListener):  # a consumer that fails on it, again and again
+        def on_message(self, frame: Any) -> None:
+            nacks.append(frame.headers["message-id"])
+            nacker.nack(frame.headers["ack"])
+
+    nacker.set_listener("nack", Nack())
+    nacker.connect("guest", "guest", wait=True)
+    nacker.subscribe(f"/queue/{s.cleanup.consumer_queue}", id="nack", ack="client-individual")
+    body = '{"event_type": "rule_ok", "payload": {"scope": "lst", "name": "x", "rule_id": "0"}}'
+    try:
+        time.sleep(0.5)  # the virtual topic's consumer queue exists once subscribed
+        send(s, body)
+        wait_for(lambda: dlq.depth(dlq_name) == 1, timeout=90, what="ActiveMQ dead-lettered it past its limit")
+    finally:
+        nacker.disconnect()
+    assert len(nacks) == 11, "1 delivery + maximumRedeliveries (10) of broker-config/activemq/activemq.xml"
+    cfg = tmp_path / "c.toml"
+    c = s.cleanup
+    cfg.write_text(f'[broker]\nurls = ["{s.broker.urls[0]}"]\n[ingest]\nqueue = "{s.ingest.queue}"\n'
+                   f'[cleanup]\nflavour = "activemq"\nstomp_hosts = ["{c.stomp_hosts[0]}"]\napp = "{c.app}"\n'
+                   f'hermes_destination = "{c.hermes_destination}"\n')
+    env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "injector.cli", "dlq", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    listed = cli("list", dlq_name, "--json")
+    assert listed.returncode == 0, listed.stderr
+    (dead,) = json.loads(listed.stdout)["messages"]
+    assert dead["reason"] == "broker-redelivery-limit" and dead["source_queue"] == c.consumer_queue
+    worker = cleanup_worker(s, FakeRucio())
+    with running(worker):
+        wait_for(lambda: worker.metrics.health()[0], timeout=20, what="subscribed")
+        replayed = cli("replay", dlq_name, "--reason", "broker-redelivery-limit")
+        assert replayed.returncode == 0, replayed.stderr
+        wait_for(lambda: worker.stats.messages == 1, timeout=30, what="the replayed event consumed")
+    assert worker.stats.outcomes.get("ignored-rule_ok") == 1 and dlq.depth(dlq_name) == 0

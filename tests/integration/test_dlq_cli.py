@@ -9,13 +9,16 @@ import subprocess
 import sys
 from typing import Any
 
+import kombu
 import pytest
 
-from injector import deadletter
+from consumers.services import ingest_worker
+from injector import deadletter, topology
 from injector.messages import Outgoing
 from injector.transport import Publisher, connection
+from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
-from tests.integration.rabbit import declared, depth, unique_settings
+from tests.integration.rabbit import declared, depth, running, unique_settings, wait_for
 from tests.integration.test_dlq import dlq_name, fill_dlq, write_config
 
 pytestmark = pytest.mark.integration
@@ -101,3 +104,36 @@ def test_the_replay_summary_is_a_table_per_queue_and_reason_at_80_columns(settin
     odd = cli(settings, tmp_path, "dlq", "replay", "--reason", "[red]odd-reason", "--dry-run")
     assert odd.returncode == 0 and "[red]odd-reason" in odd.stderr, odd.stderr
     assert depth(settings, dlq_name(settings)) == 3
+
+
+def test_a_dead_letter_rabbitmq_made_at_its_delivery_limit_is_listed_as_broker_made_and_replayed_into_rucio(
+        lab, tmp_path):
+    from tests.integration.test_ingest_rucio import files, settings_for
+
+    s = settings_for(lab, broker={"delivery_limit": 2})
+    (event,) = files(lab, 1)
+    with declared(s):
+        with DaqPublisher(s.broker) as daq:
+            daq.publish([event])
+        with kombu.Connection(s.broker.urls[0]) as conn:  # a consumer that crashes on it, again and again
+            ch = conn.channel()
+            for _ in range(10):
+                msg = ch.basic_get(s.ingest.queue, no_ack=False)
+                if msg is None:
+                    break
+                ch.basic_reject(msg.delivery_tag, requeue=True)
+        wait_for(lambda: depth(s, topology.dead_letter_queue(s.ingest.queue)) == 1, timeout=10,
+                 what="RabbitMQ dead-lettered it past its delivery limit")
+        listed = cli(s, tmp_path, "dlq", "list", s.ingest.queue, "--json")
+        assert listed.returncode == 0, listed.stderr
+        (dead,) = json.loads(listed.stdout)["messages"]
+        assert dead["reason"] == "broker-delivery_limit" and dead["source_queue"] == s.ingest.queue
+        assert dead["event_id"] == str(event.event_id) and "dead-lettered by the broker" in dead["error"]
+        replayed = cli(s, tmp_path, "dlq", "replay", s.ingest.queue, "--reason", "broker-delivery_limit")
+        assert replayed.returncode == 0, replayed.stderr
+        assert depth(s, topology.dead_letter_queue(s.ingest.queue)) == 0
+        ingested_now = ingest_worker(s)
+        with running(ingested_now):
+            wait_for(lambda: ingested_now.stats.messages == 1, what="the replayed event ingested")
+    assert ingested_now.stats.outcomes.get("registered") == 1
+    assert lab.replicas([event.path])[event.path]["adler32"] == event.adler32
