@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv setup test unit lint demo clean
+.PHONY: venv setup test unit lint demo clean mutation
 
 $(BIN)/rucio-injector: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,5 +32,12 @@ demo: venv
 	bash .ci/setup-machine --demo
 	$(BIN)/rucio-injector demo $(DEMO_ARGS)
 
+# On demand: mutants of the core decisions ([tool.mutmut] in pyproject.toml) judged by the unit tests.
+mutation: venv
+	$(BIN)/pip install -q -e '.[test,mutation]'
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/mutmut results | grep -c survived || true
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants
