@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from injector import marks
+from injector import clock, marks
 from injector.config import Settings, Stream
 from injector.errors import Permanent, Transient
 from injector.events import FileArchived, RucioEvent, encode
@@ -224,7 +224,7 @@ def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, s
     prefix = stream.pfn_prefix
     path = url[len(prefix):] if isinstance(url, str) and url.startswith(prefix) else it.did[1]
     try:  # announced: from here the unacked deletion-done carries the announcement, so the reconciler leaves it
-        archived_at = decided_archived_at(rucio, it.did, _created_at(it.event), announced=True)
+        archived_at = decided_archived_at(rucio, it.did, _created_at(it), announced=True)
         archived = archived_event(stream, meta, files, path, archived_at, rucio)
     except (Permanent, Transient) as exc:
         return Outcome.failed(exc, it.label)
@@ -258,7 +258,7 @@ def archive_times(rucio: RucioGateway, known: dict[Did, dict[str, Any]], propose
     updates = []
     for did, m in known.items():
         decided = m.get(marks.ARCHIVED_AT)
-        out[did] = datetime.fromisoformat(str(decided).replace("Z", "+00:00")) if decided else proposed
+        out[did] = clock.parse(str(decided), f"{did[0]}:{did[1]} {marks.ARCHIVED_AT}") if decided else proposed
         update = {} if decided else {marks.ARCHIVED_AT: proposed.isoformat()}
         if announced and not m.get(marks.ANNOUNCED):
             update[marks.ANNOUNCED] = datetime.now(UTC).isoformat()
@@ -274,12 +274,12 @@ def archived_message(event: FileArchived, settings: Settings) -> Outgoing:
                     {"schema": "file-archived/1", "event-id": str(event.event_id)}, str(event.event_id))
 
 
-def _created_at(ev: RucioEvent) -> datetime:
-    """hermes' created_at (UTC, no zone): duplicates of one message carry the same value."""
-    try:
-        return datetime.fromisoformat(str(ev.created_at)).replace(tzinfo=UTC)
-    except ValueError:
+def _created_at(it: _Item) -> datetime:
+    """hermes' created_at (naive = UTC, offsets honoured): duplicates of one message carry the same value. One
+    running ahead of this host's clock is clamped to the receive time; none at all is the receive time."""
+    if it.event.created_at is None:
         return datetime.now(UTC)
+    return clock.received(it.event.created_at, f"{it.event.event_type} of {it.label}: hermes created_at")
 
 
 def _transfer_failed(it: _Item, files: FileReplicas | None, settings: Settings,

@@ -14,9 +14,10 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from injector import clock
 from injector.config import Stream
 from injector.gateway import RucioInspector
 
@@ -65,7 +66,7 @@ def print_json(findings: Sequence[Finding]) -> None:
 def diagnose_rule(stream: str, label: str, r: dict[str, Any], now: datetime) -> Finding | None:
     """A rule that will not finish or go away by itself, with its likely cause; None for a healthy one."""
     rid, state = str(r.get("id")), str(r.get("state") or "")
-    expires = parse_time(r.get("expires_at"))
+    expires = parse_time(r.get("expires_at"), f"rule {r.get('id')} expires_at")
     base = f"rule {rid} on {r.get('rse_expression')} x{r.get('copies')}, state {state}"
     if expires is not None and expires < now:
         causes = []
@@ -155,21 +156,12 @@ def _rse_causes(rse: str, info: dict[str, Any]) -> list[str]:
     return causes
 
 
-def parse_time(value: Any) -> datetime | None:
-    """A time as Rucio's client returns it (naive UTC datetime, ISO or RFC 1123 text), aware in UTC."""
+def parse_time(value: Any, what: str = "time") -> datetime | None:
+    """A time as Rucio's client returns it (naive UTC datetime, ISO or RFC 1123 text), aware in UTC; None when
+    absent. Read by `injector.clock` (bad text is a BadTime naming `what`)."""
     if value is None or value == "":
         return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    text = str(value).replace("Z", "+00:00")
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        try:
-            t = datetime.strptime(str(value), "%a, %d %b %Y %H:%M:%S %Z")
-        except ValueError:
-            return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    return clock.parse(value if isinstance(value, datetime) else str(value), what)
 
 
 def span(delta: timedelta) -> str:

@@ -107,7 +107,7 @@ def _place(stream: Stream, f: FileState, rucio: RucioInspector, options: Options
     """Put the file where it belongs in the plan (or nowhere: in transfer, or finished)."""
     reps = f.replicas
     lacking = missing_destinations(stream, reps, rucio)  # cleanup's verification, the only one
-    released = parse_time(f.marks.get(marks.RELEASED_AT))
+    released = parse_time(f.marks.get(marks.RELEASED_AT), f"{f.label} {marks.RELEASED_AT}")
     # Within the grace period after a release, the reaper and cleanup's deletion-done are still on their way.
     settled = released is None or now - released > options.grace
     if stream.source_rse not in reps.states:
@@ -207,7 +207,7 @@ def _undeleted(stream: Stream, files: list[FileState], rucio: RucioInspector, op
     rse_causes = doctor.rse_causes(rse)
     out, again = [], []
     for f in files:
-        ago = span(now - (parse_time(f.marks.get(marks.RELEASED_AT)) or now))
+        ago = span(now - (parse_time(f.marks.get(marks.RELEASED_AT), f"{f.label} {marks.RELEASED_AT}") or now))
         causes = rse_causes or doctor.file_causes(stream, f.did)  # an RSE-wide cause is enough
         detail = f"released {ago} ago, still at {rse}: " + ("; ".join(causes) or doctor.unexplained(rse))
         if causes or not options.fix:
