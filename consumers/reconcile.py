@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from consumers.cleanup import archive_times, archived_event, archived_message, missing_destinations, release_replicas
+from consumers.announcement import archive_times, archived_event, archived_message
+from consumers.cleanup import missing_destinations, release_replicas
 from consumers.closed_datasets import orphan_findings
 from consumers.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span
 from consumers.inventory import FileState, datasets_of, files_of, selected

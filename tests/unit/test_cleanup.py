@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from consumers.cleanup import TransferFailures, cleanup
+from consumers.cleanup import cleanup
 from consumers.ingest import ingest
 from injector.config import parse
 from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
@@ -120,15 +120,27 @@ def test_events_of_other_experiments_are_acked_and_counted_not_errors(settings, 
     assert labels(outs)[:2] == ["unmanaged", "ignored-rule_ok"]
 
 
-def test_transfer_failed_never_releases_and_dead_letters_at_the_stream_failure_limit(settings, rucio):
-    failures = TransferFailures()
-    fail = hermes("transfer-failed", **{"dst-rse": DST, "reason": "SRM timeout"})
-    first = cleanup([fail, fail], rucio, settings, failures)
-    assert labels(first) == ["transfer-failed", "transfer-failed"]
-    (third,) = cleanup([fail], rucio, settings, failures)
+def failed(rid, previous=None):
+    return hermes("transfer-failed", **{"dst-rse": DST, "reason": f"SRM timeout {rid}", "request-id": rid,
+                                         "previous-request-id": previous})
+
+
+def test_transfer_failed_never_releases_and_dead_letters_once_at_the_stream_failure_limit(settings, rucio):
+    first = cleanup([failed("r1"), failed("r1"), failed("r2", "r1")], rucio, settings)
+    assert labels(first) == ["transfer-failed"] * 3  # r1 twice (a duplicate) counts once
+    third, fourth = cleanup([failed("r3", "r2"), failed("r4", "r3")], rucio, settings)  # a new process: same count
     assert third.kind == "dead-letter" and third.reason == "transfer-failed"
-    assert NAME in third.error and third.error.count("SRM timeout") == 3
+    assert NAME in third.error and all(f"SRM timeout r{i}" in third.error for i in (1, 2, 3))
+    assert fourth.label == "transfer-failed-known"
+    assert labels(cleanup([failed("r3", "r2")], rucio, settings)) == ["transfer-failed-known"]  # redelivered
     assert not rucio.tombstoned
+
+
+def test_a_new_request_chain_after_a_dead_letter_starts_a_new_episode(settings, rucio):
+    outs = cleanup([failed(r, p) for r, p in (("a1", None), ("a2", "a1"), ("a3", "a2"))], rucio, settings)
+    assert [o.kind for o in outs] == ["done", "done", "dead-letter"]
+    outs = cleanup([failed(r, p) for r, p in (("b1", None), ("b2", "b1"), ("b3", "b2"))], rucio, settings)
+    assert [o.kind for o in outs] == ["done", "done", "dead-letter"] and "a1" not in outs[2].error
 
 
 def test_deletion_failed_is_retried(settings, rucio):
