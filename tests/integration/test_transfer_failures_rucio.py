@@ -1,0 +1,83 @@
+"""Failed transfers on the real daemon path: a source gone from disk → the testbed's mock transfer tool fails
+the transfer → Rucio's poller, finisher and hermes → transfer-failed → the cleanup consumer (RabbitMQ)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from injector.config import Settings
+from tests.integration.conftest import ARCHIVE, SOURCE, Lab
+from tests.integration.rabbit import declared, ingested, wait_for
+from tests.integration.test_cleanup_rucio import (
+    RABBIT_STOMP,
+    cleanup_running,
+    cleanup_settings,
+    dead_letters,
+    hermes_for,
+    outcomes,
+)
+from tests.integration.test_ingest_rucio import files
+
+pytestmark = pytest.mark.integration
+
+
+def attempt(lab: Lab, s: Settings) -> str:
+    """One transfer attempt through Rucio's own daemons, its events sent by hermes; returns their log."""
+    return lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", "hermes",
+                                  rses=[SOURCE, ARCHIVE], hermes=hermes_for(s))
+
+
+def request_of(lab: Lab, name: str) -> dict[str, Any]:
+    return dict(lab.client.list_request_by_did(name, ARCHIVE, scope="lst"))
+
+
+def failures(workers: list[Any]) -> int:
+    """transfer-failed events handled (a dead-lettered one is labelled by its reason, transfer-failed too)."""
+    return outcomes(workers, "transfer-failed") + outcomes(workers, "transfer-failed-known")
+
+
+def test_a_vanished_source_fails_its_transfer_with_an_fts_like_reason_and_hermes_sends_transfer_failed(lab):
+    lab.discard_rucio_events()
+    s = cleanup_settings(lab, ("rabbitmq", *RABBIT_STOMP))
+    (e,) = files(lab, 1)
+    with declared(s), cleanup_running(s) as workers:
+        ingested(s, [e])
+        Path(e.path).unlink()
+        log = attempt(lab, s)
+        wait_for(lambda: outcomes(workers, "transfer-failed") == 1, timeout=60, what="a transfer-failed")
+    req = request_of(lab, e.path)
+    assert "No such file or directory" in log and "REQUEUED" in log, log[-3000:]
+    assert req["state"] != "SUBMITTING" and req["retry_count"] == 1  # failed, retried by Rucio: not stuck
+
+
+def test_failed_transfers_of_one_file_across_a_consumer_restart_dead_letter_it_once_per_episode(lab):
+    lab.discard_rucio_events()
+    s = cleanup_settings(lab, ("rabbitmq", *RABBIT_STOMP))  # failure_limit 3; Rucio tries a request 4 times
+    (e,) = files(lab, 1)
+    with declared(s):
+        ingested(s, [e])
+        Path(e.path).unlink()
+        with cleanup_running(s) as first:
+            attempt(lab, s)
+            attempt(lab, s)
+            wait_for(lambda: outcomes(first, "transfer-failed") == 2, timeout=60, what="2 transfer-failed")
+        with cleanup_running(s) as second:  # a restart: the count is on the file in Rucio, not in the process
+            attempt(lab, s)
+            attempt(lab, s)  # Rucio's last retry: the lock goes STUCK
+            wait_for(lambda: failures(second) == 2, timeout=60, what="2 more transfer-failed")
+            wait_for(lambda: len(dead_letters(s)) >= 1, timeout=20, what="the file dead-lettered")
+            assert outcomes(second, "transfer-failed-known") == 1
+            (rule,) = lab.rules(f"LST1_{lab.tag}_20261124_raw")
+            assert lab.client.get_replication_rule(rule["id"])["state"] == "STUCK"
+            # A new episode: an operator's new rule on the file starts a new request chain, which fails again.
+            lab.client.add_replication_rule([{"scope": "lst", "name": e.path}], 1, ARCHIVE)
+            for _ in range(3):
+                attempt(lab, s)
+            wait_for(lambda: len(dead_letters(s)) >= 2, timeout=30, what="the new episode dead-lettered")
+        dead = dead_letters(s)
+    assert len(dead) == 2
+    assert all(h["dlq-reason"] == "transfer-failed" and e.path in h["dlq-error"] for h in dead)
+    assert all(h["dlq-error"].count("No such file or directory") == 3 for h in dead)
