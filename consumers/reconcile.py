@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from consumers import transfer_failures
 from consumers.announcement import archive_times, archived_event, archived_message
 from consumers.cleanup import missing_destinations, release_replicas
 from consumers.closed_datasets import orphan_findings
-from consumers.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span
+from consumers.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
 from consumers.inventory import FileState, datasets_of, files_of, selected
 from injector import marks
 from injector.config import Settings, Stream
@@ -111,6 +112,9 @@ def _place(stream: Stream, f: FileState, rucio: RucioInspector, options: Options
     released = parse_time(f.marks.get(marks.RELEASED_AT), f"{f.label} {marks.RELEASED_AT}")
     # Within the grace period after a release, the reaper and cleanup's deletion-done are still on their way.
     settled = released is None or now - released > options.grace
+    failing = transfer_failures.describe(f.marks.get(marks.TRANSFER_FAILURES))
+    if failing and lacking:  # Rucio may still be retrying: say so instead of "nothing to do"
+        plan.findings.append(Finding(stream.name, "transfer-failing", f.label, failing))
     if stream.source_rse not in reps.states:
         if lacking:
             plan.findings.append(Finding(stream.name, "source-lost", f.label, "the source replica is gone but the "
@@ -251,6 +255,8 @@ def _rules(stream: Stream, rucio: RucioInspector, options: Options, now: datetim
                                   "would" if options.dry_run else "done")
             if finding is not None:
                 out.append(finding)
+            if str(r.get("state")) == "STUCK":
+                out += stuck_files(stream, r, rucio)
     return out
 
 

@@ -76,6 +76,17 @@ def load(mark: Any) -> dict[str, Episode]:
         return {}
 
 
+def describe(mark: Any) -> str:
+    """The failure episodes stored on a file, in words ('' when none): for the reconciler's reports."""
+    parts = []
+    for dst, e in sorted(load(mark).items()):
+        if e.requests:
+            last = list(e.requests.values())[-1]["reason"]
+            parts.append(f"{len(e.requests)} failed transfer(s) to {dst} in this episode"
+                         f"{' (dead-lettered)' if e.dead_lettered else ''}, last: {last}")
+    return "; ".join(parts)
+
+
 def dump(episodes: dict[str, Episode]) -> str:
     return json.dumps({dst: {"requests": e.requests, "dead_lettered": e.dead_lettered}
                        for dst, e in sorted(episodes.items())}, sort_keys=True)

@@ -81,3 +81,29 @@ def test_failed_transfers_of_one_file_across_a_consumer_restart_dead_letter_it_o
     assert len(dead) == 2
     assert all(h["dlq-reason"] == "transfer-failed" and e.path in h["dlq-error"] for h in dead)
     assert all(h["dlq-error"].count("No such file or directory") == 3 for h in dead)
+
+
+def test_reconcile_names_the_file_whose_transfer_keeps_failing_and_the_files_behind_a_stuck_rule(lab):
+    from tests.integration.test_reconcile_rucio import sweep
+
+    lab.discard_rucio_events()
+    s = cleanup_settings(lab, ("rabbitmq", *RABBIT_STOMP))
+    gone, fine = files(lab, 2)
+    with declared(s), cleanup_running(s) as workers:
+        ingested(s, [gone, fine])
+        Path(gone.path).unlink()
+        attempt(lab, s)
+        attempt(lab, s)
+        wait_for(lambda: failures(workers) == 2, timeout=60, what="2 transfer-failed")
+        retrying = [f for f in sweep(s, dry_run=True) if f.subject == f"lst:{gone.path}"]
+        attempt(lab, s)
+        attempt(lab, s)  # Rucio's last retry: the lock and the dataset's rule go STUCK
+        stuck = sweep(s, dry_run=True)
+    (failing,) = [f for f in retrying if f.kind == "transfer-failing"]  # was: nothing to do while Rucio retries
+    assert "2 failed transfer(s) to PIC-ARCHIVE" in failing.detail and "No such file or directory" in failing.detail
+    assert any(f.kind == "rule-stuck" for f in stuck)
+    (named,) = [f for f in stuck if f.kind == "transfer-stuck"]  # the file, not only the dataset's rule
+    assert named.subject == f"lst:{gone.path}" and named.action == "report"
+    assert "lock STUCK at PIC-ARCHIVE" in named.detail and "after 4 attempt(s)" in named.detail
+    assert "No such file or directory" in named.detail and f"the source {gone.path} is GONE from disk" in named.detail
+    assert not [f for f in stuck if f.subject == f"lst:{fine.path}" and f.kind.startswith("transfer-")]
