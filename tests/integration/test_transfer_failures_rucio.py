@@ -13,11 +13,13 @@ from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, ingested, wait_for
 from tests.integration.test_cleanup_rucio import (
     RABBIT_STOMP,
+    _Hermes,
     cleanup_running,
     cleanup_settings,
     dead_letters,
     hermes_for,
     outcomes,
+    transfer_done,
 )
 from tests.integration.test_ingest_rucio import files
 
@@ -107,3 +109,37 @@ def test_reconcile_names_the_file_whose_transfer_keeps_failing_and_the_files_beh
     assert "lock STUCK at PIC-ARCHIVE" in named.detail and "after 4 attempt(s)" in named.detail
     assert "No such file or directory" in named.detail and f"the source {gone.path} is GONE from disk" in named.detail
     assert not [f for f in stuck if f.subject == f"lst:{fine.path}" and f.kind.startswith("transfer-")]
+
+
+def test_transfer_done_of_a_stream_this_config_lacks_is_unmanaged_and_reconcile_with_it_finishes_the_file(lab):
+    from producers.publish import file_closed
+    from tests.integration.rabbit import unique_settings
+    from tests.integration.test_reconcile_rucio import sweep
+
+    lab.discard_rucio_events()
+    other = Lab(lab.client, lab.server)  # stream B: its own storage root under the same source RSE and scope
+    stream_b = other.stream(name="lst2-raw", instrument="LST2")
+    with_b = cleanup_settings(lab, ("rabbitmq", *RABBIT_STOMP))
+    with_b = unique_settings({"streams": [lab.stream(), stream_b]}, ingest={"batch_window": 0.1},
+                             cleanup=with_b.cleanup.model_dump(), broker={"delivery_limit": 3})
+    without_b = cleanup_settings(lab, ("rabbitmq", *RABBIT_STOMP))  # started before stream B was added
+    path = other.write("20261124/LST-2.1.Run00001.fits.fz", b"stream B's bytes")
+    e = file_closed(path, site="ORM", instrument="LST2", night="20261124", run=1)
+    with declared(with_b):
+        ingested(with_b, [e])
+        lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", rses=[SOURCE, ARCHIVE])
+    with declared(without_b), cleanup_running(without_b) as workers:
+        hermes = _Hermes(without_b)
+        try:
+            hermes.send("transfer-done", transfer_done(e))
+        finally:
+            hermes.close()
+        wait_for(lambda: sum(w.stats.messages for w in workers) == 1, timeout=30, what="the transfer-done")
+        assert outcomes(workers, "unmanaged") == 1 and outcomes(workers, "source-gone") == 0
+    assert SOURCE in lab.replicas([e.path])[e.path]["states"] and Path(e.path).exists()  # nothing released
+    assert not lab.client.get_metadata("lst", e.path, plugin="JSON").get("injector_released_at")
+    with declared(with_b):
+        found = [f for f in sweep(with_b) if f.subject == f"lst:{e.path}"]
+    assert [(f.kind, f.action) for f in found] == [("release-source", "done")]
+    lab.server.run_daemons("reaper", rses=[SOURCE])
+    assert not Path(e.path).exists() and list(lab.replicas([e.path])[e.path]["states"]) == [ARCHIVE]
