@@ -169,3 +169,24 @@ def test_a_locked_source_replica_is_reported_not_failed(settings, rucio):
 def test_rucio_outage_retries_the_batch(settings, rucio):
     rucio.fail("replicas", Unavailable("503"))
     assert [o.kind for o in cleanup([done(), deleted()], rucio, settings)] == ["retry", "retry"]
+
+
+def test_deletion_done_with_an_unreadable_created_at_is_dead_lettered_naming_file_and_field(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    cleanup([done()], rucio, settings)
+    rucio.reap(SRC)
+    bad = RucioEvent(event_type="deletion-done", payload=deleted().payload, created_at="25/11/2026 01:02")
+    (out,) = cleanup([bad], rucio, settings)
+    assert (out.kind, out.reason) == ("dead-letter", "invalid-event") and not out.emit
+    assert f"deletion-done of lst:{NAME}: hermes created_at: '25/11/2026 01:02' is not a time" in out.error
+    assert "injector_announced" not in rucio.marks([("lst", NAME)])[("lst", NAME)]  # the reconciler announces it
+
+
+def test_transfer_done_of_a_file_another_configured_stream_ingested_is_unmanaged_not_source_gone(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    cleanup([done()], rucio, settings)
+    rucio.reap(SRC)  # no source replica left: only the file's mark says which stream it is
+    rucio.mark([("lst", NAME, {"injector_stream": "a-stream-added-later"})])
+    assert labels(cleanup([done()], rucio, settings)) == ["unmanaged"]
+    rucio.mark([("lst", NAME, {"injector_stream": settings.streams[0].name})])
+    assert labels(cleanup([done()], rucio, settings)) == ["source-gone"]
