@@ -12,37 +12,22 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-from injector import marks
+from consumers.announcement import archived_event, archived_message, decided_archived_at
+from consumers.transfer_failures import transfers_failed
+from injector import clock, marks
 from injector.config import Settings, Stream
 from injector.errors import Permanent, Transient
-from injector.events import FileArchived, RucioEvent, encode
-from injector.gateway import FileMeta, FileReplicas, RucioGateway, chunks, isolate
-from injector.messages import Outgoing
+from injector.events import RucioEvent
+from injector.gateway import FileReplicas, RucioGateway, chunks, isolate
 from injector.settle import Outcome
 
 log = logging.getLogger(__name__)
 
 Did = tuple[str, str]
 HANDLED = ("transfer-done", "transfer-failed", "deletion-done", "deletion-failed")
-
-
-@dataclass
-class TransferFailures:
-    """transfer-failed reasons per (scope, name, dst), counted in this process."""
-
-    reasons: dict[tuple[str, str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
-
-    def add(self, key: tuple[str, str, str], reason: str) -> list[str]:
-        self.reasons[key].append(reason)
-        return self.reasons[key]
-
-    def clear(self, scope: str, name: str) -> None:
-        for key in [k for k in self.reasons if k[:2] == (scope, name)]:
-            del self.reasons[key]
 
 
 @dataclass
@@ -59,10 +44,8 @@ class _Item:
         return f"{self.did[0]}:{self.did[1]}"
 
 
-def cleanup(events: Sequence[RucioEvent | Permanent], rucio: RucioGateway, settings: Settings,
-            failures: TransferFailures | None = None) -> list[Outcome]:
+def cleanup(events: Sequence[RucioEvent | Permanent], rucio: RucioGateway, settings: Settings) -> list[Outcome]:
     """Outcomes for a batch of hermes events (an undecodable one is passed in as its error)."""
-    failures = failures if failures is not None else TransferFailures()
     outcomes, work = _triage(events, settings)
     items = [it for group in work.values() for it in group]
     try:
@@ -71,13 +54,13 @@ def cleanup(events: Sequence[RucioEvent | Permanent], rucio: RucioGateway, setti
         for it in items:
             outcomes[it.index] = Outcome.failed(exc, it.label)
         return outcomes
-    for it in work["transfer-failed"]:
-        outcomes[it.index] = _transfer_failed(it, state.get(it.did), settings, failures)
+    for index, outcome in _transfers_failed(work["transfer-failed"], state, rucio, settings).items():
+        outcomes[index] = outcome
     for it in work["deletion-failed"]:
         outcomes[it.index] = _deletion_failed(it, settings)
     for it in work["deletion-done"]:
         outcomes[it.index] = _deletion_done(it, state.get(it.did), rucio, settings)
-    for index, outcome in _transfers_done(work["transfer-done"], state, rucio, settings, failures).items():
+    for index, outcome in _transfers_done(work["transfer-done"], state, rucio, settings).items():
         outcomes[index] = outcome
     return outcomes
 
@@ -94,7 +77,8 @@ def _triage(events: Sequence[RucioEvent | Permanent],
         elif ev.event_type not in HANDLED:
             outcomes[i] = Outcome.done(f"ignored-{ev.event_type}")
         elif ev.get("scope") not in scopes:
-            outcomes[i] = Outcome.done("unmanaged")
+            outcomes[i] = unmanaged(f"{ev.get('scope')}:{ev.get('name')}", ev.event_type, "no stream has its scope",
+                                    logging.DEBUG)
         else:
             work[ev.event_type].append(_Item(i, ev))
     return outcomes, work
@@ -137,15 +121,58 @@ def missing_destinations(stream: Stream, files: FileReplicas, rucio: RucioGatewa
     return lacking
 
 
-def _transfers_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
-                    settings: Settings, failures: TransferFailures) -> dict[int, Outcome]:
+def unmanaged(label: str, event_type: str, why: str, level: int = logging.WARNING) -> Outcome:
+    """An event about a file this configuration does not manage: acked, never settled as if known; counted
+    (outcome `unmanaged`) and logged. The reconciler finishes such files once a configuration knows them."""
+    log.log(level, "%s: %s not handled, the file is unmanaged here: %s", label, event_type, why)
+    return Outcome.done("unmanaged", label)
+
+
+def _gone_or_unmanaged(items: list[_Item], rucio: RucioGateway, settings: Settings) -> dict[int, Outcome]:
+    """transfer-done for files with replicas but no source a stream here holds: `source-gone` only for a file
+    a configured stream ingested (its injector_stream mark); else it is another stream's, unknown here."""
+    if not items:
+        return {}
+    try:
+        known = rucio.marks(sorted({it.did for it in items}))
+    except (Permanent, Transient) as exc:
+        return {it.index: Outcome.failed(exc, it.label) for it in items}
+    names = {s.name for s in settings.streams}
+    out = {}
+    for it in items:
+        owner = known.get(it.did, {}).get(marks.STREAM)
+        out[it.index] = Outcome.done("source-gone", it.label) if owner in names else unmanaged(
+            it.label, "transfer-done", f"ingested by stream {owner!r}, which this configuration does not have")
+    return out
+
+
+def _transfers_failed(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
+                      settings: Settings) -> dict[int, Outcome]:
     out: dict[int, Outcome] = {}
-    release: dict[tuple[str, str, str], list[_Item]] = defaultdict(list)
+    managed = []
     for it in items:
         files = state.get(it.did)
         held = held_source(settings, files) if files else None
-        if files is None or held is None:
-            out[it.index] = Outcome.done("source-gone" if files else "unmanaged", it.label)
+        if held is None:
+            out[it.index] = unmanaged(it.label, "transfer-failed", "no configured stream holds its source")
+        else:
+            managed.append((it, held.failure_limit))
+    return {**out, **transfers_failed(managed, rucio)}
+
+
+def _transfers_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
+                    settings: Settings) -> dict[int, Outcome]:
+    out: dict[int, Outcome] = {}
+    release: dict[tuple[str, str, str], list[_Item]] = defaultdict(list)
+    sourceless = []
+    for it in items:
+        files = state.get(it.did)
+        held = held_source(settings, files) if files else None
+        if files is None:
+            out[it.index] = unmanaged(it.label, "transfer-done", "Rucio has no replica of it")
+            continue
+        if held is None:
+            sourceless.append(it)
             continue
         stream = held
         reported = (it.event.get("checksum-adler") or "").lower()
@@ -166,7 +193,7 @@ def _transfers_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: R
             out[it.index] = Outcome.done("source-kept", it.label)
         else:
             release[(it.did[0], it.did[1], stream.source_rse)].append(it)
-            failures.clear(*it.did)
+    out.update(_gone_or_unmanaged(sourceless, rucio, settings))
     out.update(release_sources(rucio, release))
     return out
 
@@ -205,7 +232,7 @@ def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, s
     rse, url = str(it.event.get("rse")), it.event.get("url")
     stream = stream_of(settings, it.did[0], rse, url)
     if stream is None:
-        return Outcome.done("unmanaged", it.label)
+        return unmanaged(it.label, "deletion-done", f"no configured stream has source RSE {rse} holding {url}")
     if files is not None and rse in files.states:
         return Outcome.done("source-still-present", it.label)
     try:
@@ -224,83 +251,24 @@ def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, s
     prefix = stream.pfn_prefix
     path = url[len(prefix):] if isinstance(url, str) and url.startswith(prefix) else it.did[1]
     try:  # announced: from here the unacked deletion-done carries the announcement, so the reconciler leaves it
-        archived_at = decided_archived_at(rucio, it.did, _created_at(it.event), announced=True)
+        archived_at = decided_archived_at(rucio, it.did, _created_at(it), announced=True)
         archived = archived_event(stream, meta, files, path, archived_at, rucio)
     except (Permanent, Transient) as exc:
         return Outcome.failed(exc, it.label)
     return Outcome.done("archived", it.label, emit=(archived_message(archived, settings),))
 
 
-def archived_event(stream: Stream, meta: FileMeta, files: FileReplicas | None, path: str, archived_at: datetime,
-                   rucio: RucioGateway) -> FileArchived:
-    """A file's file-archived, built only here: cleanup and the reconciler announce a file identically."""
-    if meta.bytes is None or meta.adler32 is None:
-        raise Transient(f"{meta.scope}:{meta.name} has no size/adler32 in Rucio")
-    destinations = sorted(r for rule in stream.rules for r in rucio.rses(rule.rse_expression)
-                          if files is not None and files.available(r))
-    return FileArchived.create(
-        site=stream.site, instrument=stream.instrument, path=path, size=meta.bytes, adler32=meta.adler32,
-        scope=meta.scope, name=meta.name, destinations=destinations, archived_at=archived_at)
-
-
-def decided_archived_at(rucio: RucioGateway, did: Did, proposed: datetime, announced: bool = False) -> datetime:
-    """The file's archive time, decided once and kept on the file in Rucio: whoever announces the file
-    (cleanup, its duplicates, the reconciler) publishes a byte-identical file-archived."""
-    return archive_times(rucio, rucio.marks([did]), proposed, announced).get(did, proposed)
-
-
-def archive_times(rucio: RucioGateway, known: dict[Did, dict[str, Any]], proposed: datetime,
-                  announced: bool = False) -> dict[Did, datetime]:
-    """`decided_archived_at` for many files whose marks are `known`, in bulk. `announced` also notes
-    (injector_announced) that the caller now owns the announcement: cleanup says so before it emits, because its
-    unacked deletion-done keeps the obligation until the broker confirmed the file-archived."""
-    out: dict[Did, datetime] = {}
-    updates = []
-    for did, m in known.items():
-        decided = m.get(marks.ARCHIVED_AT)
-        out[did] = datetime.fromisoformat(str(decided).replace("Z", "+00:00")) if decided else proposed
-        update = {} if decided else {marks.ARCHIVED_AT: proposed.isoformat()}
-        if announced and not m.get(marks.ANNOUNCED):
-            update[marks.ANNOUNCED] = datetime.now(UTC).isoformat()
-        if update:
-            updates.append((did[0], did[1], update))
-    for batch in chunks(updates, 1000):
-        rucio.mark(batch)
-    return out
-
-
-def archived_message(event: FileArchived, settings: Settings) -> Outgoing:
-    return Outgoing(settings.broker.daq_exchange, event.routing_key, encode(event),
-                    {"schema": "file-archived/1", "event-id": str(event.event_id)}, str(event.event_id))
-
-
-def _created_at(ev: RucioEvent) -> datetime:
-    """hermes' created_at (UTC, no zone): duplicates of one message carry the same value."""
-    try:
-        return datetime.fromisoformat(str(ev.created_at)).replace(tzinfo=UTC)
-    except ValueError:
+def _created_at(it: _Item) -> datetime:
+    """hermes' created_at (naive = UTC, offsets honoured): duplicates of one message carry the same value. One
+    running ahead of this host's clock is clamped to the receive time; none at all is the receive time."""
+    if it.event.created_at is None:
         return datetime.now(UTC)
-
-
-def _transfer_failed(it: _Item, files: FileReplicas | None, settings: Settings,
-                     failures: TransferFailures) -> Outcome:
-    held = held_source(settings, files) if files else None
-    if held is None:
-        return Outcome.done("unmanaged", it.label)
-    dst, reason = str(it.event.get("dst-rse")), str(it.event.get("reason") or "no reason given")
-    reasons = failures.add((it.did[0], it.did[1], dst), reason)
-    log.warning("%s: transfer to %s failed (%d/%d): %s", it.label, dst, len(reasons), held.failure_limit, reason)
-    if len(reasons) >= held.failure_limit:
-        failures.clear(*it.did)
-        return Outcome.failed(Permanent(
-            f"{it.label}: {len(reasons)} failed transfers to {dst}: " + " | ".join(reasons),
-            reason="transfer-failed"), it.label)
-    return Outcome.done("transfer-failed", it.label)
+    return clock.received(it.event.created_at, f"{it.event.event_type} of {it.label}: hermes created_at")
 
 
 def _deletion_failed(it: _Item, settings: Settings) -> Outcome:
     stream = stream_of(settings, it.did[0], str(it.event.get("rse")), it.event.get("url"))
     if stream is None:
-        return Outcome.done("unmanaged", it.label)
+        return unmanaged(it.label, "deletion-failed", f"no configured stream has source RSE {it.event.get('rse')}")
     why = f"{it.label}: deletion at {it.event.get('rse')} failed: {it.event.get('reason')}"
     return Outcome("retry", "deletion-failed", it.label, "deletion-failed", why)

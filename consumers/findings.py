@@ -10,15 +10,18 @@ without greedy mode (reaper option or RSE attribute greedyDeletion) deletes only
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlparse
 
+from injector import clock
 from injector.config import Stream
-from injector.gateway import RucioInspector
+from injector.gateway import FileReplicas, RucioInspector
 
 Did = tuple[str, str]
 
@@ -65,7 +68,7 @@ def print_json(findings: Sequence[Finding]) -> None:
 def diagnose_rule(stream: str, label: str, r: dict[str, Any], now: datetime) -> Finding | None:
     """A rule that will not finish or go away by itself, with its likely cause; None for a healthy one."""
     rid, state = str(r.get("id")), str(r.get("state") or "")
-    expires = parse_time(r.get("expires_at"))
+    expires = parse_time(r.get("expires_at"), f"rule {r.get('id')} expires_at")
     base = f"rule {rid} on {r.get('rse_expression')} x{r.get('copies')}, state {state}"
     if expires is not None and expires < now:
         causes = []
@@ -90,6 +93,38 @@ def diagnose_rule(stream: str, label: str, r: dict[str, Any], now: datetime) -> 
                        f"state to STUCK (update_replication_rule {{'state': 'STUCK'}}) so the judge-repairer retries "
                        f"it")
     return None
+
+
+def stuck_files(stream: Stream, rule: dict[str, Any], rucio: RucioInspector) -> list[Finding]:
+    """The files behind a STUCK rule, one finding each: where it is stuck, after how many attempts, the transfer
+    error Rucio recorded, and whether the source is still on disk (`source_on_disk`)."""
+    stuck = rucio.stuck_locks(str(rule.get("id")))
+    dids = sorted({(str(lk["scope"]), str(lk["name"])) for lk in stuck})
+    reps = rucio.replicas(dids) if dids else {}
+    out = []
+    for lk in stuck:
+        did, rse = (str(lk["scope"]), str(lk["name"])), str(lk.get("rse"))
+        error = rucio.past_transfer(*did, rse).get("err_msg") or "none recorded"
+        out.append(Finding(stream.name, "transfer-stuck", f"{did[0]}:{did[1]}",
+                           f"lock STUCK at {rse} (rule {rule.get('id')}) after {lk.get('attempts')} attempt(s); "
+                           f"transfer error: {error}; {source_on_disk(stream, reps.get(did))}"))
+    return out
+
+
+def source_on_disk(stream: Stream, files: FileReplicas | None) -> str:
+    """Whether the source file is on disk, when its PFN is a local file:// path this host can see."""
+    pfns = files.pfns.get(stream.source_rse, []) if files is not None else []
+    if not pfns:
+        return f"Rucio holds no source replica at {stream.source_rse}"
+    url = urlparse(pfns[0])
+    if url.scheme != "file":
+        return f"source {pfns[0]} not checked (not a local file:// path)"
+    if os.path.exists(url.path):
+        return f"the source {url.path} exists on disk"
+    if not os.path.isdir(stream.storage_root):
+        return f"source {url.path} not checked: {stream.storage_root} is not visible from this host"
+    return (f"the source {url.path} is GONE from disk although Rucio lists it at {stream.source_rse}: restore the "
+            f"file, or declare the replica bad")
 
 
 @dataclass
@@ -155,21 +190,12 @@ def _rse_causes(rse: str, info: dict[str, Any]) -> list[str]:
     return causes
 
 
-def parse_time(value: Any) -> datetime | None:
-    """A time as Rucio's client returns it (naive UTC datetime, ISO or RFC 1123 text), aware in UTC."""
+def parse_time(value: Any, what: str = "time") -> datetime | None:
+    """A time as Rucio's client returns it (naive UTC datetime, ISO or RFC 1123 text), aware in UTC; None when
+    absent. Read by `injector.clock` (bad text is a BadTime naming `what`)."""
     if value is None or value == "":
         return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    text = str(value).replace("Z", "+00:00")
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        try:
-            t = datetime.strptime(str(value), "%a, %d %b %Y %H:%M:%S %Z")
-        except ValueError:
-            return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    return clock.parse(value if isinstance(value, datetime) else str(value), what)
 
 
 def span(delta: timedelta) -> str:

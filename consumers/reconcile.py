@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from consumers.cleanup import archive_times, archived_event, archived_message, missing_destinations, release_replicas
+from consumers import transfer_failures
+from consumers.announcement import archive_times, archived_event, archived_message
+from consumers.cleanup import missing_destinations, release_replicas
 from consumers.closed_datasets import orphan_findings
-from consumers.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span
+from consumers.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
 from consumers.inventory import FileState, datasets_of, files_of, selected
 from injector import marks
 from injector.config import Settings, Stream
@@ -107,9 +109,12 @@ def _place(stream: Stream, f: FileState, rucio: RucioInspector, options: Options
     """Put the file where it belongs in the plan (or nowhere: in transfer, or finished)."""
     reps = f.replicas
     lacking = missing_destinations(stream, reps, rucio)  # cleanup's verification, the only one
-    released = parse_time(f.marks.get(marks.RELEASED_AT))
+    released = parse_time(f.marks.get(marks.RELEASED_AT), f"{f.label} {marks.RELEASED_AT}")
     # Within the grace period after a release, the reaper and cleanup's deletion-done are still on their way.
     settled = released is None or now - released > options.grace
+    failing = transfer_failures.describe(f.marks.get(marks.TRANSFER_FAILURES))
+    if failing and lacking:  # Rucio may still be retrying: say so instead of "nothing to do"
+        plan.findings.append(Finding(stream.name, "transfer-failing", f.label, failing))
     if stream.source_rse not in reps.states:
         if lacking:
             plan.findings.append(Finding(stream.name, "source-lost", f.label, "the source replica is gone but the "
@@ -207,7 +212,7 @@ def _undeleted(stream: Stream, files: list[FileState], rucio: RucioInspector, op
     rse_causes = doctor.rse_causes(rse)
     out, again = [], []
     for f in files:
-        ago = span(now - (parse_time(f.marks.get(marks.RELEASED_AT)) or now))
+        ago = span(now - (parse_time(f.marks.get(marks.RELEASED_AT), f"{f.label} {marks.RELEASED_AT}") or now))
         causes = rse_causes or doctor.file_causes(stream, f.did)  # an RSE-wide cause is enough
         detail = f"released {ago} ago, still at {rse}: " + ("; ".join(causes) or doctor.unexplained(rse))
         if causes or not options.fix:
@@ -250,6 +255,8 @@ def _rules(stream: Stream, rucio: RucioInspector, options: Options, now: datetim
                                   "would" if options.dry_run else "done")
             if finding is not None:
                 out.append(finding)
+            if str(r.get("state")) == "STUCK":
+                out += stuck_files(stream, r, rucio)
     return out
 
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from consumers.cleanup import TransferFailures, cleanup
+from consumers.cleanup import cleanup
 from consumers.ingest import DatasetMemo, ingest
 from injector import preflight
 from injector.config import Settings
@@ -56,11 +56,10 @@ def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None, metric
     """The cleanup consumer: Rucio's events (hermes, over STOMP) → verified source release → file-archived."""
     metrics = metrics or Metrics("cleanup")
     gateway = rucio if rucio is not None else ClientGateway(settings.rucio, observe=metrics.observe_rucio)
-    failures = TransferFailures()
     c = settings.cleanup
 
     def process(batch: list[Delivery]) -> Sequence[Outcome]:
-        return cleanup(decode_each(batch, decode_rucio_event), gateway, settings, failures)
+        return cleanup(decode_each(batch, decode_rucio_event), gateway, settings)
 
     route = Route(c.consumer_queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
     batching = Batching(c.batch_size, c.batch_window, c.prefetch, outage_hold=settings.broker.outage_hold)

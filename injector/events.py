@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from injector import clock
 from injector.errors import InvalidEvent
 
 FILE_CLOSED: Final = "file-closed/1"
@@ -55,6 +56,17 @@ class FileClosed(_Event):
     night: Night | None = None
     datatype: Word | None = None
     metadata: dict[str, MetaValue] = Field(default_factory=dict)
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _not_in_the_future(cls, value: datetime) -> datetime:
+        # occurred_at picks the file's dataset ({date}): a DAQ clock running ahead would file it under a wrong
+        # date, so such an event is refused (dead-lettered, replayable once the clock is fixed), never guessed.
+        lead = clock.ahead(value)
+        if lead is not None:
+            raise ValueError(f"is {lead} ahead of this host's clock (more than {clock.SKEW} allowed): "
+                             "the DAQ's clock is wrong")
+        return value
 
     @property
     def routing_key(self) -> str:

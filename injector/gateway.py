@@ -184,6 +184,14 @@ class RucioInspector(RucioGateway, Protocol):
         """Ask the judge to retry a rule's stuck locks now."""
         ...
 
+    def stuck_locks(self, rule_id: str) -> list[dict[str, Any]]:
+        """A rule's STUCK locks (Rucio's rule analysis): scope, name, rse, attempts, last_time."""
+        ...
+
+    def past_transfer(self, scope: str, name: str, rse: str) -> dict[str, Any]:
+        """One finished transfer request of a file to an RSE from Rucio's history (err_msg, state); {} if none."""
+        ...
+
 
 class RucioPreflight(Protocol):
     """What the start-up checks (`injector.preflight`) read: RSEs, scopes and the account's rights."""
@@ -451,6 +459,20 @@ class ClientGateway:
     def boost_rule(self, rule_id: str) -> None:
         """Ask the judge to retry a rule's stuck locks now (Rucio's `boost_rule`)."""
         self._call("update_replication_rule", self.client.update_replication_rule, rule_id, {"boost_rule": True})
+
+    def stuck_locks(self, rule_id: str) -> list[dict[str, Any]]:
+        return self._call("examine_replication_rule",
+                          lambda: list(self.client.examine_replication_rule(rule_id).get("transfers") or []))
+
+    def past_transfer(self, scope: str, name: str, rse: str) -> dict[str, Any]:
+        def fetch() -> dict[str, Any]:
+            try:
+                return dict(self.client.list_request_history_by_did(name, rse, scope=scope))
+            except Exception as exc:
+                if not_found(exc):
+                    return {}
+                raise
+        return self._call("list_request_history_by_did", fetch)
 
     # Closed datasets (ingest, reconcile, status) and the start-up checks (injector.preflight).
 

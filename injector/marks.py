@@ -4,6 +4,7 @@ PATH, DATASET, STREAM are written by ingest with the replica. ARCHIVED_AT is the
 once (by cleanup on deletion-done, or by the reconciler) so every file-archived for a file is
 byte-identical; ANNOUNCED says the file-archived was published (reconciler: set after the broker confirmed) or
 is owed by an unacked deletion-done (cleanup: set before it emits); RELEASED_AT is when a source was released.
+TRANSFER_FAILURES holds the file's current transfer-failure episode per destination (consumers.transfer_failures).
 """
 
 PATH = "injector_path"
@@ -12,3 +13,4 @@ STREAM = "injector_stream"
 RELEASED_AT = "injector_released_at"
 ARCHIVED_AT = "injector_archived_at"
 ANNOUNCED = "injector_announced"
+TRANSFER_FAILURES = "injector_transfer_failures"

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from injector import clock
 from injector.breaker import Breaker
 from injector.settle import Outcome
 
@@ -55,6 +56,9 @@ class Metrics:
         self.outages = Counter("rucio_injector_rucio_outages", "Rucio outages seen (breaker openings)", registry=r)
         self.outage_seconds = Counter("rucio_injector_rucio_outage_seconds", "Seconds of Rucio outages that "
                                       "ended", registry=r)
+        self.clamped = Gauge("rucio_injector_future_timestamps_clamped", "Timestamps further ahead of this host's "
+                             "clock than injector.clock.SKEW, clamped to the receive time (since start)", registry=r)
+        self.clamped.set_function(lambda: float(clock.clamped()))
         self._breaker: Breaker | None = None
         self.rucio_available.set_function(lambda: 0.0 if self._breaker and self._breaker.open else 1.0)
         self.rucio_down.set_function(lambda: self._breaker.down_for() if self._breaker else 0.0)

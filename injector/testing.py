@@ -66,6 +66,7 @@ class FakeRucio:
         self.rse_settings: dict[str, dict[str, Any]] = {}  # rse -> overrides of rse_info()
         self.in_flight: set[tuple[str, str, str, str]] = set()  # (source, destination, scope, name)
         self.boosted: list[str] = []
+        self.transfer_history: dict[tuple[str, str, str], list[dict[str, Any]]] = {}  # (scope, name, rse) -> requests
         self.account = AccountInfo("root", True, frozenset(self.scopes), {}, {})  # what account_info() answers
         self._faults: dict[str, list[Exception]] = {}
         self.down = False  # an outage: every call fails and the health probe too, until it is set back
@@ -243,6 +244,15 @@ class FakeRucio:
     def boost_rule(self, rule_id: str) -> None:
         self._enter("boost_rule")
         self.boosted.append(rule_id)
+
+    def stuck_locks(self, rule_id: str) -> list[dict[str, Any]]:
+        self._enter("stuck_locks")
+        return [{**lk, "attempts": len(self.transfer_history.get((lk["scope"], lk["name"], lk["rse"]), []))}
+                for lk in self.lock_table if lk["rule_id"] == rule_id and lk.get("state") == "STUCK"]
+
+    def past_transfer(self, scope: str, name: str, rse: str) -> dict[str, Any]:
+        self._enter("past_transfer")
+        return dict((self.transfer_history.get((scope, name, rse)) or [{}])[0])
 
     # Closed datasets and the start-up checks.
 

@@ -4,11 +4,16 @@
 
 The mock transfertool marks transfers DONE without moving data; here its submit really copies
 the bytes from the source PFN to the destination PFN (file:// only), so the archive holds the file.
+A source that is not there fails that transfer as FTS would (the job's other transfers go on): the reason
+is noted beside the server's config (FAILED_NOTES, one JSON line per request, so a later poller pass in
+another process finds it) and the poller then reports the request FAILED with it, so the real
+poller → finisher → hermes path emits transfer-failed and Rucio's retries and STUCK locks follow.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -17,26 +22,70 @@ import time
 from urllib.parse import urlparse
 
 HERMES_LINGER = 0.5  # seconds
+FAILED_NOTES = "mock-transfers-failed.jsonl"
 
 
 def _path(url: str) -> str:
     return urlparse(url).path
 
 
+def _notes() -> str:
+    return os.path.join(os.path.dirname(os.environ["RUCIO_CONFIG"]), FAILED_NOTES)
+
+
+def _failed() -> dict[str, str]:
+    """request id -> FTS-like reason, for the transfers whose copy failed at submit."""
+    if not os.path.exists(_notes()):
+        return {}
+    with open(_notes()) as f:
+        return {d["request_id"]: d["reason"] for d in map(json.loads, f)}
+
+
+def _copy(t) -> None:  # type: ignore[no-untyped-def]
+    src, dst = _path(t.source_url(t.src)), _path(t.dest_url)
+    if not os.path.exists(src):
+        reason = f"SOURCE [2] Failed to stat file {src}: No such file or directory (testbed mock transfer tool)"
+        with open(_notes(), "a") as f:
+            f.write(json.dumps({"request_id": t.rws.request_id, "reason": reason}) + "\n")
+        logging.warning("testbed copy %s -> %s FAILED: %s", src, dst, reason)
+        return
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copyfile(src, dst)
+    logging.info("testbed copy %s -> %s", src, dst)
+
+
 def _copying_mock() -> None:
+    from rucio.core.request import get_transfer_error
+    from rucio.db.sqla.constants import RequestState
     from rucio.transfertool import mock
 
-    original = mock.MockTransfertool.submit
+    class Failed(mock.MockTransferStatusReport):  # type: ignore[misc]
+        supported_db_fields = ["state", "external_id", "err_msg"]
 
-    def submit(self, transfers, job_params, timeout=None):  # type: ignore[no-untyped-def]
+        def __init__(self, request_id: str, external_id: str, reason: str) -> None:
+            super().__init__(request_id, external_id)
+            self.state = RequestState.FAILED
+            self.reason, self.err_msg = reason, get_transfer_error(RequestState.FAILED, reason)
+
+        def get_monitor_msg_fields(self, session, logger=logging.log):  # type: ignore[no-untyped-def]
+            return {"reason": self.reason}
+
+    submit, bulk_query = mock.MockTransfertool.submit, mock.MockTransfertool.bulk_query
+
+    def copying_submit(self, transfers, job_params, timeout=None):  # type: ignore[no-untyped-def]
         for t in transfers:
-            src, dst = _path(t.source_url(t.src)), _path(t.dest_url)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copyfile(src, dst)
-            logging.info("testbed copy %s -> %s", src, dst)
-        return original(self, transfers, job_params, timeout)
+            _copy(t)
+        return submit(self, transfers, job_params, timeout)
 
-    mock.MockTransfertool.submit = submit
+    def failing_query(self, requests_by_eid, timeout=None):  # type: ignore[no-untyped-def]
+        response, failed = bulk_query(self, requests_by_eid, timeout), _failed()
+        for eid, reports in response.items():
+            for rid in [r for r in reports if r in failed]:
+                reports[rid] = Failed(rid, eid, failed[rid])
+        return response
+
+    mock.MockTransfertool.submit = copying_submit
+    mock.MockTransfertool.bulk_query = failing_query
 
 
 def run(name: str, rses: list[str]) -> None:

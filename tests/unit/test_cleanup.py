@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from consumers.cleanup import TransferFailures, cleanup
+from consumers.cleanup import cleanup
 from consumers.ingest import ingest
 from injector.config import parse
 from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
@@ -120,15 +120,27 @@ def test_events_of_other_experiments_are_acked_and_counted_not_errors(settings, 
     assert labels(outs)[:2] == ["unmanaged", "ignored-rule_ok"]
 
 
-def test_transfer_failed_never_releases_and_dead_letters_at_the_stream_failure_limit(settings, rucio):
-    failures = TransferFailures()
-    fail = hermes("transfer-failed", **{"dst-rse": DST, "reason": "SRM timeout"})
-    first = cleanup([fail, fail], rucio, settings, failures)
-    assert labels(first) == ["transfer-failed", "transfer-failed"]
-    (third,) = cleanup([fail], rucio, settings, failures)
+def failed(rid, previous=None):
+    return hermes("transfer-failed", **{"dst-rse": DST, "reason": f"SRM timeout {rid}", "request-id": rid,
+                                         "previous-request-id": previous})
+
+
+def test_transfer_failed_never_releases_and_dead_letters_once_at_the_stream_failure_limit(settings, rucio):
+    first = cleanup([failed("r1"), failed("r1"), failed("r2", "r1")], rucio, settings)
+    assert labels(first) == ["transfer-failed"] * 3  # r1 twice (a duplicate) counts once
+    third, fourth = cleanup([failed("r3", "r2"), failed("r4", "r3")], rucio, settings)  # a new process: same count
     assert third.kind == "dead-letter" and third.reason == "transfer-failed"
-    assert NAME in third.error and third.error.count("SRM timeout") == 3
+    assert NAME in third.error and all(f"SRM timeout r{i}" in third.error for i in (1, 2, 3))
+    assert fourth.label == "transfer-failed-known"
+    assert labels(cleanup([failed("r3", "r2")], rucio, settings)) == ["transfer-failed-known"]  # redelivered
     assert not rucio.tombstoned
+
+
+def test_a_new_request_chain_after_a_dead_letter_starts_a_new_episode(settings, rucio):
+    outs = cleanup([failed(r, p) for r, p in (("a1", None), ("a2", "a1"), ("a3", "a2"))], rucio, settings)
+    assert [o.kind for o in outs] == ["done", "done", "dead-letter"]
+    outs = cleanup([failed(r, p) for r, p in (("b1", None), ("b2", "b1"), ("b3", "b2"))], rucio, settings)
+    assert [o.kind for o in outs] == ["done", "done", "dead-letter"] and "a1" not in outs[2].error
 
 
 def test_deletion_failed_is_retried(settings, rucio):
@@ -157,3 +169,24 @@ def test_a_locked_source_replica_is_reported_not_failed(settings, rucio):
 def test_rucio_outage_retries_the_batch(settings, rucio):
     rucio.fail("replicas", Unavailable("503"))
     assert [o.kind for o in cleanup([done(), deleted()], rucio, settings)] == ["retry", "retry"]
+
+
+def test_deletion_done_with_an_unreadable_created_at_is_dead_lettered_naming_file_and_field(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    cleanup([done()], rucio, settings)
+    rucio.reap(SRC)
+    bad = RucioEvent(event_type="deletion-done", payload=deleted().payload, created_at="25/11/2026 01:02")
+    (out,) = cleanup([bad], rucio, settings)
+    assert (out.kind, out.reason) == ("dead-letter", "invalid-event") and not out.emit
+    assert f"deletion-done of lst:{NAME}: hermes created_at: '25/11/2026 01:02' is not a time" in out.error
+    assert "injector_announced" not in rucio.marks([("lst", NAME)])[("lst", NAME)]  # the reconciler announces it
+
+
+def test_transfer_done_of_a_file_another_configured_stream_ingested_is_unmanaged_not_source_gone(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    cleanup([done()], rucio, settings)
+    rucio.reap(SRC)  # no source replica left: only the file's mark says which stream it is
+    rucio.mark([("lst", NAME, {"injector_stream": "a-stream-added-later"})])
+    assert labels(cleanup([done()], rucio, settings)) == ["unmanaged"]
+    rucio.mark([("lst", NAME, {"injector_stream": settings.streams[0].name})])
+    assert labels(cleanup([done()], rucio, settings)) == ["source-gone"]

@@ -87,3 +87,11 @@ def test_shipped_json_schemas_match_the_models(tmp_path):
     for filename, schema in json_schemas().items():
         assert json.loads((shipped / filename).read_text()) == schema, (
             f"{filename} is stale: run python -m injector.events")
+
+
+def test_occurred_at_ahead_of_this_hosts_clock_is_refused_naming_the_field():
+    from datetime import UTC, datetime, timedelta
+
+    future = (datetime.now(UTC) + timedelta(hours=2)).isoformat().replace("+00:00", "Z")
+    with pytest.raises(InvalidEvent, match="occurred_at: Value error, is 1:59:.* ahead of this host's clock"):
+        decode_file_closed(body(occurred_at=future))

@@ -1,0 +1,59 @@
+"""A file's file-archived and its archive time: built and decided only here, so cleanup (on deletion-done) and the
+reconciler (for a lost one) announce a file with byte-identical events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from injector import clock, marks
+from injector.config import Settings, Stream
+from injector.errors import Transient
+from injector.events import FileArchived, encode
+from injector.gateway import FileMeta, FileReplicas, RucioGateway, chunks
+from injector.messages import Outgoing
+
+Did = tuple[str, str]
+
+
+def archived_event(stream: Stream, meta: FileMeta, files: FileReplicas | None, path: str, archived_at: datetime,
+                   rucio: RucioGateway) -> FileArchived:
+    """A file's file-archived, built only here: cleanup and the reconciler announce a file identically."""
+    if meta.bytes is None or meta.adler32 is None:
+        raise Transient(f"{meta.scope}:{meta.name} has no size/adler32 in Rucio")
+    destinations = sorted(r for rule in stream.rules for r in rucio.rses(rule.rse_expression)
+                          if files is not None and files.available(r))
+    return FileArchived.create(
+        site=stream.site, instrument=stream.instrument, path=path, size=meta.bytes, adler32=meta.adler32,
+        scope=meta.scope, name=meta.name, destinations=destinations, archived_at=archived_at)
+
+
+def decided_archived_at(rucio: RucioGateway, did: Did, proposed: datetime, announced: bool = False) -> datetime:
+    """The file's archive time, decided once and kept on the file in Rucio: whoever announces the file
+    (cleanup, its duplicates, the reconciler) publishes a byte-identical file-archived."""
+    return archive_times(rucio, rucio.marks([did]), proposed, announced).get(did, proposed)
+
+
+def archive_times(rucio: RucioGateway, known: dict[Did, dict[str, Any]], proposed: datetime,
+                  announced: bool = False) -> dict[Did, datetime]:
+    """`decided_archived_at` for many files whose marks are `known`, in bulk. `announced` also notes
+    (injector_announced) that the caller now owns the announcement: cleanup says so before it emits, because its
+    unacked deletion-done keeps the obligation until the broker confirmed the file-archived."""
+    out: dict[Did, datetime] = {}
+    updates = []
+    for did, m in known.items():
+        decided = m.get(marks.ARCHIVED_AT)
+        out[did] = clock.parse(str(decided), f"{did[0]}:{did[1]} {marks.ARCHIVED_AT}") if decided else proposed
+        update = {} if decided else {marks.ARCHIVED_AT: proposed.isoformat()}
+        if announced and not m.get(marks.ANNOUNCED):
+            update[marks.ANNOUNCED] = datetime.now(UTC).isoformat()
+        if update:
+            updates.append((did[0], did[1], update))
+    for batch in chunks(updates, 1000):
+        rucio.mark(batch)
+    return out
+
+
+def archived_message(event: FileArchived, settings: Settings) -> Outgoing:
+    return Outgoing(settings.broker.daq_exchange, event.routing_key, encode(event),
+                    {"schema": "file-archived/1", "event-id": str(event.event_id)}, str(event.event_id))
