@@ -164,7 +164,7 @@ def test_worker_reconnects_after_the_broker_closes_its_connection(rabbit_setting
     settings = rabbit_settings
     worker = ingest_worker(settings, rucio)
     with running(worker):
-        time.sleep(1.0)
+        wait_for(lambda: worker.metrics.health()[0], timeout=20, what="consuming")
         subprocess.run(["rabbitmqctl", "close_all_connections", "test"], check=True, capture_output=True)
         wait_for(lambda: worker.stats.reconnects >= 1, what="reconnect")
         with DaqPublisher(settings.broker) as daq:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -159,7 +158,9 @@ def test_sigkill_during_a_replay_of_a_thousand_loses_nothing(settings, tmp_path)
     wait_for(lambda: depth(settings, settings.ingest.queue) >= 200, timeout=30, what="replay under way")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    time.sleep(0.5)  # the broker requeues the killed channel's unacked messages
+    # The broker requeues the killed channel's unacked dead letters a moment after the socket closes.
+    wait_for(lambda: depth(settings, settings.ingest.queue) + depth(settings, dlq_name(settings)) >= 1000,
+             timeout=10, what="the killed channel's unacked messages back in the DLQ")
     back = {m.properties["message_id"] for m in get_all(settings, settings.ingest.queue)}
     still = {r.id for r in RabbitDlq(settings.broker).peek(dlq_name(settings))}
     assert 200 <= len(back) < 1000, "the kill should land mid-replay"

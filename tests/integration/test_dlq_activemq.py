@@ -201,12 +201,17 @@ def test_a_dead_letter_activemq_made_at_its_redelivery_limit_is_listed_as_broker
             nacks.append(frame.headers["message-id"])
             nacker.nack(frame.headers["ack"])
 
+    subscribed = threading.Event()
     nacker.set_listener("nack", Nack())
+    nacker.set_listener("receipt", type("Receipt", (stomp.ConnectionListener,), {
+        "on_receipt": lambda self, frame: subscribed.set()})())
     nacker.connect("guest", "guest", wait=True)
-    nacker.subscribe(f"/queue/{s.cleanup.consumer_queue}", id="nack", ack="client-individual")
+    # The virtual topic's consumer queue exists once ActiveMQ receipted the SUBSCRIBE.
+    nacker.subscribe(f"/queue/{s.cleanup.consumer_queue}", id="nack", ack="client-individual",
+                     headers={"receipt": "subscribed"})
     body = '{"event_type": "rule_ok", "payload": {"scope": "lst", "name": "x", "rule_id": "0"}}'
     try:
-        time.sleep(0.5)  # the virtual topic's consumer queue exists once subscribed
+        assert subscribed.wait(20), "ActiveMQ did not receipt the SUBSCRIBE"
         send(s, body)
         wait_for(lambda: dlq.depth(dlq_name) == 1, timeout=90, what="ActiveMQ dead-lettered it past its limit")
     finally:

@@ -37,6 +37,14 @@ def big_enough(sample: Path) -> int:
     return min(int(rate * WANTED) // len(BLOCK) * len(BLOCK), MOST)
 
 
+def bytes_read() -> int:
+    """Bytes this process (the watcher runs on a thread of it) has read so far, from the kernel's count."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
 def test_small_files_closed_while_a_big_one_is_read_are_announced_before_it(tmp_path):
     root = tmp_path / "buffer"
     night = root / "20261124"
@@ -46,8 +54,9 @@ def test_small_files_closed_while_a_big_one_is_read_are_announced_before_it(tmp_
     s = watch_settings(root)
     with declared(s):
         with watching(s, hash_workers=2) as code:
+            before = bytes_read()
             os.rename(night / "LST-1.Run00200.fits.tmp", night / "LST-1.Run00200.fits")  # the big file closed
-            time.sleep(0.3)  # its read has started
+            wait_for(lambda: bytes_read() - before > 64 << 20, timeout=30, what="the big file's read under way")
             small = [night / f"LST-1.Run0030{n}.fits" for n in range(3)]
             for path in small:
                 path.write_bytes(b"small")
