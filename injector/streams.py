@@ -75,8 +75,7 @@ def did_name(stream: Stream, path: str, event_id: str | None = None) -> str:
 def relative_path(stream: Stream, path: str, event_id: str | None = None) -> str:
     """The path below the stream's storage root; refuses `..`, `.`, `//` and anything outside it."""
     root = stream.storage_root.rstrip("/")
-    parts = path.split("/")[1:]
-    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
+    if posixpath.normpath(path) != path:  # `//`, `.`, `..`, a trailing `/`
         raise PathOutsideRoot(f"path {path!r} is not a normalised absolute path", event_id=event_id)
     if not path.startswith(root + "/"):
         raise PathOutsideRoot(

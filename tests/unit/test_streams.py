@@ -37,7 +37,7 @@ def test_unknown_instrument_has_no_stream(settings):
 
 
 @pytest.mark.parametrize("path", ["/data/lst2/x", "/data/lst1/../etc/passwd", "/data/lst1//x", "/data/lst1/./x",
-                                  "/data/lst1"])
+                                  "/data/lst1", "/data/lst1/x/", "//data/lst1/x"])
 def test_paths_outside_the_root_or_not_normalised_are_refused(settings, path):
     with pytest.raises(PathOutsideRoot):
         place(settings.streams, ev(path=path))
@@ -89,3 +89,34 @@ def test_ingest_refuses_a_visible_non_canonical_path_and_keeps_lexical_checks_fo
         place(streams, ev(path=f"{t}/root/alias/x.fits"))
     assert place(streams, ev(path=f"{t}/root/20261129/x.fits")).name == f"{t}/root/20261129/x.fits"
     assert place(streams, ev(path=f"{t}/root/gone/x.fits")).name == f"{t}/root/gone/x.fits"
+
+
+def test_a_datatype_specific_stream_beats_the_generic_one_and_the_generic_takes_the_rest():
+    lst = STREAMS["streams"][0]
+    split = parse({"streams": [
+        {**lst, "name": "lst1-any"},
+        {**lst, "name": "lst1-dl1", "datatype": "dl1", "dataset": "LST1_{night}_dl1"},
+        {**lst, "name": "lst1-raw", "datatype": "raw"},
+    ]}).streams
+    chosen = {dt: place(split, ev(datatype=dt)).stream.name for dt in ("raw", "dl1", "dl2", None)}
+    assert chosen == {"raw": "lst1-raw", "dl1": "lst1-dl1", "dl2": "lst1-any", None: "lst1-any"}
+    only_specific = [s for s in split if s.datatype]
+    with pytest.raises(NoStream):
+        place(only_specific, ev(datatype="dl2"))
+
+
+@pytest.mark.parametrize("bad", [dict(path="/data/lst1/../etc/x"), dict(path="/data/lst2/x"),
+                                 dict(path="/data/lst1/bad name.fits"), dict(night=None)])
+def test_every_refusal_names_the_event_it_refuses(settings, bad):
+    event = ev(**bad)
+    with pytest.raises((PathOutsideRoot, RucioRefused, TemplateFieldMissing)) as err:
+        place(settings.streams, event)
+    assert err.value.event_id == str(event.event_id)
+
+
+def test_a_refused_name_says_whether_it_is_the_did_or_the_dataset_name(settings):
+    with pytest.raises(RucioRefused, match="^DID name '/data/lst1/bad name.fits' is not a valid Rucio name"):
+        place(settings.streams, ev(path="/data/lst1/bad name.fits"))
+    spaced = parse({"streams": [{**STREAMS["streams"][0], "dataset": "LST1 {night}"}]}).streams
+    with pytest.raises(RucioRefused, match=r"^dataset name \(template 'LST1 \{night\}'\) 'LST1 20261124'"):
+        place(spaced, ev())
