@@ -7,6 +7,7 @@ from injector import marks
 from injector.config import parse
 from injector.errors import InvalidEvent
 from injector.events import FileClosed
+from injector.gateway import FileMeta
 from injector.testing import FakeRucio, Unavailable
 from tests.conftest import STREAMS
 
@@ -252,3 +253,82 @@ def test_rucio_exceptions_map_onto_the_error_tree():
     assert isinstance(classify(rx.DatabaseException("x")), RucioUnavailable)
     assert isinstance(classify(rx.DataIdentifierAlreadyExists("x")), RucioUnavailable)  # a race: retry
     assert isinstance(classify(ConnectionRefusedError()), RucioUnavailable)
+
+
+NAME = "lst:/data/lst1/run00001.fits.fz"
+
+
+def test_every_outcome_names_the_did_of_its_file(settings, rucio):
+    first = ingest([ev(1), ev(1), ev(1, size=5)], rucio, settings)
+    again = ingest([ev(1)], rucio, settings)
+    assert [(o.label, o.did) for o in first + again] == [
+        ("registered", NAME), ("already-registered", NAME), ("checksum-conflict", NAME), ("already-registered", NAME)]
+
+
+class RivalRucio(FakeRucio):
+    """Another ingest process registers the same names with other bytes just before this one's add_replicas."""
+
+    def add_replicas(self, rse, replicas):  # type: ignore[no-untyped-def]
+        for r in replicas:
+            self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, "0badc0de"))
+        super().add_replicas(rse, replicas)
+
+
+def test_other_bytes_registered_by_a_rival_between_the_check_and_the_add_are_a_conflict(settings):
+    rucio = RivalRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
+    (out,) = ingest([ev(1)], rucio, settings)
+    assert (out.kind, out.label, out.did) == ("dead-letter", "checksum-conflict", NAME)
+    assert "0badc0de" in out.error and rucio.datasets.get(("lst", "LST1_20261124_raw"), set()) == set()
+
+
+class ForgetfulRucio(FakeRucio):
+    """add_replicas answers OK but keeps nothing (a server that lost the write)."""
+
+    def add_replicas(self, rse, replicas):  # type: ignore[no-untyped-def]
+        self._enter("add_replicas")
+
+
+def test_a_file_absent_after_add_replicas_is_retried_not_reported_registered(settings):
+    (out,) = ingest([ev(1)], ForgetfulRucio(rses={"ORM-BUFFER": "file://localhost/data/"}), settings)
+    assert (out.kind, out.did) == ("retry", NAME) and f"{NAME} is not in Rucio after add_replicas" in out.error
+
+
+def test_when_rucio_cannot_say_whether_datasets_are_open_nothing_is_registered_and_all_retry(settings, rucio):
+    rucio.fail("datasets_open", Unavailable("503"))
+    out = ingest([ev(1), ev(2, night="20261125")], rucio, settings)
+    assert [o.kind for o in out] == ["retry", "retry"] and all("503" in o.error for o in out)
+    assert rucio.calls["add_replicas"] == 0
+
+
+def test_a_dataset_that_already_has_its_rule_gets_no_second_one(settings, rucio):
+    ingest([ev(1)], rucio, settings)
+    ingest([ev(2)], rucio, settings)  # a new memo: the dataset exists, its rules are read
+    assert rucio.calls["dataset_rules"] == 1 and rucio.calls["add_rule"] == 0 and len(rucio.rules) == 1
+
+
+def test_a_transient_attach_failure_retries_every_file_of_the_call(settings, rucio):
+    rucio.fail("attach", Unavailable("connection reset"))
+    out = ingest([ev(1), ev(2), ev(3, night="20261125")], rucio, settings)
+    assert [o.kind for o in out] == ["retry"] * 3 and rucio.calls["attach"] == 1
+
+
+class RecordingRucio(FakeRucio):
+    def add_replicas(self, rse, replicas):  # type: ignore[no-untyped-def]
+        self.sent = list(replicas)
+        super().add_replicas(rse, replicas)
+
+
+def test_the_replica_is_registered_with_the_events_md5_and_the_marks_reconcile_reads(settings):
+    rucio = RecordingRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
+    ingest([ev(1, md5="0123456789abcdef0123456789abcdef")], rucio, settings)
+    (r,) = rucio.sent
+    assert r.md5 == "0123456789abcdef0123456789abcdef"
+    assert dict(r.meta) == {marks.PATH: "/data/lst1/run00001.fits.fz", marks.DATASET: "lst:LST1_20261124_raw",
+                            marks.STREAM: "lst1-raw"}
+
+
+def test_the_dataset_memo_forgets_the_oldest_beyond_its_limit():
+    memo = DatasetMemo(limit=2)
+    for key in (("lst", "a"), ("lst", "b"), ("lst", "c")):
+        memo.add(key)
+    assert ("lst", "a") not in memo and ("lst", "b") in memo and ("lst", "c") in memo
