@@ -62,7 +62,7 @@ def fill_dlq(s, n: int, *, reason: str = "no-stream", failed_at: datetime | None
 def test_poison_event_is_dead_lettered_then_replayed_after_the_config_is_fixed(settings):
     rucio = FakeRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
     with DaqPublisher(settings.broker) as daq:
-        daq.publish([ev(1, instrument="LST2")])
+        daq.publish([ev(1, instrument="LST2").model_copy(update={"path": "/data/lst2/run00001.fits.fz"})])
     worker = ingest_worker(settings, rucio)
     with running(worker):
         wait_for(lambda: worker.stats.messages == 1)
@@ -70,7 +70,8 @@ def test_poison_event_is_dead_lettered_then_replayed_after_the_config_is_fixed(s
     assert dead.reason == "no-stream" and "instrument='LST2'" in dead.error
     # the operator adds the missing stream, then replays
     fixed = json.loads(json.dumps(STREAMS))
-    fixed["streams"].append({**fixed["streams"][0], "name": "lst2-raw", "instrument": "LST2"})
+    fixed["streams"].append({**fixed["streams"][0], "name": "lst2-raw", "instrument": "LST2",
+                             "storage_root": "/data/lst2"})
     fixed_settings = parse({**fixed, "broker": settings.broker.model_dump(), "ingest": settings.ingest.model_dump()})
     summary = RabbitDlq(settings.broker).replay(dlq_name(settings))
     assert (summary.selected, summary.replayed, summary.failed) == (1, 1, 0)
@@ -78,7 +79,7 @@ def test_poison_event_is_dead_lettered_then_replayed_after_the_config_is_fixed(s
     with running(worker):
         wait_for(lambda: worker.stats.messages == 1)
     assert worker.stats.outcomes == {"registered": 1}
-    assert ("ORM-BUFFER", "lst", "/data/lst1/run00001.fits.fz") in rucio.pfns
+    assert ("ORM-BUFFER", "lst", "/data/lst2/run00001.fits.fz") in rucio.pfns
     assert depth(settings, dlq_name(settings)) == 0
 
 
