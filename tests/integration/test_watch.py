@@ -61,13 +61,14 @@ def watching(settings: Settings, **options: Any) -> Iterator[list[int]]:
         assert not thread.is_alive(), "the watcher did not stop"
 
 
-def events(settings: Settings) -> dict[str, FileClosed]:
-    """Every event published, by path; a path announced twice fails here (counted with multiplicity)."""
+def events(settings: Settings, times: int = 1) -> dict[str, FileClosed]:
+    """Every event published, by path; each path must have been announced exactly `times` times (counted with
+    multiplicity: a duplicate fails here)."""
     messages = get_all(settings, settings.ingest.queue)
     decoded = [decode_file_closed(m.body) for m in messages]
     assert all(m.delivery_info["routing_key"] == "file.closed.ORM.LST1" for m in messages)
-    twice = {p: n for p, n in Counter(e.path for e in decoded).items() if n > 1}
-    assert not twice, f"announced more than once: {twice}"
+    other = {p: n for p, n in Counter(e.path for e in decoded).items() if n != times}
+    assert not other, f"announced other than {times} time(s): {other}"
     return {e.path: e for e in decoded}
 
 
