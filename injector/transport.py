@@ -285,8 +285,13 @@ def to_delivery(message: amqp.Message, generation: int) -> Delivery:
     )
 
 
+HEARTBEAT_RATE = 4  # heartbeat checks (and, when idle, heartbeats sent) per negotiated interval
+
+
 def drain(conn: kombu.Connection, timeout: float) -> None:
-    """Wait up to `timeout` for frames; keep heartbeats flowing."""
+    """Wait up to `timeout` for frames; keep heartbeats flowing. The broker gives up after two silent intervals;
+    checking and sending four times an interval leaves a stalled process (a loaded host) most of that margin."""
+    interval = float(conn.heartbeat or 0)
     with contextlib.suppress(TimeoutError):
-        conn.drain_events(timeout=timeout)
-    conn.heartbeat_check()
+        conn.drain_events(timeout=min(timeout, interval / HEARTBEAT_RATE) if interval else timeout)
+    conn.heartbeat_check(rate=HEARTBEAT_RATE)

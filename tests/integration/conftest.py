@@ -113,16 +113,22 @@ class Lab:
         return list(self.client.list_did_rules(scope, dataset))
 
     def tombstones(self, names: list[str], rse: str, scope: str = "lst") -> dict[str, str | None]:
-        """Each replica's tombstone at `rse`, read from the Rucio server's own database: Rucio's API never shows
-        tombstones, and a test must not take the project's word (its marks) for what it did to Rucio."""
-        sql = ("select r.name, coalesce(r.tombstone::text, '') from replicas r join rses s on r.rse_id = s.id "
-               "where s.rse = :'rse' and r.scope = :'scope' and r.name in (select json_array_elements_text(:'names'))")
+        """Each replica's tombstone at `rse` (None: none), read from the Rucio server's own database."""
+        return {n: tombstone for n, (tombstone, _) in self.replica_rows(names, rse, scope).items()}
+
+    def replica_rows(self, names: list[str], rse: str, scope: str = "lst") -> dict[str, tuple[str | None, str]]:
+        """(tombstone, updated_at) of each replica at `rse`, from the Rucio server's own database: Rucio's API never
+        shows tombstones, and a test must not take the project's word (its marks) for what it did to Rucio."""
+        sql = ("select r.name, coalesce(r.tombstone::text, ''), r.updated_at::text from replicas r "
+               "join rses s on r.rse_id = s.id where s.rse = :'rse' and r.scope = :'scope' "
+               "and r.name in (select json_array_elements_text(:'names'))")
         out = subprocess.run(
             ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", self.server.database, "-AtF", "\t", "-v",
              f"rse={rse}", "-v", f"scope={scope}", "-v", f"names={json.dumps(names)}"],
             input=sql, capture_output=True, text=True, check=True).stdout
-        rows = dict(line.split("\t", 1) for line in out.splitlines() if line)
-        return {n: rows[n] or None for n in names if n in rows}
+        rows = {name: (tombstone or None, updated) for name, tombstone, updated in
+                (line.split("\t") for line in out.splitlines() if line)}
+        return {n: rows[n] for n in names if n in rows}
 
     def gateway(self, settings: Any) -> Any:
         """A ClientGateway to this lab's server (the session's through RUCIO_CONFIG, an own one explicitly)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import kombu
 import pytest
 import stomp
 
@@ -25,7 +26,7 @@ from injector.events import FileClosed, decode_file_archived
 from injector.testbed.rucio import HermesBroker
 from injector.worker import BatchWorker
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
-from tests.integration.rabbit import declared, get_all, ingested, running, unique_settings, wait_for
+from tests.integration.rabbit import AMQP_URL, declared, get_all, ingested, running, unique_settings, wait_for
 from tests.integration.test_ingest_rucio import files
 
 pytestmark = pytest.mark.integration
@@ -206,43 +207,69 @@ def _stomp_take(s: Settings, destination: str, wait: float = 1.0) -> list[dict[s
     return frames
 
 
-def test_duplicated_shuffled_events_with_two_consumers_release_every_source_and_one_file_archived_per_file(lab, broker):
+@contextmanager
+def captured_hermes(lab: Lab) -> Iterator[tuple[HermesBroker, list[tuple[str, dict[str, str]]]]]:
+    """Real hermes sending to a capture queue of the test's own (RabbitMQ's STOMP plugin: /topic/K is amq.topic K):
+    yields hermes' address and, once the block ends, the frames it sent (body, headers), as hermes made them."""
+    key = f"capture-{lab.tag}"
+    frames: list[tuple[str, dict[str, str]]] = []
+    with kombu.Connection(AMQP_URL) as conn:
+        ch = conn.channel()
+        ch.queue_declare(key, durable=False, auto_delete=False)
+        ch.queue_bind(key, "amq.topic", key)
+        try:
+            yield HermesBroker(destination=f"/topic/{key}"), frames
+            while (m := ch.basic_get(key, no_ack=True)) is not None:
+                body = m.body.decode() if isinstance(m.body, bytes) else m.body
+                frames.append((body, {"event_type": str((m.headers or {}).get("event_type", ""))}))
+        finally:
+            ch.queue_delete(key)
+
+
+def test_hermes_own_frames_three_times_shuffled_two_consumers_release_every_source_and_announce_each_file_once(
+        lab, broker):
     s = cleanup_settings(lab, broker)
     events = files(lab, 5)
+    names = {e.path for e in events}
     with declared(s), cleanup_running(s, n=2) as workers:
         ingested(s, events)
-        # Transfers really happen, but hermes' own events stay in Rucio until later.
-        lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", rses=[SOURCE, ARCHIVE])
-        assert all(lab.replicas([e.path])[e.path]["states"].get(ARCHIVE) == "AVAILABLE" for e in events)
+        lab.discard_rucio_events()  # hermes sends everything pending: only this test's events are captured
+        with captured_hermes(lab) as (capture, transfers):
+            lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", "hermes",
+                                   rses=[SOURCE, ARCHIVE], hermes=capture)
+        ours = [(b, h) for b, h in transfers if json.loads(b)["payload"].get("name") in names]
+        assert sum(h["event_type"] == "transfer-done" for _, h in ours) == 5, [h for _, h in ours]
         hermes = _Hermes(s)
         try:
-            frames = [("transfer-queued", {"scope": "lst", "name": e.path, "dst-rse": ARCHIVE}) for e in events]
-            frames += [("transfer-done", transfer_done(e)) for e in events] * 3
+            frames = ours * 3  # hermes' own frames, each three times (hermes retries; brokers redeliver)
             random.Random(11).shuffle(frames)
-            for kind, payload in frames:
-                hermes.send(kind, payload)
+            for body, headers in frames:
+                hermes.send_raw(body, headers)
             wait_for(lambda: sum(w.stats.messages for w in workers) == len(frames), timeout=60, what="frames")
-            lab.server.run_daemons("reaper", rses=[SOURCE])
+            with captured_hermes(lab) as (capture, deletions):
+                lab.server.run_daemons("reaper", "hermes", rses=[SOURCE], hermes=capture)
             assert not any(Path(e.path).exists() for e in events)
-            gone = [("deletion-done", {"scope": "lst", "name": e.path, "rse": SOURCE, "bytes": e.size,
-                                       "url": f"file://localhost{e.path}"}) for e in events] * 3
+            gone = [(b, h) for b, h in deletions
+                    if h["event_type"] == "deletion-done" and json.loads(b)["payload"].get("name") in names] * 3
+            assert len(gone) == 15, deletions
             random.Random(12).shuffle(gone)
-            for kind, payload in gone:
-                hermes.send(kind, payload)
+            for body, headers in gone:
+                hermes.send_raw(body, headers)
             wait_for(lambda: outcomes(workers, "archived") == len(gone), timeout=60, what="deletion-done handled")
         finally:
             hermes.close()
         received = [decode_file_archived(m.body) for m in get_all(s, topology.archived_queue(s))]
     assert all(w.stats.messages > 0 for w in workers), "both consumers took part"
     # A duplicate may release again while the tombstoned source still exists (idempotent): what is exact is that
-    # every event settles as a release or a source already gone, every source is reaped, one file-archived per file.
+    # every transfer-done settles as a release or a source already gone, every source is reaped, one
+    # file-archived per file.
     assert outcomes(workers, "released") >= 5
     assert outcomes(workers, "released") + outcomes(workers, "source-gone") == 15
     # One outcome per file, whoever handled which duplicate: the DAQ dedupes on the deterministic event_id.
     by_file: dict[str, set[tuple[str, str]]] = {}
     for a in received:
         by_file.setdefault(a.name, set()).add((str(a.event_id), a.archived_at.isoformat()))
-    assert sorted(by_file) == sorted(e.path for e in events)
+    assert sorted(by_file) == sorted(names)
     assert all(len(v) == 1 for v in by_file.values()), by_file
     for e in events:
         copy = archive_path(lab, e.path)

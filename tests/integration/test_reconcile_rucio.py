@@ -198,8 +198,12 @@ def test_a_released_source_the_reaper_cannot_delete_is_diagnosed(lab, breakage):
         assert all(Path(e.path).exists() for e in events)
         assert all(r["states"].get(rse) == "AVAILABLE" for r in lab.replicas([e.path for e in events]).values())
         assert kinds(sweep(s)) == {}, "within the grace period a released source is not yet suspicious"
+        names = [e.path for e in events]
+        before = lab.replica_rows(names, rse)
         found = sweep(s, grace=timedelta(0), fix=True)
-    assert kinds(found) == {"report source-not-deleted": 2}, "no tombstone is set again while the RSE blocks"
+    after = lab.replica_rows(names, rse)
+    assert after == before, "no tombstone is set again while the RSE blocks (the replica rows are untouched)"
+    assert kinds(found) == {"report source-not-deleted": 2}
     cause = {"availability_delete": "availability_delete false", "empty_hostname": "empty hostname",
              "rule_lock": f"rule {pin} ({rse}, state OK) holds a lock on the source replica"}[breakage]
     assert all(cause in f.detail for f in found), found[0].detail

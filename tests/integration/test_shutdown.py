@@ -26,7 +26,7 @@ from tests.integration.test_ingest_rucio import settings_for, stream_toml, write
 
 pytestmark = pytest.mark.integration
 
-RUNS = int(os.environ.get("SHUTDOWN_RUNS", "50"))
+RUNS = int(os.environ.get("SHUTDOWN_RUNS", "20"))  # the long run: SHUTDOWN_RUNS=50 (README)
 GRACE = 30.0  # a typical termination grace (systemd TimeoutStopSec, Kubernetes terminationGracePeriodSeconds)
 
 
