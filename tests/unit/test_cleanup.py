@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 
@@ -190,3 +191,59 @@ def test_transfer_done_of_a_file_another_configured_stream_ingested_is_unmanaged
     assert labels(cleanup([done()], rucio, settings)) == ["unmanaged"]
     rucio.mark([("lst", NAME, {"injector_stream": settings.streams[0].name})])
     assert labels(cleanup([done()], rucio, settings)) == ["source-gone"]
+
+
+DID = f"lst:{NAME}"
+
+
+def test_every_outcome_names_the_did_of_its_file(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    outs = cleanup([done(), done(**{"checksum-adler": "0000beef"}), deleted()], rucio, settings)
+    assert [(o.label, o.did) for o in outs] == [("released", DID), ("checksum-mismatch", DID),
+                                                 ("source-still-present", DID)]
+
+
+def test_an_unmanaged_event_first_in_a_batch_does_not_stop_the_others_from_being_settled(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    outs = cleanup([hermes("transfer-done", name="/data/lst1/unknown.fits"), done(**{"checksum-adler": "0000beef"}),
+                    done()], rucio, settings)
+    assert labels(outs) == ["unmanaged", "checksum-mismatch", "released"]
+    assert rucio.tombstoned == {(SRC, "lst", NAME)}
+
+
+@pytest.mark.parametrize(("held", "reported"), [("00000001", "1"), ("0000000a", "A"), ("0000000a", "0000000A")])
+def test_the_reported_adler32_is_compared_without_case_or_leading_zeros(settings, held, reported):
+    rucio = FakeRucio(rses={SRC: "file://localhost/data/"})
+    ingest([FileClosed.create(site="ORM", instrument="LST1", path=NAME, size=101, adler32=held,
+                              night="20261124")], rucio, settings)
+    rucio.add_replica(DST, "lst", NAME)
+    assert labels(cleanup([done(**{"checksum-adler": reported})], rucio, settings)) == ["released"]
+
+
+def test_a_transient_fault_while_verifying_retries_only_that_event(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    rucio.fail("rses", Unavailable("503 on the RSE expression"))
+    (out,) = cleanup([done()], rucio, settings)
+    assert (out.kind, out.did) == ("retry", DID) and "503" in (out.error or "") and not rucio.tombstoned
+
+
+def test_a_deletion_done_names_its_stream_by_the_url_of_the_deleted_replica(rucio):
+    lst, magic = STREAMS["streams"]
+    settings = parse({"streams": [lst, {**magic, "scope": "lst", "storage_root": "/data/magic"}]})
+    rucio.tombstoned.add((SRC, "lst", NAME))
+    rucio.reap(SRC)
+    (ours,) = cleanup([deleted()], rucio, settings)
+    assert ours.reason == "source-lost" and ours.did == DID
+    elsewhere = hermes("deletion-done", rse=SRC, url="file://localhost/elsewhere/run00001.fits.fz")
+    (other,) = cleanup([elsewhere], rucio, settings)
+    assert other.label == "unmanaged"
+
+
+def test_a_file_whose_size_or_adler32_rucio_lacks_is_retried_not_announced(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    rucio.tombstoned.add((SRC, "lst", NAME))
+    rucio.reap(SRC)
+    rucio.files[("lst", NAME)] = dataclasses.replace(rucio.files[("lst", NAME)], adler32=None)
+    (out,) = cleanup([deleted()], rucio, settings)
+    assert (out.kind, out.did) == ("retry", DID) and "has no size/adler32 in Rucio" in (out.error or "")
+    assert not out.emit
