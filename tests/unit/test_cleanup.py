@@ -8,6 +8,7 @@ from consumers.cleanup import cleanup
 from consumers.ingest import ingest
 from injector.config import parse
 from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
+from injector.gateway import FileMeta
 from injector.testing import FakeRucio, Unavailable
 from tests.conftest import STREAMS
 
@@ -247,3 +248,13 @@ def test_a_file_whose_size_or_adler32_rucio_lacks_is_retried_not_announced(setti
     (out,) = cleanup([deleted()], rucio, settings)
     assert (out.kind, out.did) == ("retry", DID) and "has no size/adler32 in Rucio" in (out.error or "")
     assert not out.emit
+
+
+def test_a_file_of_another_scope_at_a_managed_source_rse_and_root_is_never_released(settings, rucio):
+    # A MAGIC-scope file on the shared buffer RSE but under LST1's root: neither stream holds it (scope AND root).
+    other = "/data/lst1/stray.root"
+    rucio.files[("magic", other)] = FileMeta("magic", other, 5, "00000005")
+    rucio.add_replica(SRC, "magic", other, pfn=f"file://localhost{other}")
+    rucio.add_replica(DST, "magic", other)
+    (out,) = cleanup([hermes("transfer-done", scope="magic", name=other, **{"dst-rse": DST})], rucio, settings)
+    assert out.label == "unmanaged" and not rucio.tombstoned

@@ -5,7 +5,7 @@ import pytest
 from consumers.ingest import DatasetMemo, ingest
 from injector import marks
 from injector.config import parse
-from injector.errors import InvalidEvent
+from injector.errors import InvalidEvent, RucioRefused
 from injector.events import FileClosed
 from injector.gateway import FileMeta
 from injector.testing import FakeRucio, Unavailable
@@ -332,3 +332,21 @@ def test_the_dataset_memo_forgets_the_oldest_beyond_its_limit():
     for key in (("lst", "a"), ("lst", "b"), ("lst", "c")):
         memo.add(key)
     assert ("lst", "a") not in memo and ("lst", "b") in memo and ("lst", "c") in memo
+
+
+class RefusingAttach(FakeRucio):
+    """Rucio refuses to attach one particular file (its whole bulk call fails)."""
+
+    def attach(self, attachments):  # type: ignore[no-untyped-def]
+        if any(("lst", "/data/lst1/run00002.fits.fz") in a.files for a in attachments):
+            self._enter("attach")
+            raise RucioRefused("UnsupportedOperation: that file cannot be attached (test)")
+        super().attach(attachments)
+
+
+def test_a_file_rucio_refuses_to_attach_is_isolated_and_its_neighbours_are_attached(settings):
+    rucio = RefusingAttach(rses={"ORM-BUFFER": "file://localhost/data/"})
+    out = ingest([ev(1), ev(2), ev(3)], rucio, settings)
+    assert kinds(out) == [("done", "registered"), ("dead-letter", "rucio-refused"), ("done", "registered")]
+    assert rucio.datasets[("lst", "LST1_20261124_raw")] == {("lst", "/data/lst1/run00001.fits.fz"),
+                                                            ("lst", "/data/lst1/run00003.fits.fz")}
