@@ -194,6 +194,7 @@ def test_with_next_files_go_to_the_first_open_or_absent_successor_created_with_t
                                                                ("lst", "/data/lst1/run00003.fits.fz")}
     assert ("LST1_20261124_raw.3", "PIC-ARCHIVE") in [(r.name, r.rse_expression) for r in rucio.rules]
     assert rucio.meta[("lst", "/data/lst1/run00002.fits.fz")][marks.DATASET] == "lst:LST1_20261124_raw.3"
+    assert rucio.calls["mark"] == 0, "new files carry their dataset from add_replicas: no second write"
 
 
 def test_with_next_a_file_already_attached_along_the_chain_is_not_attached_again(settings, rucio):
@@ -350,3 +351,11 @@ def test_a_file_rucio_refuses_to_attach_is_isolated_and_its_neighbours_are_attac
     assert kinds(out) == [("done", "registered"), ("dead-letter", "rucio-refused"), ("done", "registered")]
     assert rucio.datasets[("lst", "LST1_20261124_raw")] == {("lst", "/data/lst1/run00001.fits.fz"),
                                                             ("lst", "/data/lst1/run00003.fits.fz")}
+
+
+@pytest.mark.parametrize(("first", "second", "calls"), [(500, 500, 1), (600, 500, 2), (1000, 1, 2)])
+def test_attachments_of_several_datasets_share_a_call_up_to_the_bulk_limit(settings, rucio, first, second, calls):
+    events = [ev(i) for i in range(first)] + [ev(5000 + i, night="20261125") for i in range(second)]
+    ingest(events, rucio, settings)
+    assert rucio.calls["attach"] == calls
+    assert len(rucio.datasets[("lst", "LST1_20261124_raw")]) == first
