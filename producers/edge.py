@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from producers.announcer import Announcer
 from producers.candidates import Candidate, Settler
-from producers.hashing import HashPool
+from producers.hashing import HashPool, Result
 from producers.refusals import Refusal, Refusals, refusal
 
 if TYPE_CHECKING:
@@ -43,7 +43,10 @@ class Edge:
             self._gather(timeout)
         self.pool.add(self.settler.ready())
         self.pool.pump(halt)
-        for result in self.pool.done():
+        self._take(self.pool.done(), flush)
+
+    def _take(self, results: list[Result], flush: Callable[[], object]) -> None:
+        for result in results:
             if isinstance(result, Refusal):
                 self.refusals.report(result)
             elif result is not None:
@@ -77,7 +80,7 @@ class Edge:
         while self.pool.busy() and time.monotonic() < deadline:
             self.pool.wait(max(deadline - time.monotonic(), 0.0))
             self.step(lambda: None, lambda: time.monotonic() > deadline, timeout=0)
-        self.pool.close()
+        self._take(self.pool.close(), lambda: None)
         self.step(lambda: None, lambda: True, timeout=0)
         for c in [*self.settler.waiting(), *self.pool.waiting()]:
             log.warning("%s NOT announced when stopped (still settling, or no time left to read it); "

@@ -83,8 +83,9 @@ class HashPool:
         """Candidates not read yet: the backlog, reads running, reads cancelled."""
         return [*self._backlog, *self._running.values(), *self.unfinished]
 
-    def close(self) -> None:
-        """Stop the running reads at their next chunk and wait for the threads."""
+    def close(self) -> list[Result]:
+        """Stop the running reads at their next chunk, wait for the threads; returns what finished meanwhile (a
+        read may complete before it sees the stop: its file must still be announced)."""
         self._stopping.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self.done()
+        return self.done()

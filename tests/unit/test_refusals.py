@@ -95,3 +95,14 @@ def test_a_close_stops_a_long_read_at_its_next_chunk_and_keeps_the_file_as_unfin
     started = time.monotonic()
     pool.close()
     assert time.monotonic() - started < 5 and pool.unfinished == [c] and not pool.busy()
+
+
+def test_a_read_that_completes_while_the_pool_closes_is_returned_not_lost():
+    def read(c: Candidate, cancelled: object) -> str:
+        time.sleep(0.3)  # its last chunk: it never looks at `cancelled` again
+        return c.path
+
+    pool = HashPool(1, read)  # type: ignore[arg-type]
+    pool.add([Candidate(stream(), "/data/lst1/Run7", 0.0)])
+    pool.pump()
+    assert pool.close() == ["/data/lst1/Run7"] and not pool.busy()
