@@ -100,10 +100,12 @@ def transfers_failed(managed: Sequence[tuple[Failed, int]], rucio: RucioGateway)
     dids = sorted({it.did for it, _ in managed})
     out: dict[int, Outcome] = {}
     try:
-        known = {did: load(m.get(marks.TRANSFER_FAILURES)) for did, m in rucio.marks(dids).items()}
+        stored = {did: m.get(marks.TRANSFER_FAILURES) for did, m in rucio.marks(dids).items()}
+        known = {did: load(m) for did, m in stored.items()}
         for it, limit in managed:
             out[it.index] = _count(it, known.setdefault(it.did, {}), limit)
-        for part in chunks(dids, 1000):
+        changed = [d for d in dids if dump(known[d]) != stored.get(d)]  # duplicates alone write nothing
+        for part in chunks(changed, 1000):
             rucio.mark([(d[0], d[1], {marks.TRANSFER_FAILURES: dump(known[d])}) for d in part])
     except (Permanent, Transient) as exc:
         return {it.index: Outcome.failed(exc, it.label) for it, _ in managed}

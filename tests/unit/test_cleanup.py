@@ -258,3 +258,10 @@ def test_a_file_of_another_scope_at_a_managed_source_rse_and_root_is_never_relea
     rucio.add_replica(DST, "magic", other)
     (out,) = cleanup([hermes("transfer-done", scope="magic", name=other, **{"dst-rse": DST})], rucio, settings)
     assert out.label == "unmanaged" and not rucio.tombstoned
+
+
+def test_a_duplicate_transfer_failed_counts_nothing_and_writes_no_mark(settings, rucio):
+    cleanup([failed("r1")], rucio, settings)
+    writes = rucio.calls["mark"]
+    assert labels(cleanup([failed("r1")], rucio, settings)) == ["transfer-failed"]
+    assert rucio.calls["mark"] == writes
