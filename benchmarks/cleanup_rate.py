@@ -39,8 +39,8 @@ from injector import topology
 from injector.config import Cleanup, Settings, parse
 from injector.messages import Delivery, Outgoing
 from injector.settle import Outcome, Route
-from injector.stomp import Receipts
 from injector.testbed.activemq import JAR, start_activemq
+from injector.transport.stomp import Receipts
 from injector.worker import Batching, BatchWorker
 
 RABBITMQ_AMQP = "amqp://guest:guest@127.0.0.1:5672//"

@@ -191,7 +191,7 @@ class _Link:
     """A short-lived STOMP connection for operator commands: one subscription, receipted sends and acks."""
 
     def __init__(self, cfg: Cleanup) -> None:
-        from injector.stomp import Receipts
+        from injector.transport.stomp import Receipts
 
         self.inbox: Queue[Any] = Queue()
         inbox = self.inbox
@@ -256,7 +256,7 @@ class _Link:
 
 
 def _record(queue: str, frame: Any) -> Record:
-    from injector.stomp import event_headers
+    from injector.transport.stomp import event_headers
 
     h = dict(frame.headers)
     body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()

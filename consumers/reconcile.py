@@ -269,7 +269,7 @@ class _Announcer:
         self._publisher: Any = None
 
     def __call__(self, messages: Sequence[Outgoing]) -> None:
-        from injector.transport import Publisher, connection
+        from injector.transport.amqp import Publisher, connection
 
         if not messages:
             return
