@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
 
 from injector.breaker import Breaker
+from injector.config import RUCIO_BULK
 from injector.errors import PublishFailed
 from injector.messages import Delivery
 from injector.metrics import Metrics
@@ -43,7 +44,7 @@ Process = Callable[[list[Delivery]], Sequence[Outcome]]
 
 @dataclass
 class Batching:
-    size: int = 1000
+    size: int = RUCIO_BULK
     window: float = 0.2
     prefetch: int = 2000
     retry_pause: float = 2.0  # after a batch with transient failures, wait before the next
