@@ -76,8 +76,7 @@ def ack_all(batch: list[Delivery]) -> Sequence[Outcome]:
 
 
 def stomp_connection(c: Cleanup) -> Any:
-    host, _, port = c.stomp_hosts[0].rpartition(":")
-    return stomp.Connection12([(host, int(port))], vhost=c.vhost, auto_decode=False, timeout=10)
+    return stomp.Connection12(c.stomp_addresses[:1], vhost=c.vhost, auto_decode=False, timeout=10)
 
 
 def preload(c: Cleanup, bodies: list[bytes]) -> None:

@@ -201,7 +201,7 @@ class _Link:
                 inbox.put(frame)
 
         self.receipts = Receipts()
-        hosts = [(h, int(p)) for h, _, p in (hp.rpartition(":") for hp in cfg.stomp_hosts)]
+        hosts = cfg.stomp_addresses
         self.conn = stomp.Connection12(hosts, vhost=cfg.vhost, auto_decode=False, reconnect_attempts_max=1)
         self.conn.set_listener("records", Inbox())
         self.conn.set_listener("receipts", self.receipts)

@@ -153,10 +153,13 @@ class Cleanup(_Section):
         if self.flavour == "activemq" and not self.topic.startswith("VirtualTopic."):
             raise ValueError("with ActiveMQ, hermes_destination must be a virtual topic: /topic/VirtualTopic.<name>")
         for hp in self.stomp_hosts:
-            host, sep, port = hp.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"stomp_hosts entries are HOST:PORT (got {hp!r})")
+            _host_port(hp)
         return self
+
+    @property
+    def stomp_addresses(self) -> list[tuple[str, int]]:
+        """`stomp_hosts` as (host, port) pairs, in their order."""
+        return [_host_port(hp) for hp in self.stomp_hosts]
 
     @property
     def topic(self) -> str:
@@ -179,6 +182,13 @@ class Cleanup(_Section):
     def dead_letter_destination(self) -> str:
         """ActiveMQ: where this project's own dead letters go (the broker's DLQ.<queue> convention)."""
         return f"/queue/DLQ.Consumer.{self.app}.{self.topic}"
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"stomp_hosts entries are HOST:PORT (got {text!r})")
+    return host, int(port)
 
 
 class MetricsSettings(_Section):

@@ -78,10 +78,10 @@ def _connection(settings: Settings) -> Iterator[Any]:
 def stomp_reachable(settings: Settings) -> None:
     """A TCP connection to one of the STOMP hosts (ActiveMQ's DLQ is read over STOMP)."""
     errors = []
-    for hp in settings.cleanup.stomp_hosts:
-        host, _, port = hp.rpartition(":")
+    c = settings.cleanup
+    for hp, address in zip(c.stomp_hosts, c.stomp_addresses, strict=True):
         try:
-            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+            socket.create_connection(address, timeout=CONNECT_TIMEOUT).close()
             return
         except OSError as exc:
             errors.append(f"{hp} ({exc})")

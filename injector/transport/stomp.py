@@ -223,9 +223,8 @@ class StompLink:
         self._amqp: Any = None
         self._publisher: Publisher | None = None
         self.paused = False
-        hosts = [(h, int(p)) for h, _, p in (hp.rpartition(":") for hp in cfg.stomp_hosts)]
-        self.conn = stomp.Connection12(hosts, heartbeats=(cfg.heartbeat_ms, cfg.heartbeat_ms), vhost=cfg.vhost,
-                                       auto_decode=False, reconnect_attempts_max=1, timeout=10)
+        self.conn = stomp.Connection12(cfg.stomp_addresses, heartbeats=(cfg.heartbeat_ms, cfg.heartbeat_ms),
+                                       vhost=cfg.vhost, auto_decode=False, reconnect_attempts_max=1, timeout=10)
         self.conn.set_listener("injector", self.listener)
         self.receipts = Receipts(self.listener.lost)
         self.conn.set_listener("receipts", self.receipts)
