@@ -12,11 +12,14 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from injector import topology
 from injector.config import Settings
 from injector.errors import BrokerUnavailable, RucioUnavailable
+
+if TYPE_CHECKING:
+    import kombu
 
 CONNECT_TIMEOUT = 5.0
 
@@ -67,7 +70,7 @@ def _if_reachable(settings: Settings, queues: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _connection(settings: Settings) -> Iterator[Any]:
+def _connection(settings: Settings) -> Iterator[kombu.Connection]:
     """The first broker URL that answers (one attempt each), else BrokerUnavailable naming each failure."""
     from injector.transport import amqp
 

@@ -61,3 +61,10 @@ def plugin(name: str) -> Plugin:
     if name not in PLUGINS:
         raise ValueError(f"no transport plug-in {name!r} (known: {', '.join(PLUGINS)})")
     return cast(Plugin, importlib.import_module(f"{__name__}.{name}"))
+
+
+if TYPE_CHECKING:  # mypy holds each plug-in module to the Plugin protocol
+    from injector.transport import amqp as _amqp
+    from injector.transport import stomp as _stomp
+
+    _PLUGINS: tuple[Plugin, ...] = (_amqp, _stomp)

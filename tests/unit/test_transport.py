@@ -15,8 +15,9 @@ def imported_by(module: str) -> set[str]:
     return set(out.stdout.split())
 
 
-@pytest.mark.parametrize("module", ["injector.worker", "injector.transport", "injector.settle"])
-def test_the_batch_worker_and_the_transport_interface_import_no_broker_library(module: str) -> None:
+@pytest.mark.parametrize("module", ["injector.worker", "injector.transport", "injector.settle", "injector.exits",
+                                    "injector.prerequisites"])
+def test_the_batch_worker_the_transport_interface_and_the_cli_checks_import_no_broker_library(module: str) -> None:
     assert imported_by(module) == set()
 
 
