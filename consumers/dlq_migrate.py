@@ -27,7 +27,7 @@ from injector import topology
 from injector.config import Settings
 from injector.deadletter import Record
 from injector.messages import Outgoing
-from injector.transport import connection
+from injector.transport.amqp import connection
 
 log = logging.getLogger(__name__)
 

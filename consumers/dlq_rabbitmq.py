@@ -39,7 +39,7 @@ from injector.deadletter import Filter, Record, record
 from injector.errors import BrokerUnavailable
 from injector.messages import Outgoing
 from injector.replay import ReplaySummary, Target, amqp_target, replay_headers
-from injector.transport import connection
+from injector.transport.amqp import connection
 
 log = logging.getLogger(__name__)
 

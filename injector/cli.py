@@ -133,7 +133,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.action == "definitions":
         print(json.dumps(topology.definitions(declared), indent=2))
         return 0
-    from injector.transport import connection
+    from injector.transport.amqp import connection
 
     conn = connection(settings.broker)
     try:

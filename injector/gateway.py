@@ -49,6 +49,9 @@ SUSPECT: tuple[type[BaseException], ...] = (
     rx.ServerConnectionException, rx.DatabaseException, rx.ServiceUnavailable, rx.ResourceTemporaryUnavailable,
     rx.ReplicationRuleCreationTemporaryFailed, rx.CannotAuthenticate, rx.TransferToolTimeout,
     requests.RequestException, OSError)
+# rucio-clients' own configuration (RUCIO_CONFIG) is missing or incomplete: a person fixes it, no retry will.
+CLIENT_CONFIG: tuple[type[Exception], ...] = (rx.ConfigLoadingError, rx.ConfigNotFound, rx.MissingClientParameter,
+                                              rx.NoAuthInformation)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from injector.deadletter import Filter
 from injector.events import FileClosed, encode
 from injector.messages import Outgoing
 from injector.testing import FakeRucio
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
 from tests.integration.rabbit import declared, depth, get_all, running, unique_settings, wait_for

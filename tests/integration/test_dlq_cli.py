@@ -13,7 +13,7 @@ import pytest
 from consumers.services import ingest_worker
 from injector import deadletter, topology
 from injector.messages import Outgoing
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
 from tests.integration.cli import run

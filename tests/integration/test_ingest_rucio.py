@@ -16,7 +16,7 @@ from injector import deadletter, topology
 from injector.config import Settings
 from injector.events import FileClosed, encode
 from injector.gateway import ClientGateway
-from injector.transport import connection
+from injector.transport.amqp import connection
 from producers.publish import DaqPublisher, file_closed
 from tests.integration.cli import run, service
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab

@@ -28,7 +28,7 @@ from injector.events import FileClosed, archived_event_id, decode_file_archived
 from injector.gateway import ClientGateway
 from injector.testbed.rses import file_protocol
 from injector.testbed.rucio import free_port
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 from tests.integration.cli import run
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, get_all, ingested, unique_settings, wait_for
