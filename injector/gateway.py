@@ -3,7 +3,7 @@
 `RucioGateway` is the interface handlers use; `ClientGateway` implements it with rucio-clients
 (auth from the usual rucio-clients config, RUCIO_CONFIG), retries passing faults with tenacity
 (bounded, jittered) and turns Rucio's exceptions into the project's error tree.
-`injector.testing.FakeRucio` implements the same interface in memory for unit tests.
+`tests.fakes.FakeRucio` implements the same interface in memory for unit tests.
 """
 
 from __future__ import annotations
