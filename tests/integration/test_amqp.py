@@ -11,10 +11,10 @@ from consumers.services import ingest_worker
 from injector import deadletter, topology
 from injector.errors import PublishFailed
 from injector.events import FileClosed, encode
+from injector.testing import FakeRucio, Unavailable
 from injector.transport import Outgoing, Publisher, connection
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
-from tests.fakes import FakeRucio, Unavailable
 from tests.integration.rabbit import declared, depth, get_all, running, unique_settings, wait_for
 
 pytestmark = pytest.mark.integration

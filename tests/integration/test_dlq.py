@@ -18,10 +18,10 @@ from injector.config import parse
 from injector.deadletter import Filter
 from injector.events import FileClosed, encode
 from injector.messages import Outgoing
+from injector.testing import FakeRucio
 from injector.transport import Publisher, connection
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
-from tests.fakes import FakeRucio
 from tests.integration.rabbit import declared, depth, get_all, running, unique_settings, wait_for
 
 pytestmark = pytest.mark.integration

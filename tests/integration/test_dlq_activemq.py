@@ -20,7 +20,7 @@ from consumers.dlq import ActiveMqDlq, dead_letter_queues
 from consumers.services import cleanup_worker
 from injector import deadletter
 from injector.deadletter import Filter
-from tests.fakes import FakeRucio
+from injector.testing import FakeRucio
 from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, running, unique_settings, wait_for
 

@@ -18,10 +18,10 @@ from consumers.services import ingest_worker
 from injector.config import Settings
 from injector.deadletter import Filter
 from injector.replay import ReplaySummary
+from injector.testing import FakeRucio
 from injector.topology import TopologyMissing
 from injector.worker import BatchWorker
 from tests.conftest import STREAMS
-from tests.fakes import FakeRucio
 from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, depth, get_all, running, unique_settings, wait_for
 from tests.integration.test_dlq import dlq_name, fill_dlq

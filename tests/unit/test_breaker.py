@@ -19,8 +19,8 @@ from injector.gateway import ClientGateway, NewReplica, isolate
 from injector.messages import Delivery
 from injector.metrics import Metrics
 from injector.settle import Outcome, Route
+from injector.testing import FakeRucio, MemorySession, delivery
 from injector.worker import Batching, BatchWorker
-from tests.fakes import FakeRucio, MemorySession, delivery
 
 
 class Flaky:

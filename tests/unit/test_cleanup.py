@@ -9,8 +9,8 @@ from consumers.ingest import ingest
 from injector.config import parse
 from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
 from injector.gateway import FileMeta
+from injector.testing import FakeRucio, Unavailable
 from tests.conftest import STREAMS
-from tests.fakes import FakeRucio, Unavailable
 
 SRC, DST = "ORM-BUFFER", "PIC-ARCHIVE"
 NAME = "/data/lst1/run00001.fits.fz"

@@ -8,8 +8,8 @@ from injector.config import parse
 from injector.errors import InvalidEvent, RucioRefused
 from injector.events import FileClosed
 from injector.gateway import FileMeta
+from injector.testing import FakeRucio, Unavailable
 from tests.conftest import STREAMS
-from tests.fakes import FakeRucio, Unavailable
 
 
 def ev(n=1, **over):

@@ -10,8 +10,8 @@ from injector.config import parse
 from injector.errors import ConfigError, RucioRefused, RucioUnavailable
 from injector.gateway import AccountInfo
 from injector.preflight import Problem, check, enforce, pfn_refused
+from injector.testing import FakeRucio, Unavailable
 from tests.conftest import STREAMS
-from tests.fakes import FakeRucio, Unavailable
 
 SRC = "ORM-BUFFER"
 

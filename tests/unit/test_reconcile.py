@@ -15,8 +15,8 @@ from injector import marks
 from injector.config import parse
 from injector.errors import ConfigError, PublishFailed
 from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
+from injector.testing import FakeRucio, Unavailable
 from tests.conftest import STREAMS
-from tests.fakes import FakeRucio, Unavailable
 
 SRC, DST = "ORM-BUFFER", "PIC-ARCHIVE"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

@@ -4,7 +4,7 @@ from injector import deadletter
 from injector.errors import ChecksumConflict, RucioUnavailable
 from injector.messages import Delivery, Outgoing
 from injector.settle import Outcome, Route, settle
-from tests.fakes import MemorySession, delivery
+from injector.testing import MemorySession, delivery
 
 ROUTE = Route("rucio-injector.ingest", "rucio-injector.dlx", delivery_limit=5)
 

@@ -3,7 +3,7 @@ from typing import Any
 
 from injector.settle import Outcome, Route, settle
 from injector.stomp import RETRIES, retry_delay_ms, to_delivery
-from tests.fakes import MemorySession
+from injector.testing import MemorySession
 
 
 @dataclass

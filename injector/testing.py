@@ -1,4 +1,4 @@
-"""Test doubles for the unit tests (never shipped): an in-memory Rucio and an in-memory broker session.
+"""Test doubles shipped with the package: an in-memory Rucio and an in-memory broker session.
 
 They follow the real behaviour that matters here (checked against the real server by the
 integration tests): re-adding a replica is silently skipped, attaching twice with
