@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from consumers import status
 from consumers.services import ingest_worker
 from injector import deadletter, marks, topology
 from injector.config import Settings
 from injector.events import FileClosed
 from injector.gateway import ClientGateway, NewReplica
+from operations import status
 from producers.publish import DaqPublisher, file_closed
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, get_all, ingested, running, wait_for

@@ -19,9 +19,7 @@ from typing import Any
 import kombu
 import pytest
 
-from consumers import reconcile, status
 from consumers.cleanup import release_replicas
-from consumers.findings import Finding
 from injector import topology
 from injector.config import Settings
 from injector.events import FileClosed, archived_event_id, decode_file_archived
@@ -29,6 +27,8 @@ from injector.gateway import ClientGateway
 from injector.testbed.rses import file_protocol
 from injector.testbed.rucio import free_port
 from injector.transport import Publisher, connection
+from operations import reconcile, status
+from operations.findings import Finding
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, get_all, ingested, unique_settings, wait_for
 from tests.integration.test_ingest_rucio import files

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import stomp
 
-from consumers import status
 from consumers.cleanup import release_replicas
-from consumers.dlq import ActiveMqDlq
 from injector.config import Settings
 from injector.gateway import ClientGateway
 from injector.testbed.rucio import free_port
+from operations import status
+from operations.dlq import ActiveMqDlq
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, ingested, unique_settings
 from tests.integration.test_ingest_rucio import files

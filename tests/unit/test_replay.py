@@ -2,7 +2,8 @@ import pytest
 
 from injector import deadletter
 from injector.deadletter import UnknownId, record, resolve, stable_id
-from injector.replay import ReplaySummary, Target, amqp_target, replay_headers, stomp_destination, stomp_target
+from injector.topology import stomp_destination
+from operations.dlq.replay import ReplaySummary, Target, amqp_target, replay_headers, stomp_target
 
 
 def dead(queue="rucio-injector.ingest.dlq", **headers):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from injector.deadletter import REPLAY_COUNT, REPLAYED_EXCHANGE, REPLAYED_ROUTING_KEY, Record
+from injector.topology import stomp_destination
 
 
 @dataclass(frozen=True)
@@ -60,20 +61,6 @@ def original_address(r: Record) -> tuple[str, str]:
     if r.exchange.startswith("/"):
         return stomp_destination(r.exchange)
     return r.exchange, r.routing_key
-
-
-def stomp_destination(destination: str) -> tuple[str, str]:
-    """A RabbitMQ STOMP destination as AMQP (exchange, routing key), the STOMP plugin's own mapping:
-    /topic/K → amq.topic K; /exchange/E/K → E K; /queue/Q and /amq/queue/Q → the default exchange, Q."""
-    parts = destination.split("/")
-    if destination.startswith("/topic/"):
-        return "amq.topic", destination.removeprefix("/topic/")
-    if destination.startswith("/exchange/") and len(parts) >= 3:
-        return parts[2], "/".join(parts[3:])
-    for prefix in ("/amq/queue/", "/queue/"):
-        if destination.startswith(prefix):
-            return "", destination.removeprefix(prefix)
-    return "", destination
 
 
 def replay_headers(r: Record, target: Target | None = None) -> dict[str, Any]:

@@ -38,8 +38,8 @@ from injector.config import Broker
 from injector.deadletter import Filter, Record, record
 from injector.errors import BrokerUnavailable
 from injector.messages import Outgoing
-from injector.replay import ReplaySummary, Target, amqp_target, replay_headers
 from injector.transport import connection
+from operations.dlq.replay import ReplaySummary, Target, amqp_target, replay_headers
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class RabbitDlq:
     def replay(self, queue: str, where: Filter = EVERYTHING, *, limit: int | None = None, rate: float | None = None,
                routing_key: str | None = None, dry_run: bool = False,
                progress: Progress | None = None) -> ReplaySummary:
-        """Republish the selected dead letters of the start (see `injector.replay` for where each goes) and
+        """Republish the selected dead letters of the start (see `operations.dlq.replay` for where each goes) and
         remove each once its copy is confirmed; then check that none of them is still in the DLQ."""
         run = _Replay(queue, where, limit, rate, routing_key, progress, ReplaySummary(queue, dry_run))
         try:

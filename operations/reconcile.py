@@ -33,14 +33,14 @@ from typing import Any
 from consumers import transfer_failures
 from consumers.announcement import archive_times, archived_event, archived_message
 from consumers.cleanup import missing_destinations, release_replicas
-from consumers.closed_datasets import orphan_findings
-from consumers.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
-from consumers.inventory import FileState, datasets_of, files_of, selected
 from injector import marks
 from injector.config import Settings, Stream
 from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed
 from injector.gateway import Attachment, RucioInspector, chunks
 from injector.messages import Outgoing
+from operations.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
+from operations.inventory import FileState, datasets_of, files_of
+from operations.orphans import orphan_findings
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def sweep(settings: Settings, rucio: RucioInspector, publish: Publish, options: 
     """One pass over the streams; a stream Rucio cannot be read for becomes a `sweep-failed` finding."""
     now = now or datetime.now(UTC)
     findings: list[Finding] = []
-    for stream in selected(settings, streams):
+    for stream in settings.selected_streams(streams):
         try:
             findings += _sweep_stream(stream, settings, rucio, publish, options, now)
         except InjectorError as exc:
@@ -297,7 +297,7 @@ def run(settings: Settings, options: Options, streams: Sequence[str], every: flo
     another as soon as Rucio answers (the gateway's breaker probes meanwhile)."""
     from injector.gateway import ClientGateway
 
-    selected(settings, streams)  # fail fast on an unknown stream name
+    settings.selected_streams(streams)  # fail fast on an unknown stream name
     metrics = _metrics(settings, every, metrics_port)
     if rucio is None:
         rucio = ClientGateway(settings.rucio, observe=metrics.observe if metrics else None)
@@ -329,7 +329,7 @@ class _SweepMetrics:
     def __init__(self, settings: Settings, every: float, port: int | None) -> None:
         from prometheus_client import Gauge
 
-        from consumers.services import _serve_metrics
+        from consumers.services import serve_metrics
         from injector.metrics import Metrics
 
         self.metrics = Metrics("reconcile", stall_seconds=2 * every + 60)
@@ -338,7 +338,7 @@ class _SweepMetrics:
                               ["stream", "kind", "action"], registry=registry)
         self.last = Gauge("rucio_injector_reconcile_last_sweep_timestamp_seconds", "When the last sweep ended",
                           registry=registry)
-        _serve_metrics(self.metrics, settings.metrics.host, settings.metrics.reconcile_port if port is None else port)
+        serve_metrics(self.metrics, settings.metrics.host, settings.metrics.reconcile_port if port is None else port)
         self.metrics.heartbeat()  # healthy from the start; unhealthy when no sweep ends within two periods
 
     def observe(self, operation: str, seconds: float, outcome: str) -> None:

@@ -27,7 +27,7 @@ from injector.config import Cleanup
 from injector.deadletter import EXCHANGE, REASON, SOURCE_QUEUE, Filter, Record, record
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import Outgoing
-from injector.replay import ReplaySummary, replay_headers, stomp_target
+from operations.dlq.replay import ReplaySummary, replay_headers, stomp_target
 
 log = logging.getLogger(__name__)
 
