@@ -2,7 +2,7 @@
 
 One sweep, per stream, reads Rucio (the source of truth) and:
   * releases sources whose archive copies are verified safe but were never released (a lost transfer-done),
-    with cleanup's own verification (`missing_destinations`) and release (`release_replicas`);
+    with cleanup's own verification (`consumers.cleanup.verify`) and release (`consumers.cleanup.release`);
   * publishes file-archived for files whose source is gone, archive verified, never announced, released more
     than the grace period ago (a lost deletion-done);
   * reports, and with --fix repairs, files registered but not attached to their dataset and datasets
@@ -32,7 +32,7 @@ from typing import Any
 
 from consumers import transfer_failures
 from consumers.announcement import archive_times, archived_event, archived_message
-from consumers.cleanup import missing_destinations, release_replicas
+from consumers.cleanup import release, verify
 from injector import marks
 from injector.config import Settings, Stream
 from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed
@@ -108,20 +108,20 @@ def _place(stream: Stream, f: FileState, rucio: RucioInspector, options: Options
            plan: _Plan) -> None:
     """Put the file where it belongs in the plan (or nowhere: in transfer, or finished)."""
     reps = f.replicas
-    lacking = missing_destinations(stream, reps, rucio)  # cleanup's verification, the only one
+    verdict = verify(stream, reps, rucio)  # cleanup's verification, the only one
     released = parse_time(f.marks.get(marks.RELEASED_AT), f"{f.label} {marks.RELEASED_AT}")
     # Within the grace period after a release, the reaper and cleanup's deletion-done are still on their way.
     settled = released is None or now - released > options.grace
     failing = transfer_failures.describe(f.marks.get(marks.TRANSFER_FAILURES))
-    if failing and lacking:  # Rucio may still be retrying: say so instead of "nothing to do"
+    if failing and not verdict.safe:  # Rucio may still be retrying: say so instead of "nothing to do"
         plan.findings.append(Finding(stream.name, "transfer-failing", f.label, failing))
     if stream.source_rse not in reps.states:
-        if lacking:
+        if not verdict.safe:
             plan.findings.append(Finding(stream.name, "source-lost", f.label, "the source replica is gone but the "
-                                         "archive is not verified: " + "; ".join(lacking)))
+                                         f"archive is not verified: {verdict}"))
         elif not f.marks.get(marks.ANNOUNCED) and settled:
             plan.announce.append(f)
-    elif not lacking and stream.release_source:
+    elif verdict.safe and stream.release_source:
         if released is None:
             plan.release.append(f)
         elif settled:
@@ -133,7 +133,7 @@ def _release(stream: Stream, files: list[FileState], rucio: RucioInspector, opti
         return [Finding(stream.name, "release-source", f.label, "archive verified; would release the source",
                         "would") for f in files]
     keys = [(f.did[0], f.did[1], stream.source_rse) for f in files]
-    refused = release_replicas(rucio, keys)
+    refused = release(rucio, keys)
     out = []
     for f, key in zip(files, keys, strict=True):
         exc = refused.get(key)
@@ -222,7 +222,7 @@ def _undeleted(stream: Stream, files: list[FileState], rucio: RucioInspector, op
             out.append(Finding(stream.name, "source-not-deleted", f.label, detail + "; would set it again", "would"))
         else:
             again.append(f)
-    refused = release_replicas(rucio, [(f.did[0], f.did[1], rse) for f in again]) if again else {}
+    refused = release(rucio, [(f.did[0], f.did[1], rse) for f in again]) if again else {}
     for f in again:
         why = refused.get((f.did[0], f.did[1], rse))
         out.append(Finding(stream.name, "source-not-deleted", f.label, f"epoch tombstone refused: {why}" if why

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from consumers.cleanup import missing_destinations
+from consumers.cleanup import verify
 from injector import marks, topology
 from injector.config import Settings, Stream
 from injector.gateway import FileReplicas, RucioInspector
@@ -24,12 +24,12 @@ STAGES = ("registered", "replicating", "replicated", "released", "announcing", "
 
 def file_stage(stream: Stream, reps: FileReplicas, file_marks: dict[str, Any], rucio: RucioInspector) -> str:
     """One file's stage (besides `registered`, which every file is)."""
-    lacking = missing_destinations(stream, reps, rucio)
+    safe = verify(stream, reps, rucio).safe
     if stream.source_rse in reps.states:
-        if lacking:
+        if not safe:
             return "replicating"
         return "released" if file_marks.get(marks.RELEASED_AT) else "replicated"
-    if lacking:
+    if not safe:
         return "source-lost"
     # Not announced yet: cleanup's deletion-done or, after the grace period, the reconciler will send it.
     return "archived" if file_marks.get(marks.ANNOUNCED) else "announcing"

@@ -19,7 +19,7 @@ from typing import Any
 import kombu
 import pytest
 
-from consumers.cleanup import release_replicas
+from consumers.cleanup import release
 from injector import topology
 from injector.config import Settings
 from injector.events import FileClosed, archived_event_id, decode_file_archived
@@ -276,9 +276,9 @@ def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tm
         lab.client.set_tombstone([{"scope": "lst", "name": n, "rse": rse} for n, rse in src])
         lab.server.run_daemons("reaper", *TRANSFER[1:], rses=[SOURCE])
         gw = ClientGateway(s.rucio)
-        release_replicas(gw, [("lst", e.path, SOURCE) for e in batch["20261120"]])
+        release(gw, [("lst", e.path, SOURCE) for e in batch["20261120"]])
         lab.server.run_daemons("reaper", rses=[SOURCE])
-        release_replicas(gw, [("lst", e.path, SOURCE) for e in batch["20261121"]])
+        release(gw, [("lst", e.path, SOURCE) for e in batch["20261121"]])
         forged = FileClosed.create(**{**batch["20261124"][0].model_dump(exclude={"event_id", "schema_"}),
                                       "adler32": "0badf00d"})
         ingested(s, [*batch["20261124"], *batch["20261125"], forged])  # the forged one: dead-lettered (conflict)
