@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -167,13 +167,19 @@ def _gone_or_unmanaged(items: list[_Item], rucio: RucioGateway, settings: Settin
     return out
 
 
+def _holders(items: list[_Item], state: dict[Did, FileReplicas], settings: Settings
+             ) -> Iterator[tuple[_Item, FileReplicas | None, Stream | None]]:
+    """Each event with Rucio's replicas of its file and the stream whose source replica of it still exists."""
+    for it in items:
+        files = state.get(it.did)
+        yield it, files, _held_source(settings, files) if files else None
+
+
 def _transfers_failed(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
                       settings: Settings) -> dict[int, Outcome]:
     out: dict[int, Outcome] = {}
     managed = []
-    for it in items:
-        files = state.get(it.did)
-        held = _held_source(settings, files) if files else None
+    for it, _, held in _holders(items, state, settings):
         if held is None:
             out[it.index] = _unmanaged(it.label, "transfer-failed", "no configured stream holds its source")
         else:
@@ -186,9 +192,7 @@ def _transfers_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: R
     out: dict[int, Outcome] = {}
     releasable: dict[tuple[str, str, str], list[_Item]] = defaultdict(list)
     sourceless = []
-    for it in items:
-        files = state.get(it.did)
-        held = _held_source(settings, files) if files else None
+    for it, files, held in _holders(items, state, settings):
         if files is None:
             out[it.index] = _unmanaged(it.label, "transfer-done", "Rucio has no replica of it")
             continue
