@@ -191,6 +191,7 @@ class Replay:
         self.started = time.monotonic()
 
     def run(self, adapter: Adapter) -> ReplaySummary:
+        """The replay on this broker; a lost connection ends it early (`summary.interrupted`), then the check."""
         try:
             with adapter.session():
                 self.summary.depth, present = adapter.present()
