@@ -18,7 +18,7 @@ from injector import topology
 from injector.config import parse
 from injector.messages import Outgoing
 from injector.testbed.broker import embedded
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 BATCH = 500

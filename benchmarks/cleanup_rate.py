@@ -39,8 +39,8 @@ from injector import topology
 from injector.config import Cleanup, Settings, parse
 from injector.messages import Delivery, Outgoing
 from injector.settle import Outcome, Route
-from injector.stomp import Receipts
 from injector.testbed.activemq import JAR, start_activemq
+from injector.transport.stomp import Receipts
 from injector.worker import Batching, BatchWorker
 
 RABBITMQ_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -76,8 +76,7 @@ def ack_all(batch: list[Delivery]) -> Sequence[Outcome]:
 
 
 def stomp_connection(c: Cleanup) -> Any:
-    host, _, port = c.stomp_hosts[0].rpartition(":")
-    return stomp.Connection12([(host, int(port))], vhost=c.vhost, auto_decode=False, timeout=10)
+    return stomp.Connection12(c.stomp_addresses[:1], vhost=c.vhost, auto_decode=False, timeout=10)
 
 
 def preload(c: Cleanup, bodies: list[bytes]) -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from injector import clock, marks
-from injector.config import Settings, Stream
+from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import Transient
 from injector.events import FileArchived, encode
 from injector.gateway import FileMeta, FileReplicas, RucioGateway, chunks
@@ -49,7 +49,7 @@ def archive_times(rucio: RucioGateway, known: dict[Did, dict[str, Any]], propose
             update[marks.ANNOUNCED] = datetime.now(UTC).isoformat()
         if update:
             updates.append((did[0], did[1], update))
-    for batch in chunks(updates, 1000):
+    for batch in chunks(updates, RUCIO_BULK):
         rucio.mark(batch)
     return out
 

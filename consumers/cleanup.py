@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from consumers.announcement import archived_event, archived_message, decided_archived_at
 from consumers.transfer_failures import transfers_failed
 from injector import clock, marks
-from injector.config import Settings, Stream
+from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import Permanent, Transient
 from injector.events import RucioEvent
 from injector.gateway import FileReplicas, RucioGateway, chunks, isolate
@@ -90,7 +90,7 @@ def _triage(events: Sequence[RucioEvent | Permanent],
 
 def _replicas(rucio: RucioGateway, dids: list[Did]) -> dict[Did, FileReplicas]:
     found: dict[Did, FileReplicas] = {}
-    for part in chunks(dids, 1000):
+    for part in chunks(dids, RUCIO_BULK):
         found.update(rucio.replicas(part))
     return found
 
@@ -241,12 +241,12 @@ def release(rucio: RucioGateway, replicas: Sequence[tuple[str, str, str]]
     """Release (scope, name, source RSE) replicas whose files `verify` judged safe (cleanup and the reconciler
     both release only through this): epoch tombstones in bulk, then note when. Returns the refused ones."""
     refused: dict[tuple[str, str, str], Permanent | Transient] = {}
-    for part in chunks(replicas, 1000):
+    for part in chunks(replicas, RUCIO_BULK):
         refused.update(isolate(part, rucio.set_tombstones))
     now = datetime.now(UTC).isoformat()
     noted = [(key[0], key[1], {marks.RELEASED_AT: now}) for key in replicas if key not in refused]
     try:  # when: so the reconciler can tell a source the reaper should have deleted by now
-        for batch in chunks(noted, 1000):
+        for batch in chunks(noted, RUCIO_BULK):
             rucio.mark(batch)
     except (Permanent, Transient) as exc:
         log.warning("released %d source(s) but could not note when: %s", len(noted), exc)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from consumers.closed_datasets import next_open
 from injector import marks
-from injector.config import Settings, Stream
+from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import ChecksumConflict, DatasetClosed, Permanent, Transient
 from injector.events import FileClosed
 from injector.gateway import Attachment, FileMeta, NewReplica, RucioGateway, chunks, isolate
@@ -27,8 +27,6 @@ from injector.settle import Outcome
 from injector.streams import Placement, place
 
 log = logging.getLogger(__name__)
-
-BULK = 1000  # Rucio's add_replicas schema limit; also used for attachments
 
 Did = tuple[str, str]
 
@@ -158,7 +156,7 @@ def _closed(scope: str, dataset: str, group: list[_File], rucio: RucioGateway) -
 def _check_against_rucio(files: Sequence[_File], rucio: RucioGateway, *, after_add: bool = False) -> None:
     """Mark files Rucio already holds; the same name with other size/adler32 is a conflict."""
     todo = [f for f in _ok(files) if not (after_add and f.existed)]
-    for part in chunks(todo, BULK):
+    for part in chunks(todo, RUCIO_BULK):
         meta: dict[Did, FileMeta] = {}
 
         def lookup(fs: Sequence[_File], meta: dict[Did, FileMeta] = meta) -> None:
@@ -189,7 +187,7 @@ def _register(files: Sequence[_File], rucio: RucioGateway) -> None:
         def add(fs: Sequence[_File], rse: str = rse) -> None:
             rucio.add_replicas(rse, [_replica(f) for f in fs])
 
-        for part in chunks(group, BULK):
+        for part in chunks(group, RUCIO_BULK):
             _bisect(part, add)
     # Another ingest process may have registered the same name with other bytes meanwhile:
     # add_replicas skips existing replicas without comparing, so compare now.
@@ -233,7 +231,7 @@ def _attach(files: Sequence[_File], rucio: RucioGateway) -> None:
     by_dataset: dict[Did, list[_File]] = defaultdict(list)
     for f in _ok(files):
         by_dataset[(f.placement.scope, f.placement.dataset)].append(f)
-    work = [(ds, part) for ds, group in by_dataset.items() for part in chunks(group, BULK)]
+    work = [(ds, part) for ds, group in by_dataset.items() for part in chunks(group, RUCIO_BULK)]
     # One call for every dataset of the batch while that stays within the bulk limit.
     for batch in _pack(work):
         fs = [f for _, part in batch for f in part]
@@ -279,7 +277,7 @@ def _pack(work: list[tuple[Did, Sequence[_File]]]) -> list[list[tuple[Did, Seque
     packs: list[list[tuple[Did, Sequence[_File]]]] = [[]]
     count = 0
     for ds, part in work:
-        if count + len(part) > BULK and packs[-1]:
+        if count + len(part) > RUCIO_BULK and packs[-1]:
             packs.append([])
             count = 0
         packs[-1].append((ds, part))

@@ -1,4 +1,5 @@
-"""Long-running consumer services: each composes a handler with the broker transport."""
+"""Long-running consumer services: each composes a handler with a broker transport plug-in (injector.transport):
+AMQP for ingest; for cleanup AMQP on RabbitMQ, STOMP on ActiveMQ."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from injector.gateway import ClientGateway, RucioGateway, RucioPreflight
 from injector.messages import Delivery
 from injector.metrics import Metrics, serve
 from injector.settle import Outcome, Route
-from injector.worker import Batching, BatchWorker, Connect
+from injector.transport import Connect, plugin
+from injector.worker import Batching, BatchWorker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,7 +50,8 @@ def ingest_worker(settings: Settings, rucio: RucioGateway | None = None, metrics
     i = settings.ingest
     route = Route(i.queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
     batching = Batching(i.batch_size, i.batch_window, i.prefetch, outage_hold=settings.broker.outage_hold)
-    return BatchWorker(_amqp(settings, i.queue, i.prefetch), route, process, batching, metrics, gateway.breaker)
+    connect = plugin("amqp").link(settings, i.queue, i.prefetch)
+    return BatchWorker(connect, route, process, batching, metrics, gateway.breaker)
 
 
 def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None, metrics: Metrics | None = None
@@ -71,16 +74,8 @@ def cleanup_link(settings: Settings) -> Connect:
     ActiveMQ: its virtual-topic consumer queue over STOMP."""
     c = settings.cleanup
     if c.flavour == "rabbitmq":
-        return _amqp(settings, c.queue, c.prefetch)
-    from injector.stomp import stomp_link
-
-    return stomp_link(c, settings.broker)
-
-
-def _amqp(settings: Settings, queue: str, prefetch: int) -> Connect:
-    from injector.transport import amqp_link
-
-    return amqp_link(settings.broker, queue, prefetch)
+        return plugin("amqp").link(settings, c.queue, c.prefetch)
+    return plugin("stomp").link(settings, c.subscription, c.prefetch)
 
 
 def run_cleanup(settings: Settings, stop: threading.Event, metrics_port: int | None = None) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from injector import marks
+from injector.config import RUCIO_BULK
 from injector.errors import Permanent, Transient
 from injector.events import RucioEvent
 from injector.gateway import RucioGateway, chunks
@@ -105,7 +106,7 @@ def transfers_failed(managed: Sequence[tuple[Failed, int]], rucio: RucioGateway)
         for it, limit in managed:
             out[it.index] = _count(it, known.setdefault(it.did, {}), limit)
         changed = [d for d in dids if dump(known[d]) != stored.get(d)]  # duplicates alone write nothing
-        for part in chunks(changed, 1000):
+        for part in chunks(changed, RUCIO_BULK):
             rucio.mark([(d[0], d[1], {marks.TRANSFER_FAILURES: dump(known[d])}) for d in part])
     except (Permanent, Transient) as exc:
         return {it.index: Outcome.failed(exc, it.label) for it, _ in managed}

@@ -27,6 +27,9 @@ def _settings(args: argparse.Namespace) -> config.Settings:
     return args.settings  # type: ignore[no-any-return]
 
 
+STOPPABLE = ("watch", "ingest", "cleanup", "reconcile")  # verbs that run until stopped, or may run long
+
+
 def _stop_on_signals() -> threading.Event:
     """SIGTERM / SIGINT set the event: the running verb finishes its batch, then exits."""
     stop = threading.Event()
@@ -67,20 +70,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     options = watch.Options(streams=args.stream, existing=args.existing, settle=args.settle, ignore=args.ignore,
                             hash_workers=args.hash_workers, metrics_port=args.metrics_port or 0)
-    return watch.run(_settings(args), options, _stop_on_signals())
+    return watch.run(_settings(args), options, args.stop)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from consumers.services import run_ingest
 
-    run_ingest(_settings(args), _stop_on_signals(), args.metrics_port)
+    run_ingest(_settings(args), args.stop, args.metrics_port)
     return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from consumers.services import run_cleanup
 
-    run_cleanup(_settings(args), _stop_on_signals(), args.metrics_port)
+    run_cleanup(_settings(args), args.stop, args.metrics_port)
     return 0
 
 
@@ -98,7 +101,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         else:
             findings.print_text(found, args.dry_run)
 
-    last = reconcile.run(settings, options, args.stream, args.every, report, _stop_on_signals(), args.metrics_port)
+    last = reconcile.run(settings, options, args.stream, args.every, report, args.stop, args.metrics_port)
     return 1 if args.every is None and findings.needs_a_person(last) else 0
 
 
@@ -130,7 +133,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.action == "definitions":
         print(json.dumps(topology.definitions(declared), indent=2))
         return 0
-    from injector.transport import connection
+    from injector.transport.amqp import connection
 
     conn = connection(settings.broker)
     try:
@@ -272,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits 2 here
     logs.setup(args.log_level, args.log_json)
     func: Handler = args.func
+    if args.verb in STOPPABLE:  # from the first moment a signal can reach it, SIGTERM means "stop cleanly"
+        args.stop = _stop_on_signals()
     try:
         if args.verb not in ("demo", "watch") and not (args.verb == "broker" and args.action == "definitions"):
             prerequisites.check(args.verb, _settings(args), action=getattr(args, "action", None),

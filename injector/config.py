@@ -24,6 +24,7 @@ BROKER_URL_ENV = "RUCIO_INJECTOR_BROKER_URL"
 TEMPLATE_FIELDS = frozenset({"site", "instrument", "night", "run", "datatype", "date", "stream"})
 PATH_FIELDS = frozenset({"night", "run", "datatype"})  # named groups a stream's path_fields may have
 RSE_NAME = r"^([A-Z0-9]+([_-][A-Z0-9]+)*)$"
+RUCIO_BULK = 1000  # items per bulk Rucio call (add_replicas' schema limit): batches and bulk calls stay within it
 Scope = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,25}$")]
 Word = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 
@@ -125,7 +126,7 @@ class Broker(_Section):
 class Ingest(_Section):
     queue: str = "rucio-injector.ingest"
     binding: str = "file.closed.#"
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 1000
+    batch_size: Annotated[int, Field(ge=1, le=RUCIO_BULK)] = RUCIO_BULK
     batch_window: Annotated[float, Field(gt=0, le=60)] = 0.2
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 2000
 
@@ -141,7 +142,7 @@ class Cleanup(_Section):
     hermes_destination: str = "/topic/rucio.events"  # [messaging-hermes] destination
     queue: str = "rucio-injector.cleanup"  # RabbitMQ: durable queue bound to amq.topic
     app: str = "rucio-injector"  # ActiveMQ: consumers share /queue/Consumer.<app>.<virtual topic>
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500
+    batch_size: Annotated[int, Field(ge=1, le=RUCIO_BULK)] = 500
     batch_window: Annotated[float, Field(gt=0, le=60)] = 0.5
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 1000
     heartbeat_ms: Annotated[int, Field(ge=0)] = 10000
@@ -153,10 +154,13 @@ class Cleanup(_Section):
         if self.flavour == "activemq" and not self.topic.startswith("VirtualTopic."):
             raise ValueError("with ActiveMQ, hermes_destination must be a virtual topic: /topic/VirtualTopic.<name>")
         for hp in self.stomp_hosts:
-            host, sep, port = hp.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"stomp_hosts entries are HOST:PORT (got {hp!r})")
+            _host_port(hp)
         return self
+
+    @property
+    def stomp_addresses(self) -> list[tuple[str, int]]:
+        """`stomp_hosts` as (host, port) pairs, in their order."""
+        return [_host_port(hp) for hp in self.stomp_hosts]
 
     @property
     def topic(self) -> str:
@@ -179,6 +183,13 @@ class Cleanup(_Section):
     def dead_letter_destination(self) -> str:
         """ActiveMQ: where this project's own dead letters go (the broker's DLQ.<queue> convention)."""
         return f"/queue/DLQ.Consumer.{self.app}.{self.topic}"
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"stomp_hosts entries are HOST:PORT (got {text!r})")
+    return host, int(port)
 
 
 class MetricsSettings(_Section):

@@ -376,7 +376,7 @@ def _topology(settings: Settings) -> Iterator[None]:
 
 
 def _on_broker(settings: Settings, action: Callable[[Any], object]) -> None:
-    from injector.transport import connection
+    from injector.transport.amqp import connection
 
     conn = connection(settings.broker)
     try:
@@ -471,7 +471,7 @@ def _daq(options: Options, settings: Settings, buffer: Path, tracker: Tracker, s
 def _inbox(settings: Settings, tracker: Tracker, stop: threading.Event) -> None:
     """The DAQ's side: file-archived arrives on its inbox queue."""
     from injector.events import decode_file_archived
-    from injector.transport import connection
+    from injector.transport.amqp import connection
 
     conn = connection(settings.broker)
     try:

@@ -6,9 +6,7 @@ No line ever carries a password: every `scheme://user:password@` is cut down to 
 
 from __future__ import annotations
 
-import amqp
-
-from injector import topology
+from injector import topology, transport
 from injector.config import Settings
 from injector.errors import BrokerUnavailable, ConfigError, InjectorError, PublishFailed, RucioDown, RucioUnavailable
 from injector.logs import masked
@@ -59,39 +57,32 @@ def _classify(exc: BaseException, settings: Settings | None) -> tuple[int, str] 
         return RUCIO, f"Rucio unreachable: {exc} (is the server up; are rucio_host and auth in RUCIO_CONFIG right?)"
     if isinstance(exc, ConfigError | InjectorError):
         return BAD_CONFIG, str(exc)
-    return _amqp(exc, broker) or _rucio(exc) or _network(exc, broker)
+    return _protocol(exc, broker) or _rucio(exc) or _network(exc, broker)
 
 
-def _amqp(exc: BaseException, broker: str) -> tuple[int, str] | None:
-    if isinstance(exc, amqp.exceptions.NotFound):
-        return BROKER, f"{_reply(exc)} on {broker}: run `rucio-injector broker setup`"
-    if isinstance(exc, amqp.exceptions.AccessRefused):
-        return BROKER, f"{broker} refused our login ({_reply(exc)}): check the user and password in [broker] urls"
-    if isinstance(exc, amqp.exceptions.PreconditionFailed):
-        return BROKER, f"{_reply(exc)} on {broker}: the broker's declaration differs from ours (`broker setup` says)"
-    if isinstance(exc, amqp.exceptions.AMQPError):
-        return BROKER, f"broker {broker}: {_reply(exc)}"
+def _protocol(exc: BaseException, broker: str) -> tuple[int, str] | None:
+    """A broker protocol's own exception, as the transport plug-in that speaks it explains it."""
+    for name in transport.PLUGINS:
+        text = transport.plugin(name).explain(exc, broker)
+        if text is not None:
+            return BROKER, text
     return None
 
 
 def _rucio(exc: BaseException) -> tuple[int, str] | None:
-    name = type(exc).__name__
-    if not type(exc).__module__.startswith("rucio."):
+    from rucio.common import exception as rx
+
+    from injector.gateway import CLIENT_CONFIG
+
+    if not isinstance(exc, rx.RucioException):
         return None
-    if name in ("ConfigLoadingError", "ConfigNotFound", "MissingClientParameter", "NoAuthInformation"):
+    if isinstance(exc, CLIENT_CONFIG):
         return BAD_CONFIG, f"Rucio client configuration: {exc} (set RUCIO_CONFIG to a rucio.cfg with [client])"
+    name = type(exc).__name__
     return RUCIO, f"Rucio unreachable or refusing us: {name}: {exc} (check rucio_host and auth in RUCIO_CONFIG)"
 
 
 def _network(exc: BaseException, broker: str) -> tuple[int, str] | None:
     if isinstance(exc, OSError):
         return BROKER, f"cannot reach {broker}: {exc} (is the broker running, and are [broker] urls right?)"
-    if type(exc).__module__.startswith("stomp"):
-        return BROKER, f"STOMP broker: {type(exc).__name__}: {exc} (is it running; are [cleanup] stomp_hosts right?)"
     return None
-
-
-def _reply(exc: BaseException) -> str:
-    """The broker's own words (`NOT_FOUND - no queue 'x' in vhost '/'`), without py-amqp's method prefix."""
-    text = getattr(exc, "reply_text", "") or str(exc)
-    return str(text)

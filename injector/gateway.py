@@ -49,6 +49,9 @@ SUSPECT: tuple[type[BaseException], ...] = (
     rx.ServerConnectionException, rx.DatabaseException, rx.ServiceUnavailable, rx.ResourceTemporaryUnavailable,
     rx.ReplicationRuleCreationTemporaryFailed, rx.CannotAuthenticate, rx.TransferToolTimeout,
     requests.RequestException, OSError)
+# rucio-clients' own configuration (RUCIO_CONFIG) is missing or incomplete: a person fixes it, no retry will.
+CLIENT_CONFIG: tuple[type[Exception], ...] = (rx.ConfigLoadingError, rx.ConfigNotFound, rx.MissingClientParameter,
+                                              rx.NoAuthInformation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,13 +497,19 @@ class ClientGateway:
     def scope_names(self) -> frozenset[str]:
         return frozenset(self._call("list_scopes", lambda: list(self.client.list_scopes())))
 
+    def _scopes_of(self, account: str) -> list[str]:
+        try:
+            return list(self.client.list_scopes_for_account(account))
+        except rx.ScopeNotFound:  # Rucio's answer for an account that owns no scope (rights may come from admin)
+            return []
+
     def account_info(self) -> AccountInfo:
         name = str(self._call("whoami", self.client.whoami)["account"])
         rows = self._call("list_account_attributes", lambda: list(self.client.list_account_attributes(name)))
         # rucio-clients 41 yields one list holding every attribute; older ones yield the attributes.
         flat = [a for row in rows for a in (row if isinstance(row, list) else [row])]
         admin = name == "root" or any(a.get("key") == "admin" and str(a.get("value")).lower() == "true" for a in flat)
-        owned = self._call("list_scopes_for_account", lambda: list(self.client.list_scopes_for_account(name)))
+        owned = self._call("list_scopes_for_account", lambda: self._scopes_of(name))
         limits = self._call("get_local_account_limits", self.client.get_local_account_limits, name)
         usage = self._call("get_local_account_usage", lambda: list(self.client.get_local_account_usage(name)))
         return AccountInfo(name, admin, frozenset(owned), {str(k): float(v) for k, v in limits.items()},

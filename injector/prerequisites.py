@@ -12,13 +12,14 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
-
-import amqp
-import kombu
+from typing import TYPE_CHECKING
 
 from injector import topology
 from injector.config import Settings
 from injector.errors import BrokerUnavailable, RucioUnavailable
+
+if TYPE_CHECKING:
+    import kombu
 
 CONNECT_TIMEOUT = 5.0
 
@@ -38,7 +39,7 @@ def check(verb: str, settings: Settings, *, action: str | None = None, looping: 
     if verb in ("publish", "reconcile", "status", "dlq") or (verb == "broker" and action == "setup"):
         exchanges, queues = _needs(verb, settings)
         with _connection(settings) as conn:
-            _exist(conn, exchanges, queues)
+            topology.require(conn, exchanges, queues)
 
 
 def _needs(verb: str, settings: Settings) -> tuple[list[str], list[str]]:
@@ -61,7 +62,7 @@ def _consumer_queues(verb: str, settings: Settings) -> list[str]:
 def _if_reachable(settings: Settings, queues: list[str]) -> None:
     try:
         with _connection(settings) as conn:
-            _exist(conn, [], queues)
+            topology.require(conn, [], queues)
     except BrokerUnavailable:
         return  # the consumer waits for the broker, logging each attempt
 
@@ -69,50 +70,19 @@ def _if_reachable(settings: Settings, queues: list[str]) -> None:
 @contextlib.contextmanager
 def _connection(settings: Settings) -> Iterator[kombu.Connection]:
     """The first broker URL that answers (one attempt each), else BrokerUnavailable naming each failure."""
-    errors = []
-    for url in settings.broker.urls:
-        conn = kombu.Connection(url, connect_timeout=CONNECT_TIMEOUT)
-        try:
-            conn.connect()
-        except amqp.exceptions.AccessRefused:
-            conn.release()
-            raise
-        except (OSError, *conn.connection_errors) as exc:
-            conn.release()
-            errors.append(f"{topology.where(url)} ({type(exc).__name__}: {exc})")
-            continue
-        try:
-            yield conn
-        finally:
-            conn.release()
-        return
-    raise BrokerUnavailable(f"broker unreachable: {'; '.join(errors)}")
+    from injector.transport import amqp
 
-
-def _exist(conn: kombu.Connection, exchanges: list[str], queues: list[str]) -> None:
-    where = topology.where(conn.as_uri())
-    for kind, names in (("exchange", exchanges), ("queue", queues)):
-        for name in names:
-            channel = conn.channel()
-            try:
-                if kind == "exchange":
-                    channel.exchange_declare(name, "topic", passive=True)
-                else:
-                    channel.queue_declare(name, passive=True)
-            except amqp.exceptions.NotFound:
-                raise topology.TopologyMissing(
-                    f"{kind} {name!r} does not exist on {where}: run `rucio-injector broker setup`") from None
-            if channel.is_open:
-                channel.close()
+    with amqp.first_answering(settings.broker.urls, CONNECT_TIMEOUT) as conn:
+        yield conn
 
 
 def stomp_reachable(settings: Settings) -> None:
     """A TCP connection to one of the STOMP hosts (ActiveMQ's DLQ is read over STOMP)."""
     errors = []
-    for hp in settings.cleanup.stomp_hosts:
-        host, _, port = hp.rpartition(":")
+    c = settings.cleanup
+    for hp, address in zip(c.stomp_hosts, c.stomp_addresses, strict=True):
         try:
-            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+            socket.create_connection(address, timeout=CONNECT_TIMEOUT).close()
             return
         except OSError as exc:
             errors.append(f"{hp} ({exc})")
@@ -123,14 +93,20 @@ def rucio_reachable() -> None:
     """Authenticate and ping once. rucio-clients logs its own errors: silenced here, the one line is ours."""
     logging.disable(logging.CRITICAL)
     try:
+        import requests
         from rucio.client import Client
+        from rucio.common import exception as rx
 
-        Client().ping()
-    except Exception as exc:
-        if type(exc).__name__ in ("ServerConnectionException", "CannotAuthenticate", "ConnectionError",
-                                  "RucioException", "ServiceUnavailable"):
-            raise RucioUnavailable(f"{_rucio_host()}: {type(exc).__name__}: {exc}") from None
-        raise
+        # Nothing answered, or it refused our credentials. A configuration error (rx.ConfigNotFound...) is
+        # raised as it is: injector.exits names it as one. A bare RucioException is a server error without a class.
+        unreachable = (rx.ServerConnectionException, rx.CannotAuthenticate, rx.ServiceUnavailable,
+                       requests.ConnectionError, ConnectionError)
+        try:
+            Client().ping()
+        except Exception as exc:
+            if isinstance(exc, unreachable) or type(exc) is rx.RucioException:
+                raise RucioUnavailable(f"{_rucio_host()}: {type(exc).__name__}: {exc}") from None
+            raise
     finally:
         logging.disable(logging.NOTSET)
 

@@ -7,6 +7,7 @@ definitions (`definitions`); a test keeps the shipped file equal to the renderin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -205,6 +206,27 @@ def apply(connection: Any, topology: Topology) -> list[str]:
         if channel.is_open:
             channel.close()
     return done
+
+
+def require(connection: Any, exchanges: Sequence[str], queues: Sequence[str]) -> None:
+    """Raise TopologyMissing for the first of these exchanges or queues the broker does not have, on an open
+    kombu connection (passive declares: nothing is created)."""
+    import amqp
+
+    place = where(connection.as_uri())
+    for kind, names in (("exchange", exchanges), ("queue", queues)):
+        for name in names:
+            channel = connection.channel()
+            try:
+                if kind == "exchange":
+                    channel.exchange_declare(name, "topic", passive=True)
+                else:
+                    channel.queue_declare(name, passive=True)
+            except amqp.exceptions.NotFound:
+                raise TopologyMissing(
+                    f"{kind} {name!r} does not exist on {place}: run `rucio-injector broker setup`") from None
+            if channel.is_open:
+                channel.close()
 
 
 def _mismatch(what: str, exc: Exception) -> str:

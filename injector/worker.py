@@ -1,8 +1,9 @@
 """The batching consumer loop shared by every consumer, whatever the transport (the link is given).
 
-A `Link` is one live broker connection consuming one queue. The loop thread only pumps it (receive,
-heartbeats) and settles; each batch is processed on a worker thread so that slow Rucio calls never
-starve heartbeats. While a batch is in flight the next one fills up (bounded by the prefetch).
+A `Link` (injector.transport) is one live broker connection consuming one queue; this module imports no
+transport plug-in and no broker library. The loop thread only pumps it (receive, heartbeats) and settles;
+each batch is processed on a worker thread so that slow Rucio calls never starve heartbeats. While a batch is
+in flight the next one fills up (bounded by the prefetch).
 
 Rucio outage (the process's breaker is open, injector.breaker): the batch in progress is HELD, unacked,
 and processed again once Rucio answers; no other batch starts, and the broker sends no more than the
@@ -25,44 +26,25 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
 
 from injector.breaker import Breaker
-from injector.errors import BrokerUnavailable, PublishFailed
+from injector.config import RUCIO_BULK
+from injector.errors import PublishFailed
 from injector.messages import Delivery
 from injector.metrics import Metrics
 from injector.settle import Outcome, Route, Session, settle
+from injector.transport import CONNECTION_LOST, Connect, Link
 
 log = logging.getLogger(__name__)
 
 Process = Callable[[list[Delivery]], Sequence[Outcome]]
 
-# What a lost connection looks like, whatever the transport (links raise BrokerUnavailable): reconnect.
-CONNECTION_LOST: tuple[type[BaseException], ...] = (BrokerUnavailable, OSError)
-
-
-class Link(Protocol):
-    """One broker connection consuming one queue. `pump` moves received deliveries into the buffer given at
-    connect time (waiting up to `timeout`) and raises BrokerUnavailable when the connection is lost; `pause`
-    stops intake (what was received stays valid to settle), `resume` restarts it."""
-
-    @property
-    def session(self) -> Session: ...
-
-    def pump(self, timeout: float) -> None: ...
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
-    def close(self) -> None: ...
-
-
-Connect = Callable[[int, list[Delivery]], Link]  # (generation, buffer) → a consuming link
-
 
 @dataclass
 class Batching:
-    size: int = 1000
+    size: int = RUCIO_BULK
     window: float = 0.2
     prefetch: int = 2000
     retry_pause: float = 2.0  # after a batch with transient failures, wait before the next

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from injector import marks
-from injector.config import Stream
+from injector.config import RUCIO_BULK, Stream
 from injector.gateway import FileReplicas, RucioInspector, chunks
 
 Did = tuple[str, str]
@@ -55,7 +55,7 @@ def files_of(stream: Stream, rucio: RucioInspector, unfinished: bool = False) ->
     """Every file of the stream known to Rucio, with its replicas and the project's marks. `unfinished`: skip,
     without reading their replicas, the files already announced archived (nothing is left to do for them)."""
     names = rucio.list_files(stream.scope, stream_pattern(stream))
-    for part in chunks([(stream.scope, n) for n in names], 1000):
+    for part in chunks([(stream.scope, n) for n in names], RUCIO_BULK):
         meta = rucio.marks(part)
         ours = [did for did in part  # another stream may share the scope and root
                 if meta.setdefault(did, {}).get(marks.STREAM, stream.name) == stream.name]

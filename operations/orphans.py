@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from consumers.closed_datasets import next_open
 from injector import marks
-from injector.config import Stream
+from injector.config import RUCIO_BULK, Stream
 from injector.errors import Permanent
 from injector.gateway import Attachment, RucioInspector, chunks
 from operations.findings import Finding
@@ -59,7 +59,7 @@ def orphan_findings(stream: Stream, dataset: Did, files: Sequence[FileState], ru
     try:
         _, target = next_open(rucio, scope, dataset[1])
         rucio.add_dataset(scope, target, stream.rules)  # as ingest would: with the stream's rules
-        for part in chunks(files, 1000):
+        for part in chunks(files, RUCIO_BULK):
             rucio.attach([Attachment(scope, target, tuple(f.did for f in part))])
             rucio.mark([(*f.did, {marks.DATASET: f"{scope}:{target}"}) for f in part])
     except Permanent as exc:

@@ -34,7 +34,7 @@ from consumers import transfer_failures
 from consumers.announcement import archive_times, archived_event, archived_message
 from consumers.cleanup import release, verify
 from injector import marks
-from injector.config import Settings, Stream
+from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed
 from injector.gateway import Attachment, RucioInspector, chunks
 from injector.messages import Outgoing
@@ -192,7 +192,7 @@ def _attach(stream: Stream, unattached: dict[str, list[FileState]], rucio: Rucio
         scope, _, name = dataset.partition(":")
         try:
             rucio.add_dataset(scope, name, stream.rules)  # as ingest would have: with the stream's rules
-            for part in chunks(files, 1000):
+            for part in chunks(files, RUCIO_BULK):
                 rucio.attach([Attachment(scope, name, tuple(f.did for f in part))])
         except Permanent as exc:
             out += [Finding(stream.name, "not-attached", f.label, f"attaching to {dataset} refused: {exc}")
@@ -269,7 +269,7 @@ class _Announcer:
         self._publisher: Any = None
 
     def __call__(self, messages: Sequence[Outgoing]) -> None:
-        from injector.transport import Publisher, connection
+        from injector.transport.amqp import Publisher, connection
 
         if not messages:
             return

@@ -102,7 +102,7 @@ def dead_lettered(settings: Settings) -> dict[str, dict[str, int]]:
 
 def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
     """Ready messages and consumers of every queue of the topology (RabbitMQ), or why not."""
-    from injector.transport import connection
+    from injector.transport.amqp import connection
 
     try:
         conn = connection(settings.broker)

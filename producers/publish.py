@@ -20,8 +20,9 @@ from typing import Any
 from injector.checksum import size_and_adler32
 from injector.config import Broker, Stream
 from injector.events import FILE_CLOSED, FileClosed, encode
+from injector.messages import Outgoing
 from injector.streams import canonical
-from injector.transport import Outgoing, Publisher, connection
+from injector.transport.amqp import Publisher, connection
 
 
 def file_closed(path: str | os.PathLike[str], *, site: str, instrument: str, size: int | None = None,

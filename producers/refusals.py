@@ -29,7 +29,7 @@ from injector.errors import Permanent
 from injector.messages import Outgoing
 from injector.metrics import Metrics
 from injector.streams import did_name
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 
 log = logging.getLogger(__name__)
 

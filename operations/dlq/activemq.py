@@ -148,7 +148,7 @@ class _Link:
     """A short-lived STOMP connection for operator commands: one subscription, receipted sends and acks."""
 
     def __init__(self, cfg: Cleanup) -> None:
-        from injector.stomp import Receipts
+        from injector.transport.stomp import Receipts
 
         self.inbox: Queue[Any] = Queue()
         inbox = self.inbox
@@ -158,7 +158,7 @@ class _Link:
                 inbox.put(frame)
 
         self.receipts = Receipts()
-        hosts = [(h, int(p)) for h, _, p in (hp.rpartition(":") for hp in cfg.stomp_hosts)]
+        hosts = cfg.stomp_addresses
         self.conn = stomp.Connection12(hosts, vhost=cfg.vhost, auto_decode=False, reconnect_attempts_max=1)
         self.conn.set_listener("records", Inbox())
         self.conn.set_listener("receipts", self.receipts)
@@ -213,7 +213,7 @@ class _Link:
 
 
 def _record(queue: str, frame: Any) -> Record:
-    from injector.stomp import event_headers
+    from injector.transport.stomp import event_headers
 
     h = dict(frame.headers)
     body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()

@@ -26,7 +26,7 @@ from injector import topology
 from injector.config import Settings
 from injector.deadletter import Record
 from injector.messages import Outgoing
-from injector.transport import connection
+from injector.transport.amqp import connection
 from operations.dlq.rabbitmq import Confirms, close_gracefully, depth_of, take
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from injector.config import Broker
 from injector.deadletter import Filter, Record, record
 from injector.errors import BrokerUnavailable
 from injector.messages import Outgoing
-from injector.transport import connection
+from injector.transport.amqp import connection
 from operations.dlq.replay import Progress, Replay, ReplaySummary, Target, amqp_target, replay_headers
 
 log = logging.getLogger(__name__)

@@ -73,8 +73,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
 
 @contextmanager
 def running(*workers: BatchWorker) -> Iterator[threading.Event]:
+    """The workers on threads until the block ends (or the yielded event is set), as `ingest`/`cleanup` run them.
+    A worker that raised instead of returning fails the test (an in-process exit code), as does one still running
+    30 s after the stop signal."""
     stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+    raised: list[BaseException] = []
+
+    def run(w: BatchWorker) -> None:
+        try:
+            w.run(stop)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in workers]
     for t in threads:
         t.start()
     try:
@@ -84,6 +96,7 @@ def running(*workers: BatchWorker) -> Iterator[threading.Event]:
         for t in threads:
             t.join(30)
             assert not t.is_alive(), "worker did not stop within 30 s of the stop signal"
+    assert not raised, f"a worker raised instead of returning: {raised[0]!r}"
 
 
 def ingested(settings: Settings, events: list[FileClosed], rucio: Any = None) -> None:

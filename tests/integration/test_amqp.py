@@ -11,8 +11,9 @@ from consumers.services import ingest_worker
 from injector import deadletter, topology
 from injector.errors import PublishFailed
 from injector.events import FileClosed, encode
+from injector.messages import Outgoing
 from injector.testing import FakeRucio, Unavailable
-from injector.transport import Outgoing, Publisher, connection
+from injector.transport.amqp import Publisher, connection
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
 from tests.integration.rabbit import declared, depth, get_all, running, unique_settings, wait_for

@@ -88,8 +88,7 @@ def redelivery_period(s: Any) -> float:
 def upstream(s: Any) -> tuple[str, int]:
     """Where the consumer's broker connection goes (STOMP on ActiveMQ, AMQP otherwise)."""
     if s.cleanup.flavour == "activemq":
-        host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
-        return host, int(port)
+        return s.cleanup.stomp_addresses[0]
     from urllib.parse import urlparse
 
     u = urlparse(s.broker.urls[0])

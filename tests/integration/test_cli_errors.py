@@ -94,7 +94,8 @@ def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path):
     one_line(run(tmp_path / "nope.toml", "dlq", "list"), exits.BAD_CONFIG, "does not exist")
 
 
-def test_ingest_waits_for_an_unreachable_broker_logging_one_line_per_attempt_without_credentials(tmp_path):
+def test_ingest_waits_for_an_unreachable_broker_logging_one_line_per_attempt_without_credentials(
+        tmp_path, rucio_server):
     cfg = config(tmp_path, port=free_port(), user="admin", password=SECRET)
     proc = subprocess.Popen([sys.executable, "-m", "injector.cli", "ingest"], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)})
@@ -102,15 +103,20 @@ def test_ingest_waits_for_an_unreachable_broker_logging_one_line_per_attempt_wit
         assert proc.stderr is not None
         lines = [proc.stderr.readline().rstrip("\n") for _ in range(2)]  # two attempts, waiting between them
         assert proc.poll() is None, "ingest waits for the broker instead of exiting"
+        proc.send_signal(signal.SIGTERM)  # waiting for the broker, it stops at once, cleanly
+        _, rest = proc.communicate(timeout=30)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, "\n".join(lines) + rest
     assert all(" WARNING " in line and "unreachable" in line for line in lines), lines
     assert SECRET not in "".join(lines) and "admin" not in "".join(lines)
 
 
 def test_help_lists_the_exit_codes():
     out = subprocess.run([sys.executable, "-m", "injector.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
     for code, _ in exits.TABLE:
         assert f"\n  {code:<4} " in out.stdout, out.stdout
 

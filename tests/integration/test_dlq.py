@@ -18,7 +18,7 @@ from injector.deadletter import Filter
 from injector.events import FileClosed, encode
 from injector.messages import Outgoing
 from injector.testing import FakeRucio
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 from operations.dlq import RabbitDlq, dead_letter_queues
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
@@ -158,7 +158,7 @@ def test_sigkill_during_a_replay_of_a_thousand_loses_nothing(settings, tmp_path)
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wait_for(lambda: depth(settings, settings.ingest.queue) >= 200, timeout=30, what="replay under way")
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+    assert proc.wait(10) == -signal.SIGKILL, "the replay had ended before the kill"
     # The broker requeues the killed channel's unacked dead letters a moment after the socket closes.
     wait_for(lambda: depth(settings, settings.ingest.queue) + depth(settings, dlq_name(settings)) >= 1000,
              timeout=10, what="the killed channel's unacked messages back in the DLQ")

@@ -4,8 +4,6 @@ end to end on the real Rucio, on RabbitMQ-STOMP and on ActiveMQ (issue 11, secti
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from injector.config import Settings
 from injector.errors import RucioUnavailable
 from injector.testing import FakeRucio
 from operations.dlq import dead_letter_queues, dlq_for
+from tests.integration.cli import run
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, ingested, running, wait_for
 from tests.integration.test_cleanup_rucio import (
@@ -107,5 +106,4 @@ def _where(s: Settings) -> str:
 
 
 def cli(env: dict[str, str], *args: str) -> Any:
-    return subprocess.run([sys.executable, "-m", "injector.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return run(*args, env=env)

@@ -4,9 +4,7 @@ is, never read as markup; short ids; the replay summary as a table (issue 11, se
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from typing import Any
 
 import kombu
@@ -15,9 +13,10 @@ import pytest
 from consumers.services import ingest_worker
 from injector import deadletter, topology
 from injector.messages import Outgoing
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
+from tests.integration.cli import run
 from tests.integration.rabbit import declared, depth, running, unique_settings, wait_for
 from tests.integration.test_dlq import dlq_name, fill_dlq, write_config
 
@@ -51,10 +50,9 @@ def dead_letters(s: Any) -> None:
         conn.release()
 
 
-def cli(s: Any, tmp_path: Any, *args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": str(columns), "RUCIO_INJECTOR_CONFIG": str(write_config(s, tmp_path / "c.toml"))}
-    return subprocess.run([sys.executable, "-m", "injector.cli", "--log-level", "WARNING", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+def cli(s: Any, tmp_path: Any, *args: str, columns: int = 80, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    env = {"COLUMNS": str(columns), "RUCIO_INJECTOR_CONFIG": str(write_config(s, tmp_path / "c.toml"))}
+    return run("--log-level", "WARNING", *args, env=env, expect=expect)
 
 
 def test_list_at_80_columns_shows_one_line_per_dead_letter_with_short_ids_and_odd_text_as_it_is(settings, tmp_path):
@@ -84,11 +82,11 @@ def test_json_has_full_ids_and_show_takes_a_prefix_and_shows_a_binary_body_as_ba
 def test_an_ambiguous_id_prefix_is_an_error_naming_the_candidates(settings, tmp_path):
     dead_letters(settings)
     for args in (("dlq", "show", "abcdef01"), ("dlq", "replay", "--id", "abcdef01", "--dry-run")):
-        out = cli(settings, tmp_path, *args)
-        assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+        out = cli(settings, tmp_path, *args, expect=2)
+        assert len(out.stderr.splitlines()) == 1, out.stderr
         assert "abcdef01-0000-4000-8000-000000000001, abcdef01-0000-4000-8000-000000000002" in out.stderr
-    out = cli(settings, tmp_path, "dlq", "show", "zzzz")
-    assert out.returncode == 2 and "no dead letter" in out.stderr and len(out.stderr.splitlines()) == 1
+    out = cli(settings, tmp_path, "dlq", "show", "zzzz", expect=2)
+    assert "no dead letter" in out.stderr and len(out.stderr.splitlines()) == 1
 
 
 def test_the_replay_summary_is_a_table_per_queue_and_reason_at_80_columns(settings, tmp_path):

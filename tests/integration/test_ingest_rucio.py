@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -19,8 +16,9 @@ from injector import deadletter, topology
 from injector.config import Settings
 from injector.events import FileClosed, encode
 from injector.gateway import ClientGateway
-from injector.transport import connection
+from injector.transport.amqp import connection
 from producers.publish import DaqPublisher, file_closed
+from tests.integration.cli import run, service
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
 
@@ -67,21 +65,14 @@ def test_cli_publish_and_ingest_register_the_file_in_place_with_dataset_and_rule
     with declared(s):
         cfg = write_config(s, tmp_path / "injector.toml", stream_toml(lab))
         env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
-        ingest = subprocess.Popen([sys.executable, "-m", "injector.cli", "ingest"], env=env,
-                                  stderr=subprocess.PIPE, text=True)
-        try:
+        with service("ingest", env=env) as ingest:
             started = time.monotonic()
-            pub = subprocess.run([sys.executable, "-m", "injector.cli", "publish", str(path), "--site", "ORM",
-                                  "--instrument", "LST1", "--night", "20261124", "--run", "42"],
-                                 env=env, capture_output=True, text=True, timeout=60)
-            assert pub.returncode == 0, pub.stderr
+            run("publish", str(path), "--site", "ORM", "--instrument", "LST1", "--night", "20261124", "--run", "42",
+                env=env)
             wait_for(lambda: lab.content(f"LST1_{lab.tag}_20261124_raw") == [str(path)], timeout=30,
                      what="the file attached in Rucio")
             print(f"\npublish → attached in Rucio: {time.monotonic() - started:.2f}s")
-        finally:
-            ingest.send_signal(signal.SIGTERM)
-            _, err = ingest.communicate(timeout=30)
-        assert ingest.returncode == 0, err
+        err = ingest.err()
     rep = lab.replicas([str(path)])[str(path)]
     assert rep["rses"] == {SOURCE: [f"file://localhost{path}"]}
     assert (rep["bytes"], rep["adler32"], rep["states"][SOURCE]) == (len(data), adler(data), "AVAILABLE")
@@ -120,18 +111,12 @@ def test_two_ingest_processes_racing_on_one_queue_make_one_replica_attachment_an
         cfg = write_config(s, tmp_path / "c.toml", stream_toml(lab), ingest="batch_size = 50\nprefetch = 100\n")
         env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
         logs = [tmp_path / f"ingest{i}.log" for i in range(2)]
-        procs = [subprocess.Popen([sys.executable, "-m", "injector.cli", "ingest"], env=env,
-                                  stderr=log.open("w"), text=True) for log in logs]
-        try:
+        with service("ingest", env=env, log=logs[0]), service("ingest", env=env, log=logs[1]):
             with DaqPublisher(s.broker) as daq:
                 daq.publish(stream)
             wait_for(lambda: len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 300, timeout=90,
                      what="300 files attached")
             wait_for(lambda: _queue_empty(s), timeout=30, what="queue drained and acked")
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-                p.wait(30)
         assert not get_all(s, topology.dead_letter_queue(s.ingest.queue))
     done = [[line.split(" done ")[1].split()[0] for line in log.read_text().splitlines() if " done " in line]
             for log in logs]

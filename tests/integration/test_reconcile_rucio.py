@@ -26,9 +26,10 @@ from injector.events import FileClosed, archived_event_id, decode_file_archived
 from injector.gateway import ClientGateway
 from injector.testbed.rses import file_protocol
 from injector.testbed.rucio import free_port
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 from operations import reconcile, status
 from operations.findings import Finding
+from tests.integration.cli import run
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, get_all, ingested, unique_settings, wait_for
 from tests.integration.test_ingest_rucio import files
@@ -66,10 +67,9 @@ def config_file(s: Settings, path: Path) -> Path:
     return path
 
 
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(config: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
     """The CLI as a user runs it (RUCIO_CONFIG comes from the environment, as for any rucio client)."""
-    return subprocess.run([sys.executable, "-m", "injector.cli", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=120)
+    return run(*args, config=config, expect=expect)
 
 
 @contextmanager
@@ -310,6 +310,6 @@ def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tm
 
 def test_unknown_stream_is_refused_by_the_cli(lab, tmp_path):
     s = settings_for(lab)
-    done = cli(config_file(s, tmp_path / "injector.toml"), "reconcile", "--stream", "nope")
-    assert done.returncode == 2 and "no stream named nope" in done.stderr
+    done = cli(config_file(s, tmp_path / "injector.toml"), "reconcile", "--stream", "nope", expect=2)
+    assert "no stream named nope" in done.stderr
 

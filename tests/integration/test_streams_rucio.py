@@ -15,7 +15,7 @@ from consumers.services import ingest_worker
 from injector import deadletter, exits, topology
 from injector.config import Settings
 from injector.events import FileClosed
-from injector.transport import Publisher, connection
+from injector.transport.amqp import Publisher, connection
 from producers.publish import DaqPublisher, file_closed, outgoing
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for

@@ -43,8 +43,9 @@ def root(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def watching(settings: Settings, **options: Any) -> Iterator[list[int]]:
-    """The watcher on a thread, until the block ends; then its exit code is in the yielded list.
+def watching(settings: Settings, expect: int = 0, **options: Any) -> Iterator[list[int]]:
+    """The watcher on a thread, until the block ends; then its exit code is in the yielded list, and must be
+    `expect` (a watcher that raised or returned another code fails the test).
 
     A file written at once into a new directory is often closed before inotify watches the directory
     (always so on a loaded machine): it is then announced after found_quiet, shortened here."""
@@ -59,6 +60,7 @@ def watching(settings: Settings, **options: Any) -> Iterator[list[int]]:
         stop.set()
         thread.join(15)
         assert not thread.is_alive(), "the watcher did not stop"
+    assert code == [expect], f"the watcher ended with {code or 'an exception'}, expected exit code {expect}"
 
 
 def events(settings: Settings, times: int = 1) -> dict[str, FileClosed]:
@@ -219,7 +221,8 @@ def test_a_stop_while_the_broker_stays_down_exits_1_naming_every_file_not_announ
     s = watch_settings(root, urls=[f"amqp://guest:guest@127.0.0.1:{proxy.port}//"])
     try:
         # A long window: the only publish attempts are those of the shutdown, whatever the timing.
-        with watching(s, window=60, retry_max_wait=0.1, shutdown_timeout=0.6) as code, caplog.at_level(logging.INFO):
+        with watching(s, expect=1, window=60, retry_max_wait=0.1, shutdown_timeout=0.6) as code, \
+                caplog.at_level(logging.INFO):
             closed = write(root / "20261124" / "LST-1.Run00080.fits", b"closed, never confirmed")
             time.sleep(0.2)
     finally:

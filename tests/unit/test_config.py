@@ -100,3 +100,14 @@ def test_streams_of_two_sites_with_their_own_source_rses_may_spell_their_roots_a
     assert len(parse({"streams": [s, other]}).streams) == 2
     with pytest.raises(ConfigError, match="overlapping storage roots"):  # one site's two RSEs: one disk
         parse({"streams": [s, {**other, "site": s["site"], "instrument": "LST2"}]})
+
+
+def test_stomp_hosts_are_parsed_once_into_addresses():
+    c = parse({"cleanup": {"stomp_hosts": ["amq1.example:61613", "10.0.0.2:61614"]}}).cleanup
+    assert c.stomp_addresses == [("amq1.example", 61613), ("10.0.0.2", 61614)]
+
+
+@pytest.mark.parametrize("entry", ["amq1", "amq1:", ":61613", "amq1:stomp"])
+def test_a_stomp_host_without_a_port_is_refused(entry):
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        parse({"cleanup": {"stomp_hosts": [entry]}})

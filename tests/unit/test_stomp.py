@@ -2,8 +2,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from injector.settle import Outcome, Route, settle
-from injector.stomp import RETRIES, retry_delay_ms, to_delivery
 from injector.testing import MemorySession
+from injector.transport.stomp import RETRIES, retry_delay_ms, to_delivery
 
 
 @dataclass

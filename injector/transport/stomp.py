@@ -1,4 +1,4 @@
-"""STOMP consumption for the cleanup consumer on ActiveMQ: hermes → ActiveMQ → competing cleanup consumers.
+"""The STOMP transport plug-in: the cleanup consumer on ActiveMQ (hermes → ActiveMQ → competing cleanup consumers).
 
 ActiveMQ Classic (Rucio's usual broker) delivers a virtual topic to competing consumers through
 /queue/Consumer.<app>.VirtualTopic.<name>. (On RabbitMQ the cleanup consumer reads its quorum queue over
@@ -26,17 +26,18 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import stomp
 import stomp.exception
 
-from injector.config import Broker, Cleanup
+from injector.config import Broker, Cleanup, Settings
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import PRIOR, Delivery, Outgoing
 from injector.settle import Session
-from injector.transport import Publisher, connection, drain
+from injector.transport import Connect
+from injector.transport.amqp import Publisher, connection, drain
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +207,15 @@ class StompSession:
 
 
 class StompLink:
-    """One STOMP connection with one client-individual subscription (a BatchWorker Link), ActiveMQ."""
+    """One STOMP connection with one client-individual subscription to `destination` (an injector.transport Link),
+    ActiveMQ."""
 
-    def __init__(self, cfg: Cleanup, broker: Broker, generation: int, buffer: list[Delivery]) -> None:
+    def __init__(self, cfg: Cleanup, broker: Broker, destination: str, prefetch: int, generation: int,
+                 buffer: list[Delivery]) -> None:
         self.cfg = cfg
         self.broker = broker
+        self.destination = destination
+        self.prefetch = prefetch
         self.generation = generation
         self.buffer = buffer
         self.listener = _Listener(cfg, generation)
@@ -218,9 +223,8 @@ class StompLink:
         self._amqp: Any = None
         self._publisher: Publisher | None = None
         self.paused = False
-        hosts = [(h, int(p)) for h, _, p in (hp.rpartition(":") for hp in cfg.stomp_hosts)]
-        self.conn = stomp.Connection12(hosts, heartbeats=(cfg.heartbeat_ms, cfg.heartbeat_ms), vhost=cfg.vhost,
-                                       auto_decode=False, reconnect_attempts_max=1, timeout=10)
+        self.conn = stomp.Connection12(cfg.stomp_addresses, heartbeats=(cfg.heartbeat_ms, cfg.heartbeat_ms),
+                                       vhost=cfg.vhost, auto_decode=False, reconnect_attempts_max=1, timeout=10)
         self.conn.set_listener("injector", self.listener)
         self.receipts = Receipts(self.listener.lost)
         self.conn.set_listener("receipts", self.receipts)
@@ -237,12 +241,12 @@ class StompLink:
             self.conn.connect(cfg.username, cfg.password, wait=False,
                               headers={"client-id": f"rucio-injector-{uuid.uuid4().hex[:8]}"})
             self._await_connected()
-            self.conn.subscribe(cfg.subscription, id=self.subscription_id, ack="client-individual",
-                                headers={"activemq.prefetchSize": str(cfg.prefetch)})
+            self.conn.subscribe(self.destination, id=self.subscription_id, ack="client-individual",
+                                headers={"activemq.prefetchSize": str(self.prefetch)})
         except (stomp.exception.StompException, OSError) as exc:
             raise BrokerUnavailable(f"cannot subscribe on STOMP {cfg.stomp_hosts}: {type(exc).__name__}: {exc}") \
                 from None
-        log.info("subscribed to %s on %s (prefetch %d)", cfg.subscription, cfg.stomp_hosts, cfg.prefetch)
+        log.info("subscribed to %s on %s (prefetch %d)", self.destination, cfg.stomp_hosts, self.prefetch)
 
     def _await_connected(self) -> None:
         # stomp.py's own wait (connect(wait=True)) never gives up on a broker that accepts the
@@ -263,9 +267,9 @@ class StompLink:
     def retry(self, d: Delivery) -> None:
         """A delayed copy carrying the delivery count, then ACK; NACK if it cannot be sent."""
         headers = {**d.headers, RETRIES: d.attempts, "AMQ_SCHEDULED_DELAY": retry_delay_ms(d.attempts)}
-        copy = Outgoing(self.cfg.subscription, "", d.body, headers, d.message_id, d.content_type)
+        copy = Outgoing(self.destination, "", d.body, headers, d.message_id, d.content_type)
         try:
-            self.send_confirmed(self.cfg.subscription, [copy])
+            self.send_confirmed(self.destination, [copy])
         except PublishFailed as exc:
             log.warning("could not queue the retry (%s); NACK: the broker redelivers it", exc,
                         extra={"event_id": d.message_id})
@@ -329,6 +333,15 @@ class StompLink:
         self._amqp = self._publisher = None
 
 
-def stomp_link(cfg: Cleanup, broker: Broker) -> Callable[[int, list[Delivery]], StompLink]:
-    """A worker's `connect`: (generation, buffer) → a link subscribed to the cleanup consumer queue (ActiveMQ)."""
-    return lambda generation, buffer: StompLink(cfg, broker, generation, buffer)
+def link(settings: Settings, queue: str, prefetch: int) -> Connect:
+    """A worker's `connect`: (generation, buffer) → a link subscribed to the STOMP destination `queue` on the
+    [cleanup] STOMP hosts (ActiveMQ: the cleanup consumer queue)."""
+    return lambda generation, buffer: StompLink(settings.cleanup, settings.broker, queue, prefetch, generation,
+                                                buffer)
+
+
+def explain(exc: BaseException, where: str) -> str | None:
+    """The one line for a STOMP failure, or None if `exc` is not one (`where`, the AMQP broker, is not its host)."""
+    if isinstance(exc, stomp.exception.StompException):
+        return f"STOMP broker: {type(exc).__name__}: {exc} (is it running; are [cleanup] stomp_hosts right?)"
+    return None

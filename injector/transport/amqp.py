@@ -1,4 +1,4 @@
-"""AMQP transport (kombu over py-amqp): connections, confirmed publishing, batched consumption.
+"""The AMQP transport plug-in (kombu over py-amqp): connections, confirmed publishing, batched consumption.
 
 Transport code moves bytes and headers; it never knows what a replica is. Publishing is
 pipelined: every message is published with `mandatory`, then all publisher confirms are
@@ -19,15 +19,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import amqp
 import kombu
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from injector.config import Broker
+from injector import topology
+from injector.config import Broker, Settings
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import Delivery, Outgoing, copy_of, split_copy_headers
+from injector.transport import Connect
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +210,7 @@ class AmqpSession:
 
 
 class AmqpLink:
-    """A kombu connection consuming one queue with a bounded prefetch (an injector.worker Link)."""
+    """A kombu connection consuming one queue with a bounded prefetch (an injector.transport Link)."""
 
     def __init__(self, broker: Broker, queue: str, prefetch: int, generation: int, buffer: list[Delivery]) -> None:
         self.queue = queue
@@ -260,9 +262,9 @@ class AmqpLink:
             self.conn.release()
 
 
-def amqp_link(broker: Broker, queue: str, prefetch: int) -> Callable[[int, list[Delivery]], AmqpLink]:
-    """A worker's `connect`: (generation, buffer) → a link consuming `queue`."""
-    return lambda generation, buffer: AmqpLink(broker, queue, prefetch, generation, buffer)
+def link(settings: Settings, queue: str, prefetch: int) -> Connect:
+    """A worker's `connect`: (generation, buffer) → a link consuming `queue` on settings.broker."""
+    return lambda generation, buffer: AmqpLink(settings.broker, queue, prefetch, generation, buffer)
 
 
 def to_delivery(message: amqp.Message, generation: int) -> Delivery:
@@ -295,3 +297,47 @@ def drain(conn: kombu.Connection, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         conn.drain_events(timeout=min(timeout, interval / HEARTBEAT_RATE) if interval else timeout)
     conn.heartbeat_check(rate=HEARTBEAT_RATE)
+
+
+@contextlib.contextmanager
+def first_answering(urls: Sequence[str], timeout: float) -> Iterator[kombu.Connection]:
+    """The first broker URL that answers (one attempt each), else BrokerUnavailable naming each failure. A
+    refused login is raised as it is: another URL would refuse it too."""
+    errors = []
+    for url in urls:
+        conn = kombu.Connection(url, connect_timeout=timeout)
+        try:
+            conn.connect()
+        except amqp.exceptions.AccessRefused:
+            conn.release()
+            raise
+        except (OSError, *conn.connection_errors) as exc:
+            conn.release()
+            errors.append(f"{topology.where(url)} ({type(exc).__name__}: {exc})")
+            continue
+        try:
+            yield conn
+        finally:
+            conn.release()
+        return
+    raise BrokerUnavailable(f"broker unreachable: {'; '.join(errors)}")
+
+
+def explain(exc: BaseException, where: str) -> str | None:
+    """The one line for a broker's AMQP refusal (`where`: the broker, password-free), or None if `exc` is not
+    one."""
+    if isinstance(exc, amqp.exceptions.NotFound):
+        return f"{_reply(exc)} on {where}: run `rucio-injector broker setup`"
+    if isinstance(exc, amqp.exceptions.AccessRefused):
+        return f"{where} refused our login ({_reply(exc)}): check the user and password in [broker] urls"
+    if isinstance(exc, amqp.exceptions.PreconditionFailed):
+        return f"{_reply(exc)} on {where}: the broker's declaration differs from ours (`broker setup` says)"
+    if isinstance(exc, amqp.exceptions.AMQPError):
+        return f"broker {where}: {_reply(exc)}"
+    return None
+
+
+def _reply(exc: BaseException) -> str:
+    """The broker's own words (`NOT_FOUND - no queue 'x' in vhost '/'`), without py-amqp's method prefix."""
+    text = getattr(exc, "reply_text", "") or str(exc)
+    return str(text)
