@@ -115,7 +115,7 @@ def test_existing_orphans_are_named_by_reconcile_and_status_and_attached_onwards
         assert Counter((f.kind, f.action) for f in found) == {("orphaned", "report"): 3}
         assert sorted(f.subject for f in found) == sorted(f"lst:{e.path}" for e in lost)
         assert all(f"dataset lst:{dataset(lab)} is closed" in f.detail and "reopen" in f.detail for f in found)
-        done = cli(config_file(s, tmp_path / "injector.toml"), "reconcile")
+        done = cli(config_file(s, tmp_path / "injector.toml"), "reconcile", expect=1)
         assert done.returncode == 1 and done.stdout.count(" orphaned ") == 3
         counts = status.collect(s, ClientGateway(s.rucio))["streams"]["lst1-raw"][f"lst:{dataset(lab)}"]
         assert (counts["registered"], counts["orphaned"]) == (1, 3), "orphans are not counted as files of it"
