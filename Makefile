@@ -5,13 +5,21 @@ BIN := $(VENV)/bin
 
 .PHONY: venv setup test unit lint demo clean mutation
 
-$(BIN)/rucio-injector: pyproject.toml
+$(BIN)/pip:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# The test venv: the core, the test tools and the [demo] extra (the test extra pulls it in).
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-venv: $(BIN)/rucio-injector
+# What `make demo` needs and no more: the core and the [demo] extra (pamqp, for the embedded broker).
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/pip
+	$(BIN)/pip install -q -e '.[demo]'
+	touch $@
+
+venv: $(VENV)/.installed-test
 
 # Machine prerequisites for the integration tests: RabbitMQ STOMP plugin, ActiveMQ, Rucio server venv.
 setup: venv
@@ -28,7 +36,7 @@ unit: venv
 test: setup lint
 	CI=$${CI:-true} $(BIN)/python -m pytest -q
 
-demo: venv
+demo: $(VENV)/.installed-demo
 	bash .ci/setup-machine --demo
 	$(BIN)/rucio-injector demo $(DEMO_ARGS)
 

@@ -169,7 +169,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from injector import demo
+    try:
+        from injector.testbed import demo
+    except ModuleNotFoundError as exc:  # a core install: the demo's own dependencies are an extra
+        if exc.name is None or exc.name.partition(".")[0] in ("injector", "consumers", "producers"):
+            raise
+        raise InjectorError(f"the demo needs {exc.name}, which is not installed: "
+                            "pip install 'rucio-injector[demo]'") from exc
 
     opts = demo.Options(files=args.files, size=args.size, pace=args.pace, timeout=args.timeout, keep=args.keep,
                         broker=args.broker, database=args.database, stomp_port=args.stomp_port)

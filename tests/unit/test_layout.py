@@ -1,11 +1,11 @@
 """The arrows point one way: operations → consumers → injector. The core never imports the parts built on it;
-only the command line (injector/cli.py) and the demo compose them."""
+only the command line (injector/cli.py) and the demo (injector/testbed/) compose them."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSERS = {"injector/cli.py", "injector/demo.py"}  # they start every part; the testbed runs the whole pipeline
+COMPOSERS = {"injector/cli.py"}  # it starts every part (and the testbed runs the whole pipeline)
 
 
 def imported(package: str) -> dict[str, set[str]]:

@@ -48,6 +48,9 @@ from injector.config import Settings, parse
 from injector.errors import InjectorError
 from injector.events import FileClosed
 from injector.logs import masked
+from injector.testbed.broker import embedded  # pamqp: the [demo] extra
+from injector.testbed.rses import create_rses
+from injector.testbed.rucio import HermesBroker, ensure_server_venv, start_server
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +211,6 @@ def _run_then_clean_up(options: Options, console: Console, signals: StopSignals)
 
 
 def _run(options: Options, console: Console, cleanup: contextlib.ExitStack) -> int:
-    from injector.testbed.rucio import HermesBroker, ensure_server_venv
-
     with console.status("Rucio server venv (first run installs rucio from PyPI, ~2 min)"):
         venv_python = ensure_server_venv()
     tag = uuid.uuid4().hex[:6]
@@ -291,8 +292,6 @@ class DemoBroker:
 @contextlib.contextmanager
 def _broker(options: Options, log_file: Path, console: Console) -> Iterator[DemoBroker]:
     """The local RabbitMQ (AMQP + its STOMP plugin) when it answers, else the embedded broker."""
-    from injector.testbed.broker import embedded
-
     if options.broker != EMBEDDED:
         url = DEFAULT_AMQP if options.broker == AUTO else options.broker
         host = urlparse(url).hostname or "127.0.0.1"
@@ -312,8 +311,6 @@ def _broker(options: Options, log_file: Path, console: Console) -> Iterator[Demo
 
 @contextlib.contextmanager
 def _server(console: Console, tmp: Path, venv_python: Path, database: str) -> Iterator[Any]:
-    from injector.testbed.rucio import start_server
-
     with console.status("starting a throw-away Rucio server"):
         server = start_server(tmp / "rucio", venv_python=venv_python, database=database)
     with server:
@@ -335,8 +332,6 @@ def _rucio_client() -> Any:
 
 
 def _rses(client: Any, root: Path) -> tuple[Path, Path]:
-    from injector.testbed.rses import create_rses
-
     buffer, archive = create_rses(client, root, source=SOURCE, archive=ARCHIVE)
     for _, scope, _ in INSTRUMENTS:
         client.add_scope("root", scope)
