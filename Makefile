@@ -27,7 +27,7 @@ setup: venv
 	$(BIN)/python -m injector.testbed.rucio --ensure-venv
 
 lint: venv
-	$(BIN)/ruff check injector producers consumers tests benchmarks
+	$(BIN)/ruff check injector producers consumers operations tests benchmarks
 	$(BIN)/mypy
 
 unit: venv

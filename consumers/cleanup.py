@@ -5,13 +5,17 @@ An event is only a trigger: every decision is taken from Rucio's state. The sour
 released (epoch tombstone, so the reaper deletes it) only when every destination the stream's
 rules require holds an AVAILABLE replica with the registered adler32. Rules are never deleted
 to drive cleanup. Duplicates and any order are harmless: each step checks state first.
+
+The archive copy is judged in ONE place, `verify(stream, files, rucio)`, and a source is released only
+through `release(rucio, replicas)`: cleanup, the reconciler and `status` all use these two, so they cannot
+disagree on when a file is safe. They are, with `cleanup`, this module's whole public API.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -77,7 +81,7 @@ def _triage(events: Sequence[RucioEvent | Permanent],
         elif ev.event_type not in HANDLED:
             outcomes[i] = Outcome.done(f"ignored-{ev.event_type}")
         elif ev.get("scope") not in scopes:
-            outcomes[i] = unmanaged(f"{ev.get('scope')}:{ev.get('name')}", ev.event_type, "no stream has its scope",
+            outcomes[i] = _unmanaged(f"{ev.get('scope')}:{ev.get('name')}", ev.event_type, "no stream has its scope",
                                     logging.DEBUG)
         else:
             work[ev.event_type].append(_Item(i, ev))
@@ -91,7 +95,7 @@ def _replicas(rucio: RucioGateway, dids: list[Did]) -> dict[Did, FileReplicas]:
     return found
 
 
-def stream_of(settings: Settings, scope: str, rse: str, pfn: str | None) -> Stream | None:
+def _stream_of(settings: Settings, scope: str, rse: str, pfn: str | None) -> Stream | None:
     """The stream whose source RSE is `rse` and whose storage holds `pfn` (when known)."""
     candidates = [s for s in settings.streams if s.scope == scope and s.source_rse == rse]
     if pfn is not None:
@@ -99,29 +103,46 @@ def stream_of(settings: Settings, scope: str, rse: str, pfn: str | None) -> Stre
     return candidates[0] if candidates else None
 
 
-def held_source(settings: Settings, files: FileReplicas) -> Stream | None:
+def _held_source(settings: Settings, files: FileReplicas) -> Stream | None:
     """The stream whose source replica of this file still exists in Rucio, if any."""
     for rse in files.states:
         pfns: list[str | None] = [*files.pfns.get(rse, [])] or [None]
         for pfn in pfns:
-            stream = stream_of(settings, files.scope, rse, pfn)
+            stream = _stream_of(settings, files.scope, rse, pfn)
             if stream is not None:
                 return stream
     return None
 
 
-def missing_destinations(stream: Stream, files: FileReplicas, rucio: RucioGateway) -> list[str]:
-    """What the stream's rules still lack, in words; empty when every required copy is safe."""
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a file's archive copies are safe; `lacking` says, in words, what the stream's rules still lack."""
+
+    lacking: tuple[str, ...] = ()
+
+    @property
+    def safe(self) -> bool:
+        return not self.lacking
+
+    def __str__(self) -> str:
+        return "; ".join(self.lacking)
+
+
+def verify(stream: Stream, files: FileReplicas | None, rucio: RucioGateway) -> Verdict:
+    """The one judgement of a file's archive: safe when every destination the stream's rules require (other than
+    its source RSE) holds an AVAILABLE replica. `files` None: Rucio has no replica of it at all."""
+    if files is None:
+        return Verdict(("no replica left at all",))
     lacking = []
     for rule in stream.rules:
         safe = sorted(r for r in rucio.rses(rule.rse_expression) if files.available(r) and r != stream.source_rse)
         if len(safe) < rule.copies:
             lacking.append(f"{rule.rse_expression} has {len(safe)}/{rule.copies} AVAILABLE "
                            f"(states: {files.states})")
-    return lacking
+    return Verdict(tuple(lacking))
 
 
-def unmanaged(label: str, event_type: str, why: str, level: int = logging.WARNING) -> Outcome:
+def _unmanaged(label: str, event_type: str, why: str, level: int = logging.WARNING) -> Outcome:
     """An event about a file this configuration does not manage: acked, never settled as if known; counted
     (outcome `unmanaged`) and logged. The reconciler finishes such files once a configuration knows them."""
     log.log(level, "%s: %s not handled, the file is unmanaged here: %s", label, event_type, why)
@@ -141,20 +162,26 @@ def _gone_or_unmanaged(items: list[_Item], rucio: RucioGateway, settings: Settin
     out = {}
     for it in items:
         owner = known.get(it.did, {}).get(marks.STREAM)
-        out[it.index] = Outcome.done("source-gone", it.label) if owner in names else unmanaged(
+        out[it.index] = Outcome.done("source-gone", it.label) if owner in names else _unmanaged(
             it.label, "transfer-done", f"ingested by stream {owner!r}, which this configuration does not have")
     return out
+
+
+def _holders(items: list[_Item], state: dict[Did, FileReplicas], settings: Settings
+             ) -> Iterator[tuple[_Item, FileReplicas | None, Stream | None]]:
+    """Each event with Rucio's replicas of its file and the stream whose source replica of it still exists."""
+    for it in items:
+        files = state.get(it.did)
+        yield it, files, _held_source(settings, files) if files else None
 
 
 def _transfers_failed(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
                       settings: Settings) -> dict[int, Outcome]:
     out: dict[int, Outcome] = {}
     managed = []
-    for it in items:
-        files = state.get(it.did)
-        held = held_source(settings, files) if files else None
+    for it, _, held in _holders(items, state, settings):
         if held is None:
-            out[it.index] = unmanaged(it.label, "transfer-failed", "no configured stream holds its source")
+            out[it.index] = _unmanaged(it.label, "transfer-failed", "no configured stream holds its source")
         else:
             managed.append((it, held.failure_limit))
     return {**out, **transfers_failed(managed, rucio)}
@@ -163,13 +190,11 @@ def _transfers_failed(items: list[_Item], state: dict[Did, FileReplicas], rucio:
 def _transfers_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
                     settings: Settings) -> dict[int, Outcome]:
     out: dict[int, Outcome] = {}
-    release: dict[tuple[str, str, str], list[_Item]] = defaultdict(list)
+    releasable: dict[tuple[str, str, str], list[_Item]] = defaultdict(list)
     sourceless = []
-    for it in items:
-        files = state.get(it.did)
-        held = held_source(settings, files) if files else None
+    for it, files, held in _holders(items, state, settings):
         if files is None:
-            out[it.index] = unmanaged(it.label, "transfer-done", "Rucio has no replica of it")
+            out[it.index] = _unmanaged(it.label, "transfer-done", "Rucio has no replica of it")
             continue
         if held is None:
             sourceless.append(it)
@@ -182,27 +207,27 @@ def _transfers_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: R
                 f"{files.adler32}; source kept", reason="checksum-mismatch"), it.label)
             continue
         try:
-            lacking = missing_destinations(stream, files, rucio)
+            verdict = verify(stream, files, rucio)
         except (Permanent, Transient) as exc:
             out[it.index] = Outcome.failed(exc, it.label)
             continue
-        if lacking:
+        if not verdict.safe:
             out[it.index] = Outcome.done("not-yet-safe", it.label)
-            log.info("%s not released yet: %s", it.label, "; ".join(lacking))
+            log.info("%s not released yet: %s", it.label, verdict)
         elif not stream.release_source:
             out[it.index] = Outcome.done("source-kept", it.label)
         else:
-            release[(it.did[0], it.did[1], stream.source_rse)].append(it)
+            releasable[(it.did[0], it.did[1], stream.source_rse)].append(it)
     out.update(_gone_or_unmanaged(sourceless, rucio, settings))
-    out.update(release_sources(rucio, release))
+    out.update(_release_sources(rucio, releasable))
     return out
 
 
-def release_sources(rucio: RucioGateway, release: dict[tuple[str, str, str], list[_Item]]) -> dict[int, Outcome]:
+def _release_sources(rucio: RucioGateway, releasable: dict[tuple[str, str, str], list[_Item]]) -> dict[int, Outcome]:
     """Epoch tombstones in bulk; a replica Rucio refuses (e.g. locked by a rule) is isolated."""
-    out = {it.index: Outcome.done("released", it.label) for items in release.values() for it in items}
-    for key, exc in release_replicas(rucio, list(release)).items():
-        for it in release[key]:
+    out = {it.index: Outcome.done("released", it.label) for items in releasable.values() for it in items}
+    for key, exc in release(rucio, list(releasable)).items():
+        for it in releasable[key]:
             if isinstance(exc, Transient):
                 out[it.index] = Outcome.failed(exc, it.label)
             else:
@@ -211,10 +236,10 @@ def release_sources(rucio: RucioGateway, release: dict[tuple[str, str, str], lis
     return out
 
 
-def release_replicas(rucio: RucioGateway, replicas: Sequence[tuple[str, str, str]]
-                     ) -> dict[tuple[str, str, str], Permanent | Transient]:
-    """Release (scope, name, source RSE) replicas whose files passed `missing_destinations` (cleanup and the
-    reconciler both call only that): epoch tombstones in bulk, then note when. Returns the refused ones."""
+def release(rucio: RucioGateway, replicas: Sequence[tuple[str, str, str]]
+            ) -> dict[tuple[str, str, str], Permanent | Transient]:
+    """Release (scope, name, source RSE) replicas whose files `verify` judged safe (cleanup and the reconciler
+    both release only through this): epoch tombstones in bulk, then note when. Returns the refused ones."""
     refused: dict[tuple[str, str, str], Permanent | Transient] = {}
     for part in chunks(replicas, RUCIO_BULK):
         refused.update(isolate(part, rucio.set_tombstones))
@@ -230,9 +255,9 @@ def release_replicas(rucio: RucioGateway, replicas: Sequence[tuple[str, str, str
 
 def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, settings: Settings) -> Outcome:
     rse, url = str(it.event.get("rse")), it.event.get("url")
-    stream = stream_of(settings, it.did[0], rse, url)
+    stream = _stream_of(settings, it.did[0], rse, url)
     if stream is None:
-        return unmanaged(it.label, "deletion-done", f"no configured stream has source RSE {rse} holding {url}")
+        return _unmanaged(it.label, "deletion-done", f"no configured stream has source RSE {rse} holding {url}")
     if files is not None and rse in files.states:
         return Outcome.done("source-still-present", it.label)
     try:
@@ -242,11 +267,11 @@ def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, s
     if meta is None or meta.bytes is None or meta.adler32 is None:
         return Outcome.failed(Transient(f"{it.label} has no size/adler32 in Rucio"), it.label)
     try:
-        lacking = missing_destinations(stream, files, rucio) if files is not None else ["no replica left at all"]
+        verdict = verify(stream, files, rucio)
     except (Permanent, Transient) as exc:
         return Outcome.failed(exc, it.label)
-    if lacking:  # the source is gone without a safe copy: never announce that as archived
-        return Outcome.failed(Permanent(f"{it.label}: deleted at {rse} but not safe elsewhere: {'; '.join(lacking)}",
+    if not verdict.safe:  # the source is gone without a safe copy: never announce that as archived
+        return Outcome.failed(Permanent(f"{it.label}: deleted at {rse} but not safe elsewhere: {verdict}",
                                         reason="source-lost"), it.label)
     prefix = stream.pfn_prefix
     path = url[len(prefix):] if isinstance(url, str) and url.startswith(prefix) else it.did[1]
@@ -267,8 +292,8 @@ def _created_at(it: _Item) -> datetime:
 
 
 def _deletion_failed(it: _Item, settings: Settings) -> Outcome:
-    stream = stream_of(settings, it.did[0], str(it.event.get("rse")), it.event.get("url"))
+    stream = _stream_of(settings, it.did[0], str(it.event.get("rse")), it.event.get("url"))
     if stream is None:
-        return unmanaged(it.label, "deletion-failed", f"no configured stream has source RSE {it.event.get('rse')}")
+        return _unmanaged(it.label, "deletion-failed", f"no configured stream has source RSE {it.event.get('rse')}")
     why = f"{it.label}: deletion at {it.event.get('rse')} failed: {it.event.get('reason')}"
     return Outcome("retry", "deletion-failed", it.label, "deletion-failed", why)

@@ -95,7 +95,7 @@ def _run(settings: Settings, verb: preflight.Verb,
     metrics = Metrics(verb)
     gateway = ClientGateway(settings.rucio, observe=metrics.observe_rucio)
     worker = build(settings, gateway, metrics)
-    _serve_metrics(metrics, settings.metrics.host, port)
+    serve_metrics(metrics, settings.metrics.host, port)
     if checked(settings, verb, stop, gateway):
         worker.run(stop)
 
@@ -117,7 +117,7 @@ def checked(settings: Settings, verb: preflight.Verb, stop: threading.Event, ruc
     return False
 
 
-def _serve_metrics(metrics: Metrics, host: str, port: int) -> None:
+def serve_metrics(metrics: Metrics, host: str, port: int) -> None:
     if port:
         try:
             serve(metrics, port, host)

@@ -90,7 +90,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from consumers import findings, reconcile
+    from operations import findings, reconcile
 
     settings = _settings(args)
     options = reconcile.Options(dry_run=args.dry_run, fix=args.fix, grace=timedelta(seconds=args.grace))
@@ -106,8 +106,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from consumers import status
     from injector.gateway import ClientGateway
+    from operations import status
 
     settings = _settings(args)
     data = status.collect(settings, ClientGateway(settings.rucio), args.stream, args.night)
@@ -163,7 +163,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from injector import dlq_cli
+    from operations.dlq import cli as dlq_cli
 
     return dlq_cli.run(args, _settings(args))
 
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     dem.add_argument("--keep", action="store_true", help="keep server and files after the summary until Ctrl-C")
     dem.set_defaults(func=cmd_demo)
 
-    from injector import dlq_cli
+    from operations.dlq import cli as dlq_cli
 
     dlq_cli.add_parser(sub)
     sub.choices["dlq"].set_defaults(func=cmd_dlq)

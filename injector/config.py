@@ -10,6 +10,7 @@ import posixpath
 import re
 import string
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -240,6 +241,13 @@ class Settings(_Section):
             if s.name == name:
                 return s
         raise ConfigError(f"no stream named {name!r} (known: {[s.name for s in self.streams]})")
+
+    def selected_streams(self, names: Sequence[str]) -> list[Stream]:
+        """The streams named (all when none); an unknown name is an error, not an empty sweep."""
+        unknown = set(names) - {s.name for s in self.streams}
+        if unknown:
+            raise ConfigError(f"no stream named {', '.join(sorted(unknown))} in the configuration")
+        return [s for s in self.streams if not names or s.name in names]
 
 
 def _check_roots(a: Stream, b: Stream) -> None:

@@ -29,9 +29,7 @@ def check(verb: str, settings: Settings, *, action: str | None = None, looping: 
     """Raise the error that explains what `verb` lacks; return when it has what it needs. Usage comes first:
     an unknown --stream is named before the broker or Rucio is asked anything."""
     if streams:
-        from consumers.inventory import selected
-
-        selected(settings, streams)
+        settings.selected_streams(streams)
     if verb in ("ingest", "cleanup") or (verb == "reconcile" and looping):
         _if_reachable(settings, _consumer_queues(verb, settings))
         return

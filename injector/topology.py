@@ -111,6 +111,20 @@ def _work_arguments(settings: Settings, name: str) -> dict[str, Any]:
     }
 
 
+def stomp_destination(destination: str) -> tuple[str, str]:
+    """A RabbitMQ STOMP destination as AMQP (exchange, routing key), the STOMP plugin's own mapping:
+    /topic/K → amq.topic K; /exchange/E/K → E K; /queue/Q and /amq/queue/Q → the default exchange, Q."""
+    parts = destination.split("/")
+    if destination.startswith("/topic/"):
+        return "amq.topic", destination.removeprefix("/topic/")
+    if destination.startswith("/exchange/") and len(parts) >= 3:
+        return parts[2], "/".join(parts[3:])
+    for prefix in ("/amq/queue/", "/queue/"):
+        if destination.startswith(prefix):
+            return "", destination.removeprefix(prefix)
+    return "", destination
+
+
 def vhost_of(url: str) -> str:
     path = urlparse(url).path
     return unquote(path[1:]) if len(path) > 1 else "/"

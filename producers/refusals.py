@@ -139,7 +139,7 @@ class Refusals:
     def _record(self) -> None:
         dlq = topology.dead_letter_queue(self._queue)
         if self._recorded is None:
-            from consumers.dlq_rabbitmq import RabbitDlq  # listing the DLQ is the dlq tool's job
+            from operations.dlq.rabbitmq import RabbitDlq  # listing the DLQ is the dlq tool's job
 
             self._recorded = {r.id for r in RabbitDlq(self._broker).peek(dlq)}
         new = [r for r in self._pending if r.id not in self._recorded]

@@ -149,7 +149,7 @@ def announcement(candidate: Candidate, cancelled: Callable[[], bool] = lambda: F
     return None
 
 
-class _Handler(FileSystemEventHandler):
+class EventHandler(FileSystemEventHandler):
     """Runs on watchdog's thread: turns inotify events into candidates, nothing slower."""
 
     def __init__(self, watcher: Watcher, stream: Stream) -> None:
@@ -196,7 +196,7 @@ class Watcher:
         self._observer = InotifyObserver(generate_full_events=True)  # moves from outside keep their dest
         for stream in self._streams:
             try:
-                self._observer.schedule(_Handler(self, stream), stream.storage_root, recursive=True,
+                self._observer.schedule(EventHandler(self, stream), stream.storage_root, recursive=True,
                                         event_filter=event_types)
             except OSError as exc:
                 raise InjectorError(f"cannot watch stream {stream.name!r} storage_root {stream.storage_root}: "

@@ -84,7 +84,7 @@ def _text(body: bytes | str | None) -> str:
 
 def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
     """A received MESSAGE frame; `headers` keeps the event's own headers (and RabbitMQ's count)."""
-    from injector.replay import stomp_destination
+    from injector.topology import stomp_destination
 
     h = dict(frame.headers)
     body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from consumers import status
 from consumers.services import ingest_worker
 from injector import deadletter, marks, topology
 from injector.config import Settings
 from injector.events import FileClosed
 from injector.gateway import ClientGateway, NewReplica
+from operations import status
 from producers.publish import DaqPublisher, file_closed
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, get_all, ingested, running, wait_for
@@ -115,7 +115,7 @@ def test_existing_orphans_are_named_by_reconcile_and_status_and_attached_onwards
         assert Counter((f.kind, f.action) for f in found) == {("orphaned", "report"): 3}
         assert sorted(f.subject for f in found) == sorted(f"lst:{e.path}" for e in lost)
         assert all(f"dataset lst:{dataset(lab)} is closed" in f.detail and "reopen" in f.detail for f in found)
-        done = cli(config_file(s, tmp_path / "injector.toml"), "reconcile")
+        done = cli(config_file(s, tmp_path / "injector.toml"), "reconcile", expect=1)
         assert done.returncode == 1 and done.stdout.count(" orphaned ") == 3
         counts = status.collect(s, ClientGateway(s.rucio))["streams"]["lst1-raw"][f"lst:{dataset(lab)}"]
         assert (counts["registered"], counts["orphaned"]) == (1, 3), "orphans are not counted as files of it"

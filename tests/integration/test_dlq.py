@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumers.dlq import RabbitDlq, dead_letter_queues
 from consumers.services import ingest_worker
 from injector import deadletter, topology
 from injector.config import parse
@@ -20,6 +19,7 @@ from injector.events import FileClosed, encode
 from injector.messages import Outgoing
 from injector.testing import FakeRucio
 from injector.transport.amqp import Publisher, connection
+from operations.dlq import RabbitDlq, dead_letter_queues
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
 from tests.integration.rabbit import declared, depth, get_all, running, unique_settings, wait_for

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import stomp
 
-from consumers.dlq import ActiveMqDlq, dead_letter_queues
 from consumers.services import cleanup_worker
 from injector import deadletter
 from injector.deadletter import Filter
 from injector.testing import FakeRucio
+from operations.dlq import ActiveMqDlq, dead_letter_queues
 from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, running, unique_settings, wait_for
 

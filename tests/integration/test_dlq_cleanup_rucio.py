@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from consumers.dlq import dead_letter_queues, dlq_for
 from consumers.services import cleanup_worker
 from injector.config import Settings
 from injector.errors import RucioUnavailable
 from injector.testing import FakeRucio
+from operations.dlq import dead_letter_queues, dlq_for
 from tests.integration.cli import run
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, ingested, running, wait_for

@@ -13,9 +13,9 @@ import amqp
 import kombu
 import pytest
 
-from consumers.dlq import RabbitDlq
 from injector import topology
 from injector.cli import main
+from operations.dlq import RabbitDlq
 from tests.conftest import STREAMS
 from tests.integration.rabbit import AMQP_URL, declared, unique_settings
 from tests.integration.test_dlq import dlq_name, fill_dlq, write_config

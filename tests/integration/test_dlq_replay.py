@@ -13,14 +13,14 @@ from typing import Any
 import kombu
 import pytest
 
-from consumers.dlq import RabbitDlq
 from consumers.services import ingest_worker
 from injector.config import Settings
 from injector.deadletter import Filter
-from injector.replay import ReplaySummary
 from injector.testing import FakeRucio
 from injector.topology import TopologyMissing
 from injector.worker import BatchWorker
+from operations.dlq import RabbitDlq
+from operations.dlq.replay import ReplaySummary
 from tests.conftest import STREAMS
 from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, depth, get_all, running, unique_settings, wait_for

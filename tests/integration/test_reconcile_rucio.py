@@ -19,9 +19,7 @@ from typing import Any
 import kombu
 import pytest
 
-from consumers import reconcile, status
-from consumers.cleanup import release_replicas
-from consumers.findings import Finding
+from consumers.cleanup import release
 from injector import topology
 from injector.config import Settings
 from injector.events import FileClosed, archived_event_id, decode_file_archived
@@ -29,6 +27,8 @@ from injector.gateway import ClientGateway
 from injector.testbed.rses import file_protocol
 from injector.testbed.rucio import free_port
 from injector.transport.amqp import Publisher, connection
+from operations import reconcile, status
+from operations.findings import Finding
 from tests.integration.cli import run
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, get_all, ingested, unique_settings, wait_for
@@ -276,9 +276,9 @@ def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tm
         lab.client.set_tombstone([{"scope": "lst", "name": n, "rse": rse} for n, rse in src])
         lab.server.run_daemons("reaper", *TRANSFER[1:], rses=[SOURCE])
         gw = ClientGateway(s.rucio)
-        release_replicas(gw, [("lst", e.path, SOURCE) for e in batch["20261120"]])
+        release(gw, [("lst", e.path, SOURCE) for e in batch["20261120"]])
         lab.server.run_daemons("reaper", rses=[SOURCE])
-        release_replicas(gw, [("lst", e.path, SOURCE) for e in batch["20261121"]])
+        release(gw, [("lst", e.path, SOURCE) for e in batch["20261121"]])
         forged = FileClosed.create(**{**batch["20261124"][0].model_dump(exclude={"event_id", "schema_"}),
                                       "adler32": "0badf00d"})
         ingested(s, [*batch["20261124"], *batch["20261125"], forged])  # the forged one: dead-lettered (conflict)

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import stomp
 
-from consumers import status
-from consumers.cleanup import release_replicas
-from consumers.dlq import ActiveMqDlq
+from consumers.cleanup import release
 from injector.config import Settings
 from injector.gateway import ClientGateway
 from injector.testbed.rucio import free_port
+from operations import status
+from operations.dlq import ActiveMqDlq
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.rabbit import declared, ingested, unique_settings
 from tests.integration.test_ingest_rucio import files
@@ -35,7 +35,7 @@ def test_an_archived_file_not_yet_announced_is_announcing_and_an_announced_one_i
     with declared(s):
         ingested(s, [announced, pending])
         lab.server.run_daemons(*TRANSFER, rses=[SOURCE, ARCHIVE])  # no cleanup consumer: its events are lost
-        release_replicas(ClientGateway(s.rucio), [("lst", announced.path, SOURCE)])
+        release(ClientGateway(s.rucio), [("lst", announced.path, SOURCE)])
         lab.server.run_daemons("reaper", rses=[SOURCE])
         # The reconciler announces the first file (its deletion-done was lost) and releases the second, whose
         # source the reaper then deletes: archived, but its file-archived is not sent yet.

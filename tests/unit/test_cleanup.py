@@ -4,8 +4,9 @@ import random
 
 import pytest
 
-from consumers.cleanup import cleanup
+from consumers.cleanup import cleanup, release, verify
 from consumers.ingest import ingest
+from injector import marks
 from injector.config import parse
 from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
 from injector.gateway import FileMeta
@@ -265,3 +266,21 @@ def test_a_duplicate_transfer_failed_counts_nothing_and_writes_no_mark(settings,
     writes = rucio.calls["mark"]
     assert labels(cleanup([failed("r1")], rucio, settings)) == ["transfer-failed"]
     assert rucio.calls["mark"] == writes
+
+
+def test_verify_judges_the_archive_safe_only_when_every_rule_has_an_available_copy_away_from_the_source(
+        settings, rucio):
+    stream = settings.streams[0]
+    did = ("lst", NAME)
+    assert not verify(stream, rucio.replicas([did])[did], rucio).safe, "only the source holds it"
+    rucio.add_replica(DST, "lst", NAME, state="COPYING")
+    verdict = verify(stream, rucio.replicas([did])[did], rucio)
+    assert not verdict.safe and "PIC-ARCHIVE has 0/1 AVAILABLE" in str(verdict)
+    rucio.states[(DST, "lst", NAME)] = "AVAILABLE"
+    assert verify(stream, rucio.replicas([did])[did], rucio).safe
+    assert str(verify(stream, None, rucio)) == "no replica left at all"
+
+
+def test_release_tombstones_the_source_and_notes_when(settings, rucio):
+    assert release(rucio, [("lst", NAME, SRC)]) == {}
+    assert rucio.tombstoned == {(SRC, "lst", NAME)} and rucio.meta[("lst", NAME)].get(marks.RELEASED_AT)

@@ -5,17 +5,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumers import status
 from consumers.cleanup import cleanup
-from consumers.findings import diagnose_rule
 from consumers.ingest import ingest
-from consumers.inventory import dataset_pattern, dataset_regex, stream_pattern
-from consumers.reconcile import Options, sweep
 from injector import marks
 from injector.config import parse
 from injector.errors import ConfigError, PublishFailed
 from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
 from injector.testing import FakeRucio, Unavailable
+from operations import status
+from operations.findings import diagnose_rule
+from operations.inventory import dataset_pattern, dataset_regex, stream_pattern
+from operations.reconcile import Options, sweep
 from tests.conftest import STREAMS
 
 SRC, DST = "ORM-BUFFER", "PIC-ARCHIVE"
@@ -339,7 +339,7 @@ def test_stuck_rule_says_why_and_what_fix_does():
 def test_the_reconcile_loop_waits_out_a_rucio_outage_and_sweeps_again_as_soon_as_rucio_answers(settings, rucio):
     import threading
 
-    from consumers import reconcile
+    from operations import reconcile
 
     archived(rucio, NAMES[0])
     rucio.down = True

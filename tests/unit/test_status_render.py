@@ -1,4 +1,4 @@
-from consumers.status import STAGES, render
+from operations.status import STAGES, render
 
 
 def test_status_shows_names_and_errors_holding_markup_as_they_are(capsys):

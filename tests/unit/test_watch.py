@@ -20,7 +20,7 @@ from producers.candidates import Candidate, Settler
 from producers.edge import Edge
 from producers.hashing import HashPool
 from producers.refusals import Refusal, Refusals
-from producers.watch import Options, Watcher, _Handler, announcement, fields_from_path, ignored, selected
+from producers.watch import EventHandler, Options, Watcher, announcement, fields_from_path, ignored, selected
 from tests.conftest import STREAMS
 
 
@@ -106,10 +106,10 @@ def test_extra_globs_match_names_and_globs_with_a_slash_match_the_relative_path(
 
 # --- from watchdog events to candidates -----------------------------------------------------------
 
-def handler_and_watcher(root: str, **options: object) -> tuple[_Handler, Watcher, Stream]:
+def handler_and_watcher(root: str, **options: object) -> tuple[EventHandler, Watcher, Stream]:
     s = stream(storage_root=root)
     watcher = Watcher([s], Options(**options))  # type: ignore[arg-type]
-    return _Handler(watcher, s), watcher, s
+    return EventHandler(watcher, s), watcher, s
 
 
 def taken(watcher: Watcher) -> list[tuple[str, float, bool]]:
@@ -149,8 +149,8 @@ def test_streams_splitting_one_root_by_datatype_announce_each_file_once_by_the_f
     raw = stream(datatype="raw")
     dl1 = stream(name="lst1-dl1", datatype="dl1")
     watcher = Watcher([dl1, raw], Options())
-    _Handler(watcher, raw).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
-    _Handler(watcher, dl1).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
+    EventHandler(watcher, raw).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
+    EventHandler(watcher, dl1).dispatch(FileClosedEvent("/data/lst1/dl1/Run1.h5"))
     assert [(c.stream.name, c.path) for c in [watcher.candidates.get_nowait()]] == [
         ("lst1-dl1", "/data/lst1/dl1/Run1.h5")]
     assert watcher.candidates.empty()

@@ -6,12 +6,12 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from consumers.cleanup import missing_destinations
-from consumers.closed_datasets import Orphans
-from consumers.inventory import datasets_of, files_of, selected
+from consumers.cleanup import verify
 from injector import marks, topology
 from injector.config import Settings, Stream
 from injector.gateway import FileReplicas, RucioInspector
+from operations.inventory import datasets_of, files_of
+from operations.orphans import Orphans
 
 Did = tuple[str, str]
 # Every file is `registered` and in exactly one of the stages after it; `stuck` counts the replicating ones
@@ -24,12 +24,12 @@ STAGES = ("registered", "replicating", "replicated", "released", "announcing", "
 
 def file_stage(stream: Stream, reps: FileReplicas, file_marks: dict[str, Any], rucio: RucioInspector) -> str:
     """One file's stage (besides `registered`, which every file is)."""
-    lacking = missing_destinations(stream, reps, rucio)
+    safe = verify(stream, reps, rucio).safe
     if stream.source_rse in reps.states:
-        if lacking:
+        if not safe:
             return "replicating"
         return "released" if file_marks.get(marks.RELEASED_AT) else "replicated"
-    if lacking:
+    if not safe:
         return "source-lost"
     # Not announced yet: cleanup's deletion-done or, after the grace period, the reconciler will send it.
     return "archived" if file_marks.get(marks.ANNOUNCED) else "announcing"
@@ -51,7 +51,7 @@ def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = 
     """Counts per stream and dataset (the dataset recorded on each file by ingest), and the queues."""
     out: dict[str, Any] = {"streams": {}}
     dead = dead_lettered(settings)
-    for stream in selected(settings, streams):
+    for stream in settings.selected_streams(streams):
         stuck = stuck_files(stream, rucio)
         per: dict[str, Counter[str]] = defaultdict(Counter)
         orphans = Orphans(rucio)
@@ -81,10 +81,10 @@ def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = 
 def dead_lettered(settings: Settings) -> dict[str, dict[str, int]]:
     """file-closed events in the ingest dead-letter queue, per stream and dataset (peeked, not consumed).
     Events that match no stream are counted under the stream "(none)" by reason."""
-    from consumers.dlq import RabbitDlq
     from injector.errors import Permanent
     from injector.events import decode_file_closed
     from injector.streams import place
+    from operations.dlq import RabbitDlq
 
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     try:
@@ -124,8 +124,8 @@ def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
 def activemq_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
     """Messages in ActiveMQ's cleanup queue (Consumer.<app>.<virtual topic>) and its DLQ, counted by browsing
     over STOMP (nothing consumed), or why not."""
-    from consumers.dlq import ActiveMqDlq
     from injector.errors import BrokerUnavailable
+    from operations.dlq import ActiveMqDlq
 
     cleanup = settings.cleanup
     activemq = ActiveMqDlq(cleanup)

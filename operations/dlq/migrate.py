@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import amqp
 import kombu
 
-from consumers.dlq_rabbitmq import Confirms, close_gracefully, depth_of, take
 from injector import topology
 from injector.config import Settings
 from injector.deadletter import Record
 from injector.messages import Outgoing
 from injector.transport.amqp import connection
+from operations.dlq.rabbitmq import Confirms, close_gracefully, depth_of, take
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from consumers.dlq import ActiveMqDlq, dead_letter_queues, dlq_for, export_line
 from injector import config, prerequisites, topology
 from injector.deadletter import SHORT_ID, Filter, Record, UnknownId, parse_duration, resolve
 from injector.errors import InjectorError
-from injector.replay import ReplaySummary
+from operations.dlq import ActiveMqDlq, dead_letter_queues, dlq_for, export_line
+from operations.dlq.replay import ReplaySummary
 
 err = Console(stderr=True)
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _migrate(settings: config.Settings, queues: Sequence[str]) -> int:
-    from consumers.dlq_migrate import migrate, missing
+    from operations.dlq.migrate import migrate, missing
 
     absent = missing(settings, queues)
     if absent:

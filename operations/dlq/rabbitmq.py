@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import amqp
@@ -38,18 +38,15 @@ from injector.config import Broker
 from injector.deadletter import Filter, Record, record
 from injector.errors import BrokerUnavailable
 from injector.messages import Outgoing
-from injector.replay import ReplaySummary, Target, amqp_target, replay_headers
 from injector.transport.amqp import connection
+from operations.dlq.replay import Progress, Replay, ReplaySummary, Target, amqp_target, replay_headers
 
 log = logging.getLogger(__name__)
 
-FLUSH = 200  # dead letters republished per confirm round
 CONFIRM_TIMEOUT = 30.0
-CHECKS = 3  # passes of the after-replay check (a quorum DLQ may lose the check's own acks too)
 EVERYTHING = Filter()
 # What ends a pass early: the connection (or, e.g. a queue deleted meanwhile, the channel) is gone.
 LOST = (OSError, amqp.exceptions.ConnectionError, amqp.exceptions.ChannelError, BrokerUnavailable)
-Progress = Callable[[Record], None]
 
 
 class RabbitDlq:
@@ -88,92 +85,60 @@ class RabbitDlq:
     def replay(self, queue: str, where: Filter = EVERYTHING, *, limit: int | None = None, rate: float | None = None,
                routing_key: str | None = None, dry_run: bool = False,
                progress: Progress | None = None) -> ReplaySummary:
-        """Republish the selected dead letters of the start (see `injector.replay` for where each goes) and
+        """Republish the selected dead letters of the start (see `operations.dlq.replay` for where each goes) and
         remove each once its copy is confirmed; then check that none of them is still in the DLQ."""
-        run = _Replay(queue, where, limit, rate, routing_key, progress, ReplaySummary(queue, dry_run))
-        try:
-            with self._connection() as conn:
-                run.read(conn)
-        except LOST as exc:
-            run.lost(exc)
-        if run.removed:
-            self._check(queue, run)
-        return run.summary
-
-    def _check(self, queue: str, run: _Replay) -> None:
-        """Remove any replayed dead letter still in the DLQ (its removal was lost); count what stays."""
-        left = Counter(r.key for r in run.removed)
-        try:
-            for _ in range(CHECKS):
-                with self._connection() as conn:
-                    channel = conn.channel()
-                    found = [r for r in take(channel, queue, run.summary.depth) if left[r.key] > 0]
-                    for r in found:
-                        channel.basic_ack(r.tag[0])
-                        left[r.key] -= 1
-                    close_gracefully(channel)
-                if not found:
-                    return
-                run.summary.resettled += len(found)
-                log.warning("%d replayed dead letter(s) were still in %s (their removal was lost); removed now",
-                            len(found), queue)
-                left = Counter(r.key for r in found)
-        except LOST as exc:
-            run.summary.unchecked = sum(left.values())
-            run.summary.errors.append(f"could not check {queue} after the replay: {type(exc).__name__}: {exc}")
-            return
-        run.summary.in_both = sum(left.values())
+        run = Replay(queue, where, limit=limit, rate=rate, dry_run=dry_run, progress=progress)
+        return run.run(_Adapter(self._broker, queue, routing_key))
 
 
-class _Replay:
-    """One replay pass over one DLQ: reading, selecting, republishing with confirms, removing."""
+class _Adapter:
+    """A replay on RabbitMQ: basic.get without ack up to the depth of the start on one channel, copies published
+    on a confirm channel, the dead letters acked on the reading channel (removed for sure once it closed)."""
 
-    def __init__(self, queue: str, where: Filter, limit: int | None, rate: float | None, to: str | None,
-                 progress: Progress | None, summary: ReplaySummary) -> None:
-        self.queue, self.where, self.limit, self.rate, self.to = queue, where, limit, rate, to
-        self.progress = progress
-        self.summary = summary
-        self.pending: list[tuple[Record, Outgoing]] = []
-        self.removed: list[Record] = []  # acked; removed for sure once the channel closed
-        self.started = time.monotonic()
+    lost: tuple[type[BaseException], ...] = LOST
+
+    def __init__(self, broker: Broker, queue: str, to: str | None) -> None:
+        self.broker, self.queue, self.to = broker, queue, to
+        self.depth = 0
+        self.conn: Any = None
+        self.browse: Any = None
         self.publisher: Confirms | None = None
         self.exchanges: dict[str, str | None] = {}  # exchange → why it cannot be used (None: it exists)
 
-    def read(self, conn: kombu.Connection) -> None:
-        browse = conn.channel()
-        self.summary.depth = depth_of(conn, browse, self.queue)
-        if not self.summary.dry_run:
-            self.publisher = Confirms(conn)
-        for r in take(browse, self.queue, self.summary.depth):
-            self.summary.seen += 1
-            if self.where(r):
-                self._select(conn, browse, r)
-            if self.limit is not None and self.summary.selected >= self.limit:
-                break
-        self._flush(browse)
-        close_gracefully(browse)  # the broker answers only after it processed every ack sent before
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with connection(self.broker) as conn:  # a context manager: kombu releases it at exit
+            self.conn, self.browse = conn, conn.channel()
+            yield
+            close_gracefully(self.browse)  # the broker answers only after it processed every ack sent before
 
-    def _select(self, conn: kombu.Connection, browse: Any, r: Record) -> None:
-        self.summary.count(r, "selected")
-        target = amqp_target(r, self.to)
-        if self.summary.dry_run:
-            log.info("would replay %s from %s to %s", r.id, self.queue, target)
-            return
-        why = self._unusable(conn, target)
+    def present(self) -> tuple[int, Iterator[Record]]:
+        self.depth = depth_of(self.conn, self.browse, self.queue)
+        return self.depth, take(self.browse, self.queue, self.depth)
+
+    def deliver(self, selected: Iterable[Record]) -> Iterator[Record]:
+        return iter(selected)  # each is held unacked on the reading channel already
+
+    def unreached(self) -> list[Record]:
+        return []
+
+    def target(self, r: Record) -> Target:
+        return amqp_target(r, self.to)
+
+    def publish(self, records: list[Record], target: Target) -> list[str | None]:
+        why = self._unusable(target)
         if why:
-            self._fail(r, f"{r.id}: {why}; left in {self.queue}")
-            return
-        if any(p.id == r.id for p, _ in self.pending):  # one id per confirm round: outcomes are told by id
-            self._flush(browse)
-        self.pending.append((r, Outgoing(target.exchange, target.routing_key, r.body, replay_headers(r, target),
-                                         r.id, r.tag[1])))
-        if len(self.pending) >= _flush_size(self.rate):
-            self._flush(browse)
+            return [why] * len(records)
+        if self.publisher is None:
+            self.publisher = Confirms(self.conn)
+        refused = self.publisher.publish([Outgoing(target.exchange, target.routing_key, r.body,
+                                                   replay_headers(r, target), r.id, r.tag[1]) for r in records])
+        return [refused.get(r.id) for r in records]
 
-    def _unusable(self, conn: kombu.Connection, target: Target) -> str | None:
+    def _unusable(self, target: Target) -> str | None:
         """Publishing to a missing exchange would close the channel: ask first, once per exchange."""
         if target.exchange and target.exchange not in self.exchanges:
-            channel = conn.channel()
+            channel = self.conn.channel()
             try:
                 channel.exchange_declare(target.exchange, "topic", passive=True)
                 self.exchanges[target.exchange] = None
@@ -182,48 +147,20 @@ class _Replay:
                 self.exchanges[target.exchange] = f"exchange {target.exchange!r} does not exist"
         return self.exchanges.get(target.exchange)
 
-    def _flush(self, browse: Any) -> None:
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        assert self.publisher is not None
-        try:
-            refused = self.publisher.publish([m for _, m in batch])
-        except LOST:
-            self.pending = batch  # unconfirmed: `lost` counts them as doubtful
-            raise
-        accepted = []
-        for r, m in batch:
-            if m.message_id in refused:
-                self._fail(r, f"{r.id}: {refused[m.message_id]}; left in {self.queue}")
-            else:
-                accepted.append(r)
-                self._done(r, Target(m.exchange, m.routing_key))
-        for r in accepted:  # removed for sure once the channel closed; `RabbitDlq._check` looks again
-            browse.basic_ack(r.tag[0])
-        _throttle(self.rate, self.summary.replayed, self.started)
+    def remove(self, records: list[Record]) -> None:
+        for r in records:
+            self.browse.basic_ack(r.tag[0])
 
-    def _done(self, r: Record, target: Target) -> None:
-        """The broker confirmed the copy: replayed (the dead letter's removal follows)."""
-        self.removed.append(r)
-        self.summary.count(r, "replayed")
-        log.info("replayed %s from %s to %s (replay-count %d, reason was %s)", r.id, self.queue, target,
-                 r.replay_count + 1, r.reason, extra={"event_id": r.id})
-        if self.progress:
-            self.progress(r)
-
-    def _fail(self, r: Record, why: str) -> None:
-        self.summary.count(r, "failed")
-        self.summary.errors.append(why)
-        log.error("replay of %s failed, it stays dead-lettered: %s", r.id, why, extra={"event_id": r.id})
-
-    def lost(self, exc: BaseException) -> None:
-        """The connection died: what was sent without a confirm may or may not have arrived."""
-        for r, _ in self.pending:
-            self.summary.count(r, "doubtful")
-        self.pending = []
-        self.summary.interrupted = f"broker connection lost ({type(exc).__name__}: {exc})"
-        log.error("replay of %s interrupted: %s", self.queue, self.summary.interrupted)
+    def remove_again(self, records: list[Record]) -> tuple[list[Record], int]:
+        left = Counter(r.key for r in records)
+        with connection(self.broker) as conn:
+            channel = conn.channel()
+            found = [r for r in take(channel, self.queue, self.depth) if left[r.key] > 0]
+            for r in found:
+                channel.basic_ack(r.tag[0])
+                left[r.key] -= 1
+            close_gracefully(channel)  # the acks are processed once the broker answered the close
+        return found, len(found)
 
 
 class Confirms:
@@ -296,14 +233,3 @@ def close_gracefully(channel: Any) -> None:
     """Close gracefully: the broker's close-ok comes after it processed every frame sent before."""
     if channel.is_open:
         channel.close()
-
-
-def _flush_size(rate: float | None) -> int:
-    return FLUSH if rate is None else max(1, min(FLUSH, int(rate)))
-
-
-def _throttle(rate: float | None, done: int, started: float) -> None:
-    if rate:
-        ahead = done / rate - (time.monotonic() - started)
-        if ahead > 0:
-            time.sleep(ahead)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from queue import Empty, Queue
 from typing import Any
 
@@ -27,16 +26,13 @@ from injector.config import Cleanup
 from injector.deadletter import EXCHANGE, REASON, SOURCE_QUEUE, Filter, Record, record
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import Outgoing
-from injector.replay import ReplaySummary, replay_headers, stomp_target
+from operations.dlq.replay import Progress, Replay, ReplaySummary, Target, replay_headers, stomp_target
 
 log = logging.getLogger(__name__)
 
 EVERYTHING = Filter()
-FLUSH = 200
 RECEIPT_TIMEOUT = 30.0
-CHECKS = 3
 LOST = (BrokerUnavailable, PublishFailed, stomp.exception.StompException, OSError)
-Progress = Callable[[Record], None]
 
 
 class ActiveMqDlq:
@@ -55,7 +51,7 @@ class ActiveMqDlq:
 
     def purge(self, queue: str, where: Filter = EVERYTHING) -> int:
         chosen = [r for r in self.peek(queue) if where(r)]
-        removed = self._remove(queue, {r.message_id for r in chosen if r.message_id}, _newest(chosen))
+        removed = self.remove(queue, {r.message_id for r in chosen if r.message_id}, _newest(chosen))
         for r in chosen:
             if r.message_id in removed:
                 log.info("purged %s from %s (reason %s)", r.id, queue, r.reason, extra={"event_id": r.id})
@@ -66,26 +62,11 @@ class ActiveMqDlq:
                progress: Progress | None = None) -> ReplaySummary:
         """Send the selected dead letters of the start back to the consumer queue they came from (or to the
         destination `routing_key`); remove each once the broker receipted its copy; then check."""
-        summary = ReplaySummary(queue, dry_run)
         present = self.peek(queue)
-        summary.depth = summary.seen = len(present)
-        chosen = [r for r in present if where(r)][:limit]
-        for r in chosen:
-            summary.count(r, "selected")
-            if dry_run:
-                log.info("would replay %s from %s to %s", r.id, queue, stomp_target(r, routing_key))
-        if dry_run or not chosen:
-            return summary
-        run = _Replay(queue, chosen, routing_key, rate, progress, summary)
-        try:
-            with _Link(self.cfg) as link:
-                run.consume(link, self.IDLE, self.PREFETCH)
-        except LOST as exc:
-            run.lost(exc)
-        self._check(queue, run)
-        return summary
+        run = Replay(queue, where, limit=limit, rate=rate, dry_run=dry_run, progress=progress)
+        return run.run(_Adapter(self, queue, present, routing_key))
 
-    def _remove(self, queue: str, ids: set[str], newest: int | None) -> set[str]:
+    def remove(self, queue: str, ids: set[str], newest: int | None) -> set[str]:
         """Consume and ack the messages with these broker ids; returns the ids whose ack was receipted."""
         done: set[str] = set()
         if not ids:
@@ -99,92 +80,68 @@ class ActiveMqDlq:
                         break
         return done
 
-    def _check(self, queue: str, run: _Replay) -> None:
-        """Remove any replayed dead letter still in the DLQ (its ack was lost); count what stays."""
-        left = {str(r.message_id) for r in run.removed}
-        if not left:
-            return
+
+class _Adapter:
+    """A replay on ActiveMQ: the dead letters browsed at the start (by the broker's message id), consumed
+    client-individual with a selector excluding anything newer, copies SENT with a receipt, ACKs receipted."""
+
+    lost: tuple[type[BaseException], ...] = LOST
+
+    def __init__(self, dlq: ActiveMqDlq, queue: str, present: list[Record], to: str | None) -> None:
+        self.dlq, self.queue, self.browsed, self.to = dlq, queue, present, to
+        self.waiting: dict[str, Record] = {}  # selected, not received yet
+        self.link: _Link | None = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
         try:
-            for _ in range(CHECKS):
-                still = [r for r in self.peek(queue) if r.message_id in left]
-                if not still:
-                    return
-                removed = self._remove(queue, {str(r.message_id) for r in still}, _newest(still))
-                run.summary.resettled += len(removed)
-                left = {str(r.message_id) for r in still}
-        except LOST as exc:
-            run.summary.unchecked = len(left)
-            run.summary.errors.append(f"could not check {queue} after the replay: {type(exc).__name__}: {exc}")
+            yield
+        finally:
+            if self.link is not None:
+                self.link.__exit__()  # whatever is not acked returns to the DLQ
+
+    def present(self) -> tuple[int, list[Record]]:
+        return len(self.browsed), self.browsed
+
+    def deliver(self, selected: Iterable[Record]) -> Iterator[Record]:
+        """Only the selected of the start: a replayed event that fails again meanwhile is newer, or not one of
+        them, and is never acked (it returns to the DLQ at disconnect)."""
+        chosen = list(selected)
+        self.waiting = {str(r.message_id): r for r in chosen}
+        if not chosen:
             return
-        run.summary.in_both = len(left)
-
-
-class _Replay:
-    """One replay over one ActiveMQ DLQ: the chosen dead letters (browsed at the start) and nothing else."""
-
-    def __init__(self, queue: str, chosen: list[Record], to: str | None, rate: float | None,
-                 progress: Progress | None, summary: ReplaySummary) -> None:
-        self.queue, self.to, self.rate, self.progress, self.summary = queue, to, rate, progress, summary
-        self.waiting = {str(r.message_id): r for r in chosen}  # browsed, not received yet
-        self.newest = _newest(chosen)
-        self.pending: list[Record] = []  # received, copy not yet sent
-        self.removed: list[Record] = []
-        self.started = time.monotonic()
-
-    def consume(self, link: _Link, idle: float, prefetch: int) -> None:
-        for r in link.records(self.queue, browse=False, idle=idle, prefetch=prefetch, newest=self.newest):
-            chosen = self.waiting.pop(str(r.message_id), None)
-            if chosen is None:
-                continue  # not one of the start's chosen: never acked, it returns to the DLQ at disconnect
-            self.pending.append(r)
-            if len(self.pending) >= _flush_size(self.rate) or not self.waiting:
-                self._flush(link)
+        self.link = _Link(self.dlq.cfg)
+        for r in self.link.records(self.queue, browse=False, idle=self.dlq.IDLE, prefetch=self.dlq.PREFETCH,
+                                   newest=_newest(chosen)):
+            if self.waiting.pop(str(r.message_id), None) is None:
+                continue
+            yield r
             if not self.waiting:
-                break
-        self._flush(link)
-        for r in self.waiting.values():  # consumed meanwhile by someone else (a purge), or not delivered
-            self._fail(r, f"{r.id}: no longer delivered from {self.queue}")
+                return
 
-    def _flush(self, link: _Link) -> None:
-        while self.pending:
-            destination = stomp_target(self.pending[0], self.to).routing_key
-            records = [r for r in self.pending if stomp_target(r, self.to).routing_key == destination]
-            link.send(destination, [Outgoing(destination, "", r.body, replay_headers(r), None, r.tag[1])
-                                    for r in records])
-            self.pending = [r for r in self.pending if r not in records]
-            for r in records:  # copies receipted: replayed; the removal of each dead letter is checked after
-                self._done(r, destination)
-            link.ack([r.tag[0] for r in records])
+    def unreached(self) -> list[Record]:
+        return list(self.waiting.values())
 
-    def _done(self, r: Record, destination: str) -> None:
-        self.removed.append(r)
-        self.summary.count(r, "replayed")
-        log.info("replayed %s from %s to %s (replay-count %d, reason was %s)", r.id, self.queue, destination,
-                 r.replay_count + 1, r.reason, extra={"event_id": r.id})
-        if self.progress:
-            self.progress(r)
-        if self.rate:
-            ahead = self.summary.replayed / self.rate - (time.monotonic() - self.started)
-            if ahead > 0:
-                time.sleep(ahead)
+    def target(self, r: Record) -> Target:
+        return stomp_target(r, self.to)
 
-    def _fail(self, r: Record, why: str) -> None:
-        self.summary.count(r, "failed")
-        self.summary.errors.append(why)
-        log.error("replay of %s failed, it stays dead-lettered: %s", r.id, why, extra={"event_id": r.id})
+    def publish(self, records: list[Record], target: Target) -> list[str | None]:
+        assert self.link is not None
+        destination = target.routing_key
+        self.link.send(destination, [Outgoing(destination, "", r.body, replay_headers(r), None, r.tag[1])
+                                     for r in records])
+        return [None] * len(records)  # receipted, every one (else `send` raised)
 
-    def lost(self, exc: BaseException) -> None:
-        for r in self.pending:
-            self.summary.count(r, "doubtful")
-        self.pending = []
-        for r in self.waiting.values():  # selected at the start, never reached: still dead-lettered
-            self.summary.count(r, "failed")
-        if self.waiting:
-            self.summary.errors.append(f"{len(self.waiting)} selected dead letter(s) not reached before the "
-                                       f"connection was lost: still in {self.queue}")
-        self.waiting = {}
-        self.summary.interrupted = f"broker connection lost ({type(exc).__name__}: {exc})"
-        log.error("replay of %s interrupted: %s", self.queue, self.summary.interrupted)
+    def remove(self, records: list[Record]) -> None:
+        assert self.link is not None
+        self.link.ack([r.tag[0] for r in records])
+
+    def remove_again(self, records: list[Record]) -> tuple[list[Record], int]:
+        ids = {str(r.message_id) for r in records}
+        still = [r for r in self.dlq.peek(self.queue) if r.message_id in ids]
+        if not still:
+            return [], 0
+        return still, len(self.dlq.remove(self.queue, {str(r.message_id) for r in still}, _newest(still)))
 
 
 class _Link:
@@ -281,7 +238,3 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def _flush_size(rate: float | None) -> int:
-    return FLUSH if rate is None else max(1, min(FLUSH, int(rate)))

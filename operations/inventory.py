@@ -4,13 +4,12 @@ pattern) with their replicas and the project's marks, and its datasets (the temp
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from injector import marks
-from injector.config import RUCIO_BULK, Settings, Stream
-from injector.errors import ConfigError
+from injector.config import RUCIO_BULK, Stream
 from injector.gateway import FileReplicas, RucioInspector, chunks
 
 Did = tuple[str, str]
@@ -64,11 +63,3 @@ def files_of(stream: Stream, rucio: RucioInspector, unfinished: bool = False) ->
         reps = rucio.replicas(wanted) if wanted else {}
         for did in wanted:
             yield FileState(did, reps.get(did) or FileReplicas(*did, None, None, {}, {}), meta[did])
-
-
-def selected(settings: Settings, streams: Sequence[str]) -> list[Stream]:
-    """The streams named (all when none); an unknown name is an error, not an empty sweep."""
-    unknown = set(streams) - {s.name for s in settings.streams}
-    if unknown:
-        raise ConfigError(f"no stream named {', '.join(sorted(unknown))} in the configuration")
-    return [s for s in settings.streams if not streams or s.name in streams]

@@ -1,9 +1,9 @@
 """Dead-letter operations on RabbitMQ (AMQP) and ActiveMQ (STOMP): list, show, export, purge, replay — safely.
 
-Which DLQs a config has, and the tool for each: `consumers.dlq_rabbitmq` (the `<queue>.dlq` classic queues)
-and `consumers.dlq_activemq` (ActiveMQ's `DLQ.<queue>` of the cleanup consumer). Both promise the same:
+Which DLQs a config has, and the tool for each: `operations.dlq.rabbitmq` (the `<queue>.dlq` classic queues)
+and `operations.dlq.activemq` (ActiveMQ's `DLQ.<queue>` of the cleanup consumer). Both promise the same:
 listing changes nothing; a replay works only on the dead letters present when it started, republishes each
-with a broker confirm BEFORE removing it, and its summary (`injector.replay.ReplaySummary`) counts where every
+with a broker confirm BEFORE removing it, and its summary (`operations.dlq.replay.ReplaySummary`) counts where every
 selected dead letter ended up.
 """
 
@@ -13,12 +13,12 @@ import base64
 import json
 from typing import Any
 
-from consumers.dlq_activemq import ActiveMqDlq
-from consumers.dlq_rabbitmq import RabbitDlq
 from injector import topology
 from injector.config import Settings
 from injector.deadletter import Record
 from injector.errors import ConfigError
+from operations.dlq.activemq import ActiveMqDlq
+from operations.dlq.rabbitmq import RabbitDlq
 
 __all__ = ["ACTIVEMQ_DLQ_PREFIX", "ActiveMqDlq", "Dlq", "RabbitDlq", "activemq_dlq_name", "dead_letter_queues",
            "dlq_for", "export_line"]

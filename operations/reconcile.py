@@ -2,7 +2,7 @@
 
 One sweep, per stream, reads Rucio (the source of truth) and:
   * releases sources whose archive copies are verified safe but were never released (a lost transfer-done),
-    with cleanup's own verification (`missing_destinations`) and release (`release_replicas`);
+    with cleanup's own verification (`consumers.cleanup.verify`) and release (`consumers.cleanup.release`);
   * publishes file-archived for files whose source is gone, archive verified, never announced, released more
     than the grace period ago (a lost deletion-done);
   * reports, and with --fix repairs, files registered but not attached to their dataset and datasets
@@ -32,15 +32,15 @@ from typing import Any
 
 from consumers import transfer_failures
 from consumers.announcement import archive_times, archived_event, archived_message
-from consumers.cleanup import missing_destinations, release_replicas
-from consumers.closed_datasets import orphan_findings
-from consumers.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
-from consumers.inventory import FileState, datasets_of, files_of, selected
+from consumers.cleanup import release, verify
 from injector import marks
 from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed
 from injector.gateway import Attachment, RucioInspector, chunks
 from injector.messages import Outgoing
+from operations.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
+from operations.inventory import FileState, datasets_of, files_of
+from operations.orphans import orphan_findings
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def sweep(settings: Settings, rucio: RucioInspector, publish: Publish, options: 
     """One pass over the streams; a stream Rucio cannot be read for becomes a `sweep-failed` finding."""
     now = now or datetime.now(UTC)
     findings: list[Finding] = []
-    for stream in selected(settings, streams):
+    for stream in settings.selected_streams(streams):
         try:
             findings += _sweep_stream(stream, settings, rucio, publish, options, now)
         except InjectorError as exc:
@@ -108,20 +108,20 @@ def _place(stream: Stream, f: FileState, rucio: RucioInspector, options: Options
            plan: _Plan) -> None:
     """Put the file where it belongs in the plan (or nowhere: in transfer, or finished)."""
     reps = f.replicas
-    lacking = missing_destinations(stream, reps, rucio)  # cleanup's verification, the only one
+    verdict = verify(stream, reps, rucio)  # cleanup's verification, the only one
     released = parse_time(f.marks.get(marks.RELEASED_AT), f"{f.label} {marks.RELEASED_AT}")
     # Within the grace period after a release, the reaper and cleanup's deletion-done are still on their way.
     settled = released is None or now - released > options.grace
     failing = transfer_failures.describe(f.marks.get(marks.TRANSFER_FAILURES))
-    if failing and lacking:  # Rucio may still be retrying: say so instead of "nothing to do"
+    if failing and not verdict.safe:  # Rucio may still be retrying: say so instead of "nothing to do"
         plan.findings.append(Finding(stream.name, "transfer-failing", f.label, failing))
     if stream.source_rse not in reps.states:
-        if lacking:
+        if not verdict.safe:
             plan.findings.append(Finding(stream.name, "source-lost", f.label, "the source replica is gone but the "
-                                         "archive is not verified: " + "; ".join(lacking)))
+                                         f"archive is not verified: {verdict}"))
         elif not f.marks.get(marks.ANNOUNCED) and settled:
             plan.announce.append(f)
-    elif not lacking and stream.release_source:
+    elif verdict.safe and stream.release_source:
         if released is None:
             plan.release.append(f)
         elif settled:
@@ -133,7 +133,7 @@ def _release(stream: Stream, files: list[FileState], rucio: RucioInspector, opti
         return [Finding(stream.name, "release-source", f.label, "archive verified; would release the source",
                         "would") for f in files]
     keys = [(f.did[0], f.did[1], stream.source_rse) for f in files]
-    refused = release_replicas(rucio, keys)
+    refused = release(rucio, keys)
     out = []
     for f, key in zip(files, keys, strict=True):
         exc = refused.get(key)
@@ -222,7 +222,7 @@ def _undeleted(stream: Stream, files: list[FileState], rucio: RucioInspector, op
             out.append(Finding(stream.name, "source-not-deleted", f.label, detail + "; would set it again", "would"))
         else:
             again.append(f)
-    refused = release_replicas(rucio, [(f.did[0], f.did[1], rse) for f in again]) if again else {}
+    refused = release(rucio, [(f.did[0], f.did[1], rse) for f in again]) if again else {}
     for f in again:
         why = refused.get((f.did[0], f.did[1], rse))
         out.append(Finding(stream.name, "source-not-deleted", f.label, f"epoch tombstone refused: {why}" if why
@@ -297,7 +297,7 @@ def run(settings: Settings, options: Options, streams: Sequence[str], every: flo
     another as soon as Rucio answers (the gateway's breaker probes meanwhile)."""
     from injector.gateway import ClientGateway
 
-    selected(settings, streams)  # fail fast on an unknown stream name
+    settings.selected_streams(streams)  # fail fast on an unknown stream name
     metrics = _metrics(settings, every, metrics_port)
     if rucio is None:
         rucio = ClientGateway(settings.rucio, observe=metrics.observe if metrics else None)
@@ -329,7 +329,7 @@ class _SweepMetrics:
     def __init__(self, settings: Settings, every: float, port: int | None) -> None:
         from prometheus_client import Gauge
 
-        from consumers.services import _serve_metrics
+        from consumers.services import serve_metrics
         from injector.metrics import Metrics
 
         self.metrics = Metrics("reconcile", stall_seconds=2 * every + 60)
@@ -338,7 +338,7 @@ class _SweepMetrics:
                               ["stream", "kind", "action"], registry=registry)
         self.last = Gauge("rucio_injector_reconcile_last_sweep_timestamp_seconds", "When the last sweep ended",
                           registry=registry)
-        _serve_metrics(self.metrics, settings.metrics.host, settings.metrics.reconcile_port if port is None else port)
+        serve_metrics(self.metrics, settings.metrics.host, settings.metrics.reconcile_port if port is None else port)
         self.metrics.heartbeat()  # healthy from the start; unhealthy when no sweep ends within two periods
 
     def observe(self, operation: str, seconds: float, outcome: str) -> None:
