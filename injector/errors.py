@@ -2,24 +2,32 @@
 
 Permanent errors go straight to the dead-letter queue with their machine-readable `reason`;
 transient errors are retried (with backoff at the edge, then by redelivery). Nothing else
-decides; `injector.settle` maps these to ack / requeue / dead-letter.
+decides; `injector.settle` maps these to ack / requeue / dead-letter. Each class names its reason
+once, in its header (`class NoStream(Permanent, reason="no-stream")`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class InjectorError(Exception):
     """Base of every error the project raises on purpose."""
+
+    reason: str
+
+    def __init_subclass__(cls, reason: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if reason is not None:
+            cls.reason = reason
 
 
 class ConfigError(InjectorError):
     """The configuration cannot be used; raised once, at start-up."""
 
 
-class Permanent(InjectorError):
+class Permanent(InjectorError, reason="permanent"):
     """Retrying cannot help: dead-letter now. `reason` is a stable machine-readable code."""
-
-    reason = "permanent"
 
     def __init__(self, message: str, *, event_id: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
@@ -28,60 +36,50 @@ class Permanent(InjectorError):
             self.reason = reason
 
 
-class InvalidEvent(Permanent):
-    reason = "invalid-event"
+class InvalidEvent(Permanent, reason="invalid-event"):
+    """The message is not a valid event of its contract: which field, and why, is in the text."""
 
 
-class NoStream(Permanent):
-    reason = "no-stream"
+class NoStream(Permanent, reason="no-stream"):
+    """No configured stream takes the event (its site, instrument and datatype)."""
 
 
-class PathOutsideRoot(Permanent):
-    reason = "path-outside-root"
+class PathOutsideRoot(Permanent, reason="path-outside-root"):
+    """The path (or the real path behind a symlink) leaves the stream's storage root."""
 
 
-class PathNotCanonical(Permanent):
+class PathNotCanonical(Permanent, reason="path-not-canonical"):
     """The announced path reaches its file through a symlink: the file has another (canonical) name."""
 
-    reason = "path-not-canonical"
+
+class TemplateFieldMissing(Permanent, reason="template-field-missing"):
+    """The stream's dataset template needs a field the event does not carry."""
 
 
-class TemplateFieldMissing(Permanent):
-    reason = "template-field-missing"
+class ChecksumConflict(Permanent, reason="checksum-conflict"):
+    """Rucio holds this name with another size or adler32: never overwritten."""
 
 
-class ChecksumConflict(Permanent):
-    reason = "checksum-conflict"
-
-
-class RucioRefused(Permanent):
+class RucioRefused(Permanent, reason="rucio-refused"):
     """Rucio refused the request for good (bad name, unknown RSE or scope, closed dataset...)."""
 
-    reason = "rucio-refused"
+
+class PermissionDenied(Permanent, reason="permission-denied"):
+    """Rucio says the account may not do this: a person must grant it (or fix the stream)."""
 
 
-class PermissionDenied(Permanent):
-    reason = "permission-denied"
-
-
-class DatasetClosed(Permanent):
+class DatasetClosed(Permanent, reason="dataset-closed"):
     """The file's dataset is closed (ops closed it): it cannot be attached, so it is not registered either."""
 
-    reason = "dataset-closed"
 
-
-class Transient(InjectorError):
+class Transient(InjectorError, reason="transient"):
     """A passing fault (Rucio 5xx, connection loss, timeout): retry later."""
 
-    reason = "transient"
 
-
-class RucioUnavailable(Transient):
+class RucioUnavailable(Transient, reason="rucio-unavailable"):
     """A call failed in a way a retry may cure, while Rucio as a whole answers (its health probe passes):
     e.g. a concurrent insert, or an error only this request meets. Redelivered within the delivery budget;
     when it persists, dead-lettered `rucio-unavailable` with the server's message."""
-
-    reason = "rucio-unavailable"
 
 
 class RucioFailed(RucioUnavailable):
@@ -90,15 +88,13 @@ class RucioFailed(RucioUnavailable):
     holds back its neighbours; that item is then retried like any RucioUnavailable."""
 
 
-class RucioDown(Transient):
+class RucioDown(Transient, reason="rucio-down"):
     """Rucio as a whole does not answer (its health probe fails): an outage, never the event's fault.
     The consumer holds its messages unacked and waits (injector.breaker); no delivery budget is spent."""
 
-    reason = "rucio-down"
 
-
-class BrokerUnavailable(Transient):
-    reason = "broker-unavailable"
+class BrokerUnavailable(Transient, reason="broker-unavailable"):
+    """No broker of the configuration answers, or the connection was lost: reconnect with backoff."""
 
 
 class PublishFailed(InjectorError):

@@ -336,36 +336,20 @@ class ClientGateway:
         self._call("add_replicas", self.client.add_replicas, rse=rse, files=files)
 
     def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
-        def create() -> bool:
-            try:
-                # The server wants the rule owner spelled out in a rule given with add_dataset.
-                owner = self.client.account
-                self.client.add_dataset(scope, name, rules=[{**_rule_dict(r), "account": owner} for r in rules])
-            except Exception as exc:
-                if isinstance(exc, rx.DataIdentifierAlreadyExists):
-                    return False
-                raise
-            return True
+        def create() -> None:  # the server wants the rule owner spelled out in a rule given with add_dataset
+            owner = self.client.account
+            self.client.add_dataset(scope, name, rules=[{**_rule_dict(r), "account": owner} for r in rules])
 
-        return self._call("add_dataset", create)
+        return self._call("add_dataset", _created, rx.DataIdentifierAlreadyExists, create)
 
     def dataset_rules(self, scope: str, name: str) -> list[tuple[str, int]]:
         rows = self._call("list_did_rules", lambda: list(self.client.list_did_rules(scope, name)))
         return [(r["rse_expression"], int(r["copies"])) for r in rows]
 
     def add_rule(self, scope: str, name: str, rule: Rule) -> bool:
-        def create() -> bool:
-            try:
-                self.client.add_replication_rule(
-                    [{"scope": scope, "name": name}], rule.copies, rule.rse_expression,
-                    grouping=rule.grouping, lifetime=rule.lifetime, activity=rule.activity)
-            except Exception as exc:
-                if isinstance(exc, rx.DuplicateRule):
-                    return False
-                raise
-            return True
-
-        return self._call("add_replication_rule", create)
+        return self._call("add_replication_rule", _created, rx.DuplicateRule, lambda: self.client.add_replication_rule(
+            [{"scope": scope, "name": name}], rule.copies, rule.rse_expression,
+            grouping=rule.grouping, lifetime=rule.lifetime, activity=rule.activity))
 
     def attach(self, attachments: Sequence[Attachment]) -> None:
         body = [
@@ -514,6 +498,15 @@ class ClientGateway:
         usage = self._call("get_local_account_usage", lambda: list(self.client.get_local_account_usage(name)))
         return AccountInfo(name, admin, frozenset(owned), {str(k): float(v) for k, v in limits.items()},
                            {str(u["rse"]): int(u.get("bytes") or 0) for u in usage})
+
+
+def _created(exists: type[Exception], create: Callable[[], object]) -> bool:
+    """Create something Rucio refuses to create twice: True when this call made it, False when it already was."""
+    try:
+        create()
+    except exists:
+        return False
+    return True
 
 
 def _replica_dict(r: NewReplica) -> dict[str, Any]:
