@@ -149,6 +149,8 @@ class BatchWorker:
                 if retried:
                     resume_at = time.monotonic() + self.batching.retry_pause
             if inflight is None and stop.is_set():
+                if not paused:  # the stop landed after the check above (while a batch was settled): cancel now,
+                    link.pause()  # so what the broker sent after that ack is in the buffer and goes back uncounted
                 self._hand_back(link.session, buffer, "stopping")
                 return
             if inflight is None and self._rucio_down() and not stop.is_set():  # nobody is probing: probe
