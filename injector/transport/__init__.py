@@ -35,7 +35,8 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (BrokerUnavailable, OSError)
 class Link(Protocol):
     """One broker connection consuming one queue. `pump` moves received deliveries into the buffer given at
     connect time (waiting up to `timeout`) and raises BrokerUnavailable when the connection is lost; `pause`
-    stops intake (what was received stays valid to settle), `resume` restarts it."""
+    stops intake (what was received stays valid to settle) and returns once every delivery the broker made before
+    it is in the buffer (AMQP: cancel-ok), so a stop hands back everything it holds; `resume` restarts it."""
 
     @property
     def session(self) -> Session: ...
