@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import random
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -283,4 +284,6 @@ def test_verify_judges_the_archive_safe_only_when_every_rule_has_an_available_co
 
 def test_release_tombstones_the_source_and_notes_when(settings, rucio):
     assert release(rucio, [("lst", NAME, SRC)]) == {}
-    assert rucio.tombstoned == {(SRC, "lst", NAME)} and rucio.meta[("lst", NAME)].get(marks.RELEASED_AT)
+    assert rucio.tombstoned == {(SRC, "lst", NAME)}
+    noted = datetime.fromisoformat(rucio.meta[("lst", NAME)][marks.RELEASED_AT])
+    assert noted.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - noted) < timedelta(minutes=1), noted
