@@ -20,9 +20,10 @@ from injector import topology
 from injector.messages import Delivery, Outgoing
 from injector.settle import Outcome, Route
 from injector.worker import Batching, BatchWorker
+from tests.integration.hermes import HermesSender
 from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
-from tests.integration.test_cleanup_rucio import _Hermes, dead_letters
+from tests.integration.test_cleanup_rucio import dead_letters
 
 pytestmark = pytest.mark.integration
 
@@ -96,12 +97,9 @@ def upstream(s: Any) -> tuple[str, int]:
 
 
 def send(s: Any, *bodies: str) -> None:
-    hermes = _Hermes(s)
-    try:
+    with HermesSender(s) as hermes:
         for b in bodies:
             hermes.send_raw(b)
-    finally:
-        hermes.close()  # returns once the broker receipted every frame
 
 
 def test_ack_after_effect_and_retry_then_our_dead_letter_at_the_limit(broker):

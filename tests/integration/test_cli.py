@@ -14,8 +14,9 @@ import pytest
 from injector.config import Settings
 from injector.testbed.rucio import free_port
 from tests.integration.conftest import Lab
+from tests.integration.hermes import HermesSender
 from tests.integration.rabbit import declared, wait_for
-from tests.integration.test_cleanup_rucio import RABBIT_STOMP, _Hermes, cleanup_settings
+from tests.integration.test_cleanup_rucio import RABBIT_STOMP, cleanup_settings
 from tests.integration.test_ingest_rucio import stream_toml
 
 pytestmark = pytest.mark.integration
@@ -56,12 +57,10 @@ def test_cleanup_verb_consumes_hermes_events_serves_metrics_and_stops_cleanly_on
                     return False
 
             wait_for(healthy, timeout=30, what="/healthz 200")
-            hermes = _Hermes(s)
-            try:  # a managed scope (Rucio is asked, knows no such file) and another experiment's scope
+            # a managed scope (Rucio is asked, knows no such file) and another experiment's scope
+            with HermesSender(s) as hermes:
                 hermes.send("transfer-done", {"scope": "lst", "name": f"/nowhere/{lab.tag}", "dst-rse": "X"})
                 hermes.send("deletion-done", {"scope": "atlas", "name": "a.root", "rse": "CERN"})
-            finally:
-                hermes.close()
             wait_for(lambda: metric(port, "rucio_injector_events_total", 'outcome="unmanaged"') == 2, timeout=30,
                      what="2 unmanaged events in /metrics")
         finally:

@@ -9,10 +9,10 @@ import pytest
 from injector import clock, topology
 from injector.events import decode_file_archived
 from tests.integration.conftest import ARCHIVE, SOURCE
+from tests.integration.hermes import HermesSender
 from tests.integration.rabbit import declared, get_all, ingested, wait_for
 from tests.integration.test_cleanup_rucio import (
     RABBIT_STOMP,
-    _Hermes,
     cleanup_running,
     cleanup_settings,
     outcomes,
@@ -33,8 +33,7 @@ def test_hermes_created_at_naive_offset_zulu_and_future_become_the_right_archive
     with declared(s), cleanup_running(s) as workers:
         ingested(s, events)
         lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", rses=[SOURCE, ARCHIVE])
-        hermes = _Hermes(s)
-        try:
+        with HermesSender(s) as hermes:
             for e in events:
                 hermes.send("transfer-done", transfer_done(e))
             wait_for(lambda: outcomes(workers, "released") == 4, timeout=60, what="4 sources released")
@@ -44,8 +43,6 @@ def test_hermes_created_at_naive_offset_zulu_and_future_become_the_right_archive
                 hermes.send("deletion-done", {"scope": "lst", "name": e.path, "rse": SOURCE, "bytes": e.size,
                                               "url": f"file://localhost{e.path}"}, created_at=created[e.path])
             wait_for(lambda: outcomes(workers, "archived") == 4, timeout=60, what="4 file-archived")
-        finally:
-            hermes.close()
         handled = datetime.now(UTC)
         archived = {a.name: a.archived_at for a in (decode_file_archived(m.body)
                                                     for m in get_all(s, topology.archived_queue(s)))}

@@ -27,9 +27,10 @@ from injector.testbed.rucio import PASSWORD, USERNAME, RucioServer
 from injector.worker import BatchWorker
 from producers.publish import DaqPublisher
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
+from tests.integration.hermes import HermesSender
 from tests.integration.httpfault import RucioProxy
 from tests.integration.rabbit import declared, depth, get_all, ingested, running, wait_for
-from tests.integration.test_cleanup_rucio import _Hermes, cleanup_settings, dead_letters, outcomes, transfer_done
+from tests.integration.test_cleanup_rucio import cleanup_settings, dead_letters, outcomes, transfer_done
 from tests.integration.test_ingest_rucio import files, settings_for
 
 pytestmark = pytest.mark.integration
@@ -166,18 +167,18 @@ def test_cleanup_waits_out_an_outage_mid_stream_of_transfer_done_events(lab: Lab
         worker = cleanup_worker(s, lab.gateway(s))
         worker.batching.batch_window = 0.1
         attempts = Attempts(worker)
-        hermes = _Hermes(s)
         with running(worker):
             wait_for(lambda: worker.metrics.health()[0], timeout=30, what="cleanup subscribed")
-            for e in events[:40]:
-                hermes.send("transfer-done", transfer_done(e))
-            wait_for(lambda: outcomes([worker], "released") >= 1, timeout=30, what="releases under way")
-            with rucio_down(lab.server):
-                for e in events[40:]:
+            with HermesSender(s) as hermes:
+                for e in events[:40]:
                     hermes.send("transfer-done", transfer_done(e))
-                wait_for(lambda: worker.breaker is not None and worker.breaker.open, timeout=30, what="breaker open")
-                time.sleep(20)
-            hermes.close()
+                wait_for(lambda: outcomes([worker], "released") >= 1, timeout=30, what="releases under way")
+                with rucio_down(lab.server):
+                    for e in events[40:]:
+                        hermes.send("transfer-done", transfer_done(e))
+                    wait_for(lambda: worker.breaker is not None and worker.breaker.open, timeout=30,
+                             what="breaker open")
+                    time.sleep(20)
             wait_for(lambda: worker.stats.messages == 120, timeout=120, what="every transfer-done settled")
         dead = dead_letters(s)
     assert not dead and sorted(attempts.seen) == [1] * len(attempts.seen)

@@ -20,6 +20,7 @@ from injector import topology
 from injector.events import FileClosed, encode
 from producers.publish import DaqPublisher
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
+from tests.integration.hermes import HermesSender
 from tests.integration.httpfault import RucioProxy
 from tests.integration.rabbit import declared, depth, get_all, ingested, wait_for
 from tests.integration.test_ingest_rucio import settings_for, stream_toml, write_config
@@ -135,7 +136,7 @@ def test_sigterm_during_a_slow_add_replicas_finishes_that_batch_in_rucio_and_tak
 
 
 def test_sigterm_of_cleanup_during_a_slow_release_finishes_that_batch_in_rucio_and_takes_nothing_else(lab, tmp_path):
-    from tests.integration.test_cleanup_rucio import RABBIT_STOMP, _Hermes, cleanup_settings, transfer_done
+    from tests.integration.test_cleanup_rucio import RABBIT_STOMP, cleanup_settings, transfer_done
     from tests.integration.test_ingest_rucio import files
     from tests.integration.test_reconcile_rucio import TRANSFER
 
@@ -161,12 +162,9 @@ def test_sigterm_of_cleanup_during_a_slow_release_finishes_that_batch_in_rucio_a
             lab.server.run_daemons(*TRANSFER, rses=[SOURCE, ARCHIVE])
             states = [r["states"].get(ARCHIVE) for r in lab.replicas([e.path for e in events]).values()]
             assert states == ["AVAILABLE"] * 30, states
-            hermes = _Hermes(s)
-            try:
+            with HermesSender(s) as hermes:
                 for e in events:
                     hermes.send("transfer-done", transfer_done(e))
-            finally:
-                hermes.close()
             with log_path.open("w") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "injector.cli", "cleanup"], env=env, stderr=log)
                 text = _stop_mid_call(proc, proxy, log_path)

@@ -10,10 +10,10 @@ import pytest
 
 from injector.config import Settings
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
+from tests.integration.hermes import HermesSender
 from tests.integration.rabbit import declared, ingested, wait_for
 from tests.integration.test_cleanup_rucio import (
     RABBIT_STOMP,
-    _Hermes,
     cleanup_running,
     cleanup_settings,
     dead_letters,
@@ -129,11 +129,8 @@ def test_transfer_done_of_a_stream_this_config_lacks_is_unmanaged_and_reconcile_
         ingested(with_b, [e])
         lab.server.run_daemons("judge-evaluator", "submitter", "poller", "finisher", rses=[SOURCE, ARCHIVE])
     with declared(without_b), cleanup_running(without_b) as workers:
-        hermes = _Hermes(without_b)
-        try:
+        with HermesSender(without_b) as hermes:
             hermes.send("transfer-done", transfer_done(e))
-        finally:
-            hermes.close()
         wait_for(lambda: sum(w.stats.messages for w in workers) == 1, timeout=30, what="the transfer-done")
         assert outcomes(workers, "unmanaged") == 1 and outcomes(workers, "source-gone") == 0
     assert SOURCE in lab.replicas([e.path])[e.path]["states"] and Path(e.path).exists()  # nothing released
