@@ -54,9 +54,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if not args.paths and not args.flush:
-        raise InjectorError("publish: give the files to announce, or --flush")
+        raise InjectorError("give the files to announce, or --flush")
     if args.paths and not (args.site and args.instrument):
-        raise InjectorError("publish: --site and --instrument are required with files to announce")
+        raise InjectorError("--site and --instrument are required with files to announce")
     meta = dict(_key_value(kv) for kv in args.meta)
     extra = {k: v for k, v in (("run", args.run), ("night", args.night), ("datatype", args.datatype)) if v}
     events = [file_closed(p, site=args.site, instrument=args.instrument, metadata=meta, **extra) for p in args.paths]
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="never announce these names (repeatable; always ignored: .* *.tmp *.part)")
     wat.add_argument("--hash-workers", type=int, default=2, metavar="N",
                      help="files read for their checksum at once (small files do not wait behind a big one)")
-    wat.add_argument("--metrics-port", type=int, help="serve /metrics (refused files by reason) here (0 = off)")
+    wat.add_argument("--metrics-port", type=int,
+                     help="serve /metrics (refused files by reason, outbox depth) and /healthz here (0 = off)")
     wat.set_defaults(func=cmd_watch)
 
     ing = sub.add_parser("ingest", help="run the ingest consumer (file-closed → Rucio)")

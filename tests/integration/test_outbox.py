@@ -169,3 +169,19 @@ def test_a_watcher_killed_with_its_event_in_the_outbox_is_followed_by_one_that_s
     (m,) = get_all(s, s.ingest.queue)
     assert decode_file_closed(m.body).path == str(closed)
     assert depth_of(s.outbox) == 0
+
+
+def test_an_unroutable_event_stays_in_the_outbox_is_reported_and_publish_flush_exits_3(s, tmp_path, caplog):
+    nowhere = s.broker.model_copy(update={"daq_exchange": s.broker.dead_letter_exchange})  # no binding for it
+    e = ev(1)
+    with DaqPublisher(nowhere, outbox=s.outbox, background=False, close_timeout=0) as daq:
+        daq.publish([e])
+        done = daq.flush(0)
+        assert (done.sent, done.left) == (0, 1) and "unroutable" in next(iter(done.parked.values()))
+    assert any(str(e.event_id) in r.getMessage() and "NOT accepted" in r.getMessage() for r in caplog.records)
+    cfg = config(s, tmp_path / "c.toml", AMQP_URL)
+    cfg.write_text(cfg.read_text().replace(f'daq_exchange = "{s.broker.daq_exchange}"',
+                                           f'daq_exchange = "{s.broker.dead_letter_exchange}"'))
+    out = cli.run("publish", "--flush", config=cfg, expect=3)
+    assert "unroutable" in out.stderr and "1 event(s) wait in the outbox" in out.stderr
+    assert depth_of(s.outbox) == 1
