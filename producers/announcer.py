@@ -90,7 +90,7 @@ class Announcer:
         return len(self._pending) >= self._batch_size or self._clock() - (self._oldest or 0.0) >= self._window
 
     def flush(self, stop: threading.Event) -> bool:
-        """Publish every pending event, retrying with backoff until done or `stop` is set.
+        """Hand every pending event to the outbox, retrying with backoff until done or `stop` is set.
         False when events are still pending (they are kept)."""
         return self._retrying(stop_when_event_set(stop), stop.wait)
 
@@ -132,7 +132,7 @@ class Announcer:
         try:
             retrying(self._publish_pending)
         except RETRYABLE as exc:
-            log.error("%d file-closed event(s) not published, kept pending: %s", len(self._pending), exc)
+            log.error("%d file-closed event(s) not in the outbox yet, kept pending: %s", len(self._pending), exc)
             return False
         return True
 
