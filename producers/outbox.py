@@ -143,7 +143,7 @@ class Outbox:
                 except PublishFailed as exc:
                     if not exc.failed:
                         raise
-                    self._answered(rows, exc.failed, done)
+                    confirmed(self._answered(rows, exc.failed, done))
                     continue
                 self.delete([r.id for r in rows])
                 done.sent += len(rows)
@@ -151,8 +151,9 @@ class Outbox:
             done.left = self.depth(exchange)
             return done
 
-    def _answered(self, rows: list[Row], failed: dict[str, str], done: Drained) -> None:
-        """The broker confirmed some of a batch and answered for the rest: delete the first, park the others."""
+    def _answered(self, rows: list[Row], failed: dict[str, str], done: Drained) -> list[Row]:
+        """The broker confirmed some of a batch and answered for the rest: delete the first (returned), park the
+        others."""
         bad = [r for r in rows if (r.message.message_id or "?") in failed]
         good = [r for r in rows if (r.message.message_id or "?") not in failed]
         self.delete([r.id for r in good])
@@ -165,8 +166,9 @@ class Outbox:
                 done.parked[r.id] = why
         for r in bad:
             log.error("event %s NOT accepted by the broker (%s): kept in the outbox %s and retried; "
-                      "`rucio-injector broker setup` declares the missing binding", r.message.message_id,
+                      "`rucio-injector broker setup` declares a missing binding", r.message.message_id,
                       done.parked[r.id], self.path, extra={"event_id": r.message.message_id})
+        return good
 
     def delete(self, ids: Sequence[int]) -> None:
         with self._transaction() as db:
