@@ -28,6 +28,7 @@ def _settings(args: argparse.Namespace) -> config.Settings:
 
 
 STOPPABLE = ("watch", "ingest", "cleanup", "reconcile")  # verbs that run until stopped, or may run long
+CHECKS_ITSELF = ("demo", "watch", "publish")  # publish: once its events are in the outbox
 
 
 def _stop_on_signals() -> threading.Event:
@@ -45,16 +46,37 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    """Write the events to the outbox, then send every event waiting there (one attempt; `--flush`: no new events).
+    Exit 0 when the outbox is empty; else the broker's exit code with one line saying how many wait."""
+    from injector.errors import PublishFailed
+    from producers.drainer import LOCK_WAIT
     from producers.publish import DaqPublisher, file_closed
 
     settings = _settings(args)
+    if not args.paths and not args.flush:
+        raise InjectorError("give the files to announce, or --flush")
+    if args.paths and not (args.site and args.instrument):
+        raise InjectorError("--site and --instrument are required with files to announce")
     meta = dict(_key_value(kv) for kv in args.meta)
     extra = {k: v for k, v in (("run", args.run), ("night", args.night), ("datatype", args.datatype)) if v}
     events = [file_closed(p, site=args.site, instrument=args.instrument, metadata=meta, **extra) for p in args.paths]
-    with DaqPublisher(settings.broker, settings.streams) as daq:
-        events = daq.publish(events)
+    with DaqPublisher(settings.broker, settings.streams, settings.outbox, background=False, close_timeout=0) as daq:
+        events = daq.publish(events)  # durable from here on, whatever the broker does
+        try:
+            prerequisites.check("publish", settings)
+            drained = daq.flush(0, lock_wait=LOCK_WAIT)
+            if drained.left:
+                why = "another process is draining it" if drained.busy else "; ".join(sorted(set(
+                    drained.parked.values()))[:3]) or "not confirmed"
+                raise PublishFailed(f"the broker did not take every event ({why})")
+        except Exception as exc:
+            exc.add_note(f"{daq.depth()} event(s) wait in the outbox {daq.outbox.path}: "
+                         "`rucio-injector publish --flush` sends them")
+            raise
     for e in events:
         print(f"published {e.event_id} {e.routing_key} {e.path} size={e.size} adler32={e.adler32}")
+    if args.flush:
+        print(f"outbox empty: {drained.sent} event(s) sent")
     return 0
 
 
@@ -191,10 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-json", action="store_true", help="log JSON lines")
     sub = p.add_subparsers(dest="verb", required=True)
 
-    pub = sub.add_parser("publish", help="publish file-closed events for files on disk")
-    pub.add_argument("paths", nargs="+")
-    pub.add_argument("--site", required=True)
-    pub.add_argument("--instrument", required=True)
+    pub = sub.add_parser("publish", help="publish file-closed events for files on disk (through the outbox)")
+    pub.add_argument("paths", nargs="*")
+    pub.add_argument("--flush", action="store_true",
+                     help="send what waits in the outbox (files given are added first): exit 0 when it is empty")
+    pub.add_argument("--site", help="required with files")
+    pub.add_argument("--instrument", help="required with files")
     pub.add_argument("--run", type=int)
     pub.add_argument("--night", help="observing night YYYYMMDD")
     pub.add_argument("--datatype")
@@ -213,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="never announce these names (repeatable; always ignored: .* *.tmp *.part)")
     wat.add_argument("--hash-workers", type=int, default=2, metavar="N",
                      help="files read for their checksum at once (small files do not wait behind a big one)")
-    wat.add_argument("--metrics-port", type=int, help="serve /metrics (refused files by reason) here (0 = off)")
+    wat.add_argument("--metrics-port", type=int,
+                     help="serve /metrics (refused files by reason, outbox depth) and /healthz here (0 = off)")
     wat.set_defaults(func=cmd_watch)
 
     ing = sub.add_parser("ingest", help="run the ingest consumer (file-closed → Rucio)")
@@ -284,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb in STOPPABLE:  # from the first moment a signal can reach it, SIGTERM means "stop cleanly"
         args.stop = _stop_on_signals()
     try:
-        if args.verb not in ("demo", "watch") and not (args.verb == "broker" and args.action == "definitions"):
+        if args.verb not in CHECKS_ITSELF and not (args.verb == "broker" and args.action == "definitions"):
             prerequisites.check(args.verb, _settings(args), action=getattr(args, "action", None),
                                 looping=getattr(args, "every", None) is not None,
                                 streams=getattr(args, "stream", None))

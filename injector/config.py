@@ -201,6 +201,19 @@ class MetricsSettings(_Section):
     reconcile_port: Annotated[int, Field(ge=0, le=65535)] = 9466
 
 
+class OutboxSettings(_Section):
+    """The DAQ side's durable outbox (`producers.outbox`): every file-closed event is written here before it is
+    published and deleted only after the broker's confirm. One SQLite file (WAL) on a LOCAL disk of the DAQ host,
+    shared by the `watch`, `publish` and DaqPublisher processes of one broker; `~` is the user's home."""
+
+    path: str = "~/.local/state/rucio-injector/outbox.sqlite"
+    max_events: Annotated[int, Field(ge=1)] = 100_000  # events waiting for the broker; past it a publish is refused
+
+    @property
+    def file(self) -> str:
+        return os.path.expanduser(self.path)
+
+
 class RucioSettings(_Section):
     """How we call Rucio; who we are comes from the rucio-clients config (RUCIO_CONFIG)."""
 
@@ -217,6 +230,7 @@ class Settings(_Section):
     rucio: RucioSettings = RucioSettings()
     metrics: MetricsSettings = MetricsSettings()
     cleanup: Cleanup = Cleanup()
+    outbox: OutboxSettings = OutboxSettings()
     streams: list[Stream] = []
 
     @model_validator(mode="after")

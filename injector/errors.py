@@ -97,5 +97,16 @@ class BrokerUnavailable(Transient, reason="broker-unavailable"):
     """No broker of the configuration answers, or the connection was lost: reconnect with backoff."""
 
 
+class OutboxFull(Transient, reason="outbox-full"):
+    """The DAQ outbox holds its `max_events` already (the broker has not confirmed them): the new events are
+    refused, none of them written, none of the old ones dropped."""
+
+
 class PublishFailed(InjectorError):
-    """The broker did not take a message: nacked, unroutable, or the connection died first."""
+    """The broker did not take a message: nacked, unroutable, or the connection died first. `failed` names, by
+    message id, the messages the broker answered for (nacked, unroutable) while it confirmed the others; empty when
+    the fate of the whole batch is unknown (connection lost, confirms missing)."""
+
+    def __init__(self, message: str, failed: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed = dict(failed or {})

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from injector import topology, transport
 from injector.config import Settings
-from injector.errors import BrokerUnavailable, ConfigError, InjectorError, PublishFailed, RucioDown, RucioUnavailable
+from injector.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    InjectorError,
+    OutboxFull,
+    PublishFailed,
+    RucioDown,
+    RucioUnavailable,
+)
 from injector.logs import masked
 
 OK = 0
@@ -40,6 +48,7 @@ def explain(exc: BaseException, settings: Settings | None = None) -> tuple[int, 
     if found is None:
         return None
     code, text = found
+    text = " ".join([text, *getattr(exc, "__notes__", [])])  # e.g. publish: how many events wait in the outbox
     if code != BAD_CONFIG:  # an invalid config lists every bad field, one per line; the rest is one line
         text = " ".join(text.split())
     return code, masked(text)
@@ -50,6 +59,8 @@ def _classify(exc: BaseException, settings: Settings | None) -> tuple[int, str] 
     if isinstance(exc, KeyboardInterrupt):
         return INTERRUPTED, "interrupted"
     if isinstance(exc, topology.TopologyMissing | topology.TopologyMismatch):
+        return BROKER, str(exc)
+    if isinstance(exc, OutboxFull):  # the broker has been away too long: what to do is in the text
         return BROKER, str(exc)
     if isinstance(exc, BrokerUnavailable | PublishFailed):
         return BROKER, f"{exc} (is the broker running, and are [broker] urls / [cleanup] stomp_hosts right?)"

@@ -94,6 +94,12 @@ class Metrics:
     def track_oldest(self, fn: Callable[[], float]) -> None:
         self._oldest_fn = fn
 
+    def track_outbox(self, depth: Callable[[], float]) -> None:
+        """Export the DAQ outbox's depth (`watch`): events written, not yet confirmed by the broker."""
+        gauge = Gauge("rucio_injector_outbox_events", "File-closed events in the DAQ outbox, waiting for the "
+                      "broker's publisher confirm", registry=self.registry)
+        gauge.set_function(depth)
+
     def track_breaker(self, breaker: Breaker) -> None:
         """Export the process's Rucio breaker (availability, outage count and seconds)."""
         self._breaker = breaker

@@ -73,6 +73,9 @@ def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = 
         out["streams"][stream.name] = {ds: {s: c.get(s, 0) for s in STAGES} for ds, c in sorted(per.items())}
     out["dead_letters_without_stream"] = dead.get("(none)", {})
     out["queues"] = queue_depths(settings)
+    waiting = outbox_depth(settings)
+    if waiting is not None:
+        out["outbox"] = waiting
     if settings.cleanup.flavour == "activemq":
         out["activemq_queues"] = activemq_depths(settings)
     return out
@@ -98,6 +101,18 @@ def dead_lettered(settings: Settings) -> dict[str, dict[str, int]]:
         except Permanent:
             counts["(none)"][f"({r.reason})"] += 1
     return {k: dict(v) for k, v in counts.items()}
+
+
+def outbox_depth(settings: Settings) -> dict[str, Any] | None:
+    """The DAQ outbox of this host (`[outbox] path`): events waiting for the broker; None when there is no such
+    file here (status run away from the DAQ host)."""
+    from producers.outbox import depth_of  # the DAQ side's file, read only
+
+    try:
+        events = depth_of(settings.outbox)
+    except Exception as exc:  # unreadable: say so, show the rest
+        return {"path": settings.outbox.file, "events": f"unreadable: {exc}"}
+    return None if events is None else {"path": settings.outbox.file, "events": events}
 
 
 def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
@@ -161,6 +176,9 @@ def render(data: dict[str, Any]) -> None:
     console.print(_queue_table("queues (RabbitMQ)", data["queues"], ("ready", "consumers")))
     if "activemq_queues" in data:
         console.print(_queue_table("queues (ActiveMQ, browsed over STOMP)", data["activemq_queues"], ("messages",)))
+    if "outbox" in data:
+        box = data["outbox"]
+        console.print(f"outbox (this host) {escape(box['path'])}: {box['events']} event(s) waiting for the broker")
 
 
 def _queue_table(title: str, depths: dict[str, Any], columns: tuple[str, ...]) -> Any:

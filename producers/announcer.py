@@ -1,19 +1,20 @@
-"""Batched, confirmed publishing of file-closed events that never drops one.
+"""Batched hand-over of file-closed events to the durable outbox, never dropping one.
 
-Events are gathered for a short window (or until a batch is full) and published together with
-DaqPublisher. While the broker is down they stay pending and the publish is retried with jittered
-backoff (tenacity) until it succeeds or the caller stops; nothing is removed before the broker
-confirmed it.
+Events are gathered for a short window (or until a batch is full) and written together to the outbox through
+DaqPublisher (one transaction per batch), whose background drainer publishes them with confirms and retries while
+the broker is down (`producers.drainer`). While the outbox cannot take them (full, unwritable) they stay pending in
+memory and the hand-over is retried with jittered backoff (tenacity) until it succeeds or the caller stops.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from tenacity import (
     RetryCallState,
@@ -25,14 +26,14 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from injector.config import Broker
-from injector.errors import BrokerUnavailable, PublishFailed
+from injector.config import Broker, OutboxSettings
+from injector.errors import BrokerUnavailable, OutboxFull, PublishFailed
 from injector.events import FileClosed
 
 log = logging.getLogger(__name__)
 
-# Broker down, connection lost, confirms missing, unroutable: all worth another try later.
-RETRYABLE = (PublishFailed, BrokerUnavailable, OSError)
+# The outbox full or busy past its timeout (or, for another sink, the broker down): worth another try later.
+RETRYABLE = (OutboxFull, sqlite3.OperationalError, PublishFailed, BrokerUnavailable, OSError)
 
 
 class Sink(Protocol):
@@ -41,31 +42,37 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def daq_publisher(broker: Broker) -> Sink:
-    """A DaqPublisher making one connection attempt: the announcer's retry owns the backoff and stays
-    stoppable, instead of waiting out the connection's own attempts."""
+class Confirming(Sink, Protocol):
+    """A sink that keeps what it took until the broker confirmed it (DaqPublisher)."""
+
+    def flush(self, timeout: float) -> object: ...
+
+    def waiting(self) -> list[FileClosed]: ...
+
+
+def daq_publisher(broker: Broker, outbox: OutboxSettings | None = None, max_wait: float = 30.0) -> Sink:
+    """A DaqPublisher draining in the background; its close leaves at once what waits in the outbox (the watcher
+    flushes for the time it has first)."""
     from producers.publish import DaqPublisher
 
-    return DaqPublisher(broker.model_copy(update={"connect_attempts": 1}))
+    return DaqPublisher(broker, outbox=outbox, max_wait=max_wait, close_timeout=0)
 
 
 class Announcer:
-    """Pending file-closed events, published in batches with confirms; kept until confirmed."""
+    """Pending file-closed events, handed to the outbox in batches; kept in memory until it took them."""
 
     def __init__(self, broker: Broker, *, batch_size: int = 500, window: float = 0.2, max_wait: float = 30.0,
-                 idle_close: float = 10.0, connect: Callable[[Broker], Sink] = daq_publisher,
+                 connect: Callable[[Broker], Sink] = daq_publisher,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._broker = broker
         self._batch_size = batch_size
         self._window = window
         self._max_wait = max_wait
-        self._idle_close = idle_close  # below the broker heartbeat: an idle connection is closed, not lost
         self._connect = connect
         self._clock = clock
         self._sink: Sink | None = None
         self._pending: list[FileClosed] = []
         self._oldest: float | None = None
-        self._last_use = clock()
 
     @property
     def pending(self) -> list[FileClosed]:
@@ -83,18 +90,35 @@ class Announcer:
         return len(self._pending) >= self._batch_size or self._clock() - (self._oldest or 0.0) >= self._window
 
     def flush(self, stop: threading.Event) -> bool:
-        """Publish every pending event, retrying with backoff until done or `stop` is set.
+        """Hand every pending event to the outbox, retrying with backoff until done or `stop` is set.
         False when events are still pending (they are kept)."""
         return self._retrying(stop_when_event_set(stop), stop.wait)
 
     def flush_final(self, timeout: float) -> bool:
-        """Publish every pending event, retrying for at most about `timeout` seconds (at shutdown)."""
-        return self._retrying(stop_after_delay(timeout), time.sleep)
+        """Hand every pending event over, then have the broker confirm what waits, retrying for at most about
+        `timeout` seconds (at shutdown). False when some are not confirmed: `pending` (not in the outbox) and
+        `unconfirmed()` (in the outbox, sent by its next drain) name them."""
+        deadline = time.monotonic() + timeout
+        if not self._retrying(stop_after_delay(timeout), time.sleep):
+            return False
+        sink = self._sink
+        if not hasattr(sink, "flush"):
+            return True
+        try:
+            return not getattr(cast(Confirming, sink).flush(max(deadline - time.monotonic(), 0.0)), "left", 0)
+        except RETRYABLE as exc:
+            log.error("broker unavailable at shutdown: %s", exc)
+            return False
 
-    def idle(self) -> None:
-        """Close the connection once unused for a while (nothing services its heartbeats meanwhile)."""
-        if self._sink is not None and not self._pending and self._clock() - self._last_use > self._idle_close:
-            self._drop_sink()
+    def unconfirmed(self) -> list[FileClosed]:
+        """Events handed over that the broker has not confirmed yet (in the outbox)."""
+        sink = self._sink
+        return cast(Confirming, sink).waiting() if sink is not None and hasattr(sink, "waiting") else []
+
+    def open(self) -> None:
+        """Make the sink now (its drainer then sends what an earlier process left in the outbox)."""
+        if self._sink is None:
+            self._sink = self._connect(self._broker)
 
     def close(self) -> None:
         self._drop_sink()
@@ -108,26 +132,20 @@ class Announcer:
         try:
             retrying(self._publish_pending)
         except RETRYABLE as exc:
-            log.error("%d file-closed event(s) not published, kept pending: %s", len(self._pending), exc)
+            log.error("%d file-closed event(s) not in the outbox yet, kept pending: %s", len(self._pending), exc)
             return False
         return True
 
     def _publish_pending(self) -> None:
         while self._pending:
             batch = self._pending[: self._batch_size]
-            try:
-                if self._sink is None:
-                    self._sink = self._connect(self._broker)
-                self._sink.publish(batch)
-            except BaseException:
-                self._drop_sink()  # a fresh connection for the next attempt
-                raise
+            self.open()
+            assert self._sink is not None
+            self._sink.publish(batch)
             del self._pending[: len(batch)]
-            self._last_use = self._clock()
             for e in batch:
                 # event_id rides as a context field: text logs end in [event_id=...], JSON logs carry it
-                log.info("announced %s size=%d adler32=%s", e.path, e.size, e.adler32,
-                         extra={"event_id": str(e.event_id)})
+                log.debug("in the outbox: %s", e.path, extra={"event_id": str(e.event_id)})
         self._oldest = None
 
     def _drop_sink(self) -> None:

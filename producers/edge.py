@@ -91,7 +91,10 @@ class Edge:
                       r.shown)
         if self.announcer.flush_final(shutdown_timeout / 2) and recorded:
             return 0
-        for e in self.announcer.pending:
+        for e in self.announcer.pending:  # never written to the outbox (full, unwritable): only the file is left
             log.error("%s NOT announced: broker unavailable at shutdown; `watch --existing` announces it", e.path,
                       extra={"event_id": str(e.event_id)})
+        for e in self.announcer.unconfirmed():
+            log.error("%s not announced yet: broker unavailable at shutdown; kept in the outbox, the next `watch` or "
+                      "`publish --flush` sends it", e.path, extra={"event_id": str(e.event_id)})
         return 1

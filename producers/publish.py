@@ -1,28 +1,38 @@
 """Publish file-closed events: the Python API for DAQ code, also behind `rucio-injector publish`.
 
     from producers.publish import DaqPublisher, file_closed
-    with DaqPublisher(settings.broker, settings.streams) as daq:
+    with DaqPublisher(settings.broker, settings.streams, settings.outbox) as daq:
         daq.publish([file_closed("/data/lst1/run1.fits.fz", site="ORM", instrument="LST1", night="20261124")])
 
 Given the streams, the publisher announces each file under its canonical path (`injector.streams.canonical_path`:
 symlinks inside the storage root resolved; a file whose real path leaves the root raises PathOutsideRoot).
-`publish` returns only when the broker has confirmed every event; an unroutable or nacked event
-raises PublishFailed naming it.
+`publish` returns once the events are in the durable outbox (`producers.outbox`; OutboxFull when it is full, nothing
+written): it never waits for the broker. A background drainer (`producers.drainer`) publishes them with confirms,
+retrying while the broker is down, refuses or does not confirm; `flush` drains now; leaving the `with` block
+(`close`) drains what waits for up to `close_timeout` seconds and leaves the rest in the outbox, which the next
+publisher of this outbox (or `rucio-injector publish --flush`) sends. An event the broker answers for (unroutable,
+nacked) stays in the outbox and is logged at ERROR, never dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 from injector.checksum import size_and_adler32
-from injector.config import Broker, Stream
-from injector.events import FILE_CLOSED, FileClosed, encode
+from injector.config import Broker, OutboxSettings, Stream
+from injector.events import FILE_CLOSED, FileClosed, decode_file_closed, encode
 from injector.messages import Outgoing
 from injector.streams import canonical
-from injector.transport.amqp import Publisher, connection
+from producers.drainer import RETRYABLE, Drainer
+from producers.outbox import Drained, Outbox
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 10.0  # seconds `close` keeps retrying an unavailable broker before leaving the events in the outbox
 
 
 def file_closed(path: str | os.PathLike[str], *, site: str, instrument: str, size: int | None = None,
@@ -43,23 +53,56 @@ def outgoing(event: FileClosed, exchange: str) -> Outgoing:
 
 
 class DaqPublisher:
-    """A confirmed publisher of file-closed events to the DAQ exchange; with `streams`, under canonical paths."""
+    """File-closed events to the DAQ exchange through the durable outbox; with `streams`, under canonical paths.
+    `background=False`: no drainer thread, only `flush` publishes (the CLI)."""
 
-    def __init__(self, broker: Broker, streams: Sequence[Stream] = ()) -> None:
+    def __init__(self, broker: Broker, streams: Sequence[Stream] = (), outbox: OutboxSettings | None = None, *,
+                 background: bool = True, max_wait: float = 30.0, close_timeout: float = CLOSE_TIMEOUT) -> None:
         self._broker = broker
         self._streams = streams
-        self._conn = connection(broker)
-        self._publisher = Publisher(self._conn)
+        self._close_timeout = close_timeout
+        self.outbox = Outbox(outbox or OutboxSettings())
+        self._drainer = Drainer(self.outbox, broker, max_wait=max_wait)
+        if background:
+            self._drainer.start()
+            self._drainer.kick()  # events a previous process left are sent first
 
     def publish(self, events: Sequence[FileClosed]) -> list[FileClosed]:
-        """Publish (confirmed) and return the events as announced: their canonical paths."""
+        """Write the events to the outbox (one transaction, durable on return) and return them as announced: their
+        canonical paths. The broker is not waited for."""
         announced = [canonical(self._streams, e) for e in events]
-        self._publisher.publish([outgoing(e, self._broker.daq_exchange) for e in announced])
+        self.outbox.put([outgoing(e, self._broker.daq_exchange) for e in announced])
+        self._drainer.kick()
         return announced
 
+    def flush(self, timeout: float = 30.0, lock_wait: float | None = None) -> Drained:
+        """Publish every waiting event now, retrying for about `timeout` s (0: one attempt; a drain of another
+        process is waited for `lock_wait` s, default `timeout`); `left` says how many still wait. Raises the
+        broker's error when no attempt could run."""
+        return self._drainer.flush(timeout, lock_wait)
+
+    def waiting(self) -> list[FileClosed]:
+        """The events of this exchange still in the outbox (oldest first, at most 1000)."""
+        return [decode_file_closed(r.message.body) for r in self.outbox.waiting(self._broker.daq_exchange)]
+
+    def depth(self) -> int:
+        return self.outbox.depth(self._broker.daq_exchange)
+
     def close(self) -> None:
-        self._publisher.close()
-        self._conn.release()
+        """Stop the drainer, drain what waits for up to close_timeout s; what is left stays in the outbox."""
+        self._drainer.stop()
+        try:
+            if self._close_timeout > 0 and self.depth():
+                self.flush(self._close_timeout)
+        except RETRYABLE as exc:
+            log.warning("broker unavailable at close: %s", exc)
+        finally:
+            left = self.depth() if self._close_timeout > 0 else 0  # 0: the caller reports what waits
+            if left:
+                log.warning("%d event(s) kept in the outbox %s: the next publisher of it or `rucio-injector publish "
+                            "--flush` sends them", left, self.outbox.path)
+            self._drainer.close()
+            self.outbox.close()
 
     def __enter__(self) -> DaqPublisher:
         return self

@@ -19,6 +19,7 @@ an inotify queue overflow (watchdog logs it), are announced by a start with `exi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -46,10 +47,11 @@ from injector.config import PATH_FIELDS, Settings, Stream, template_fields
 from injector.errors import ConfigError, InjectorError, PathOutsideRoot
 from injector.metrics import Metrics, serve
 from injector.streams import canonical_path
-from producers.announcer import Announcer
+from producers.announcer import Announcer, daq_publisher
 from producers.candidates import Candidate
 from producers.edge import Edge
 from producers.hashing import HashPool, Result
+from producers.outbox import depth_of
 from producers.publish import file_closed
 from producers.refusals import Refusal, Refusals, refusal
 
@@ -79,7 +81,7 @@ class Options:
     retry_max_wait: float = 30.0  # longest backoff between publish attempts while the broker is down
     shutdown_timeout: float = 30.0  # after the stop: half to read files closed before it, half to publish
     hash_workers: int = 2  # files read (size, adler32) at once: small files do not wait behind a big one
-    metrics_port: int = 0  # serve /metrics (refused files by reason) here; 0: off
+    metrics_port: int = 0  # serve /metrics (refused files by reason, outbox depth) and /healthz here; 0: off
 
 
 def ignored(relative: str, patterns: Sequence[str] = ()) -> bool:
@@ -248,14 +250,18 @@ def fields_watch_provides(stream: Stream) -> frozenset[str]:
 
 
 def run(settings: Settings, options: Options, stop: threading.Event, ready: threading.Event | None = None) -> int:
-    """Watch until `stop` is set, then announce what is pending. Exit code: 0, or 1 when events could
-    not be published before the shutdown timeout (their files stay; `--existing` announces them)."""
+    """Watch until `stop` is set, then announce what is pending. Exit code: 0, or 1 when events could not be
+    published before the shutdown timeout (they stay in the outbox: the next `watch` or `publish --flush` sends
+    them; an event the outbox could not take is named, and `--existing` announces its file)."""
     streams = selected(settings, options.streams)
     metrics = Metrics("watch")
     server = serve(metrics, options.metrics_port, settings.metrics.host) if options.metrics_port else None
+    connect = functools.partial(daq_publisher, outbox=settings.outbox, max_wait=options.retry_max_wait)
     edge = Edge(Watcher(streams, options), Refusals(settings, metrics), HashPool(options.hash_workers, announcement),
                  Announcer(settings.broker, batch_size=options.batch_size, window=options.window,
-                           max_wait=options.retry_max_wait))
+                           max_wait=options.retry_max_wait, connect=connect))
+    edge.announcer.open()  # the outbox: its drainer sends at once what an earlier watch left
+    metrics.track_outbox(lambda: float(depth_of(settings.outbox) or 0))
     edge.watcher.start()
     try:
         if options.existing:
@@ -270,7 +276,6 @@ def run(settings: Settings, options: Options, stop: threading.Event, ready: thre
             edge.step(lambda: edge.announcer.flush(stop), stop.is_set, timeout=min(options.window, 0.1))
             if edge.announcer.due():
                 edge.announcer.flush(stop)
-            edge.announcer.idle()
             edge.refusals.flush()
             metrics.heartbeat()
         time.sleep(DRAIN)  # let watchdog hand over what the kernel reported just before the stop

@@ -130,7 +130,8 @@ class Publisher:
             raise PublishFailed(f"broker connection lost while publishing: {exc}") from exc
         if self._failed:
             detail = "; ".join(f"{mid}: {why}" for mid, why in list(self._failed.items())[:20])
-            raise PublishFailed(f"{len(self._failed)} of {len(messages)} message(s) not accepted: {detail}")
+            raise PublishFailed(f"{len(self._failed)} of {len(messages)} message(s) not accepted: {detail}",
+                                failed=self._failed)
 
     def _await(self, allowed: int) -> None:
         deadline = time.monotonic() + self._timeout

@@ -28,7 +28,7 @@ def config(tmp_path: Path, port: int = 5672, user: str = "guest", password: str 
         f'[broker]\nurls = ["amqp://{user}:{password}@127.0.0.1:{port}//"]\ndaq_exchange = "t-{tag}.daq"\n'
         f'dead_letter_exchange = "t-{tag}.dlx"\nconnect_attempts = 1\n[ingest]\nqueue = "t-{tag}.ingest"\n'
         f'[cleanup]\nqueue = "t-{tag}.cleanup"\nhermes_destination = "/topic/t-{tag}.events"\n'
-        f'[metrics]\ningest_port = 0\ncleanup_port = 0\n')
+        f'[metrics]\ningest_port = 0\ncleanup_port = 0\n[outbox]\npath = "{tmp_path}/outbox.sqlite"\n')
     return path
 
 

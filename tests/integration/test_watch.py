@@ -33,7 +33,7 @@ def watch_settings(root: Path, **broker: Any) -> Settings:
     stream = {"name": "lst1-raw", "site": "ORM", "instrument": "LST1", "datatype": "raw", "source_rse": "ORM-BUFFER",
               "storage_root": str(root), "scope": "lst", "dataset": "LST1_{night}_raw", "path_fields": PATTERN,
               "rules": [{"rse_expression": "PIC-ARCHIVE"}]}
-    return unique_settings({"streams": [stream]}, broker=broker)
+    return unique_settings({"streams": [stream]}, broker=broker, outbox={"path": str(root.parent / "outbox.sqlite")})
 
 
 @pytest.fixture
@@ -229,5 +229,6 @@ def test_a_stop_while_the_broker_stays_down_exits_1_naming_every_file_not_announ
         proxy.close()
     assert code == [1]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "producers.edge"]
-    assert errors == [f"{closed} NOT announced: broker unavailable at shutdown; `watch --existing` announces it"]
+    assert errors == [f"{closed} not announced yet: broker unavailable at shutdown; kept in the outbox, the next "
+                      "`watch` or `publish --flush` sends it"]
     assert not any(r.getMessage().startswith("announced") for r in caplog.records)
