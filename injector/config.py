@@ -204,14 +204,18 @@ class MetricsSettings(_Section):
 class OutboxSettings(_Section):
     """The DAQ side's durable outbox (`producers.outbox`): every file-closed event is written here before it is
     published and deleted only after the broker's confirm. One SQLite file (WAL) on a LOCAL disk of the DAQ host,
-    shared by the `watch`, `publish` and DaqPublisher processes of one broker; `~` is the user's home."""
+    shared by the `watch`, `publish` and DaqPublisher processes of one broker; `~` is the user's home. Unset: the
+    XDG state directory, `$XDG_STATE_HOME/rucio-injector/outbox.sqlite` (`~/.local/state/…` when it is unset)."""
 
-    path: str = "~/.local/state/rucio-injector/outbox.sqlite"
+    path: str | None = None
     max_events: Annotated[int, Field(ge=1)] = 100_000  # events waiting for the broker; past it a publish is refused
 
     @property
     def file(self) -> str:
-        return os.path.expanduser(self.path)
+        if self.path:
+            return os.path.expanduser(self.path)
+        state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return os.path.join(state, "rucio-injector", "outbox.sqlite")
 
 
 class RucioSettings(_Section):

@@ -15,17 +15,10 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kombu
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    stop_when_event_set,
-    wait_random_exponential,
-)
+import tenacity
 
 from injector.config import Broker
 from injector.errors import BrokerUnavailable, InvalidEvent, PublishFailed
@@ -75,9 +68,7 @@ class Drainer:
         """Drain every waiting event now (parked ones too), retrying with backoff for about `timeout` seconds
         (0: one attempt; another process's drain is waited for `lock_wait` s, default `timeout`); the broker's last
         error is raised when no attempt could run."""
-        retrying = Retrying(retry=retry_if_exception_type(RETRYABLE), stop=stop_after_delay(timeout),
-                            wait=wait_random_exponential(multiplier=0.5, max=self._max_wait), sleep=time.sleep,
-                            before_sleep=self._log_retry, reraise=True)
+        retrying = self._retrying(tenacity.stop_after_delay(timeout), time.sleep)
         return retrying(self.drain, everything=True, wait=timeout if lock_wait is None else lock_wait)
 
     def start(self) -> None:
@@ -102,9 +93,7 @@ class Drainer:
             self._disconnect()
 
     def _run(self) -> None:
-        retrying = Retrying(retry=retry_if_exception_type(RETRYABLE), stop=stop_when_event_set(self._stop),
-                            wait=wait_random_exponential(multiplier=0.5, max=self._max_wait), sleep=self._pause,
-                            before_sleep=self._log_retry, reraise=True)
+        retrying = self._retrying(tenacity.stop_when_event_set(self._stop), self._pause)
         while not self._stop.is_set():
             try:
                 retrying(self.drain)
@@ -143,7 +132,13 @@ class Drainer:
             if conn is not None:
                 conn.release()
 
-    def _log_retry(self, state: RetryCallState) -> None:
+    def _retrying(self, stop: tenacity.stop.stop_base, sleep: Callable[[float], None]) -> tenacity.Retrying:
+        """Retry what may pass (RETRYABLE) with jittered exponential backoff, up to `max_wait` apart."""
+        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(RETRYABLE), stop=stop, sleep=sleep,
+                                 wait=tenacity.wait_random_exponential(multiplier=0.5, max=self._max_wait),
+                                 before_sleep=self._log_retry, reraise=True)
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
         with contextlib.suppress(sqlite3.Error):

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Every DaqPublisher, watch and publish of the test run (and the CLI processes it starts) keeps its default outbox in
+# a state directory of its own, never in the user's: rows a test leaves unsendable (an unroutable exchange) die with it.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="rucio-injector-tests-state-")
 
 from injector.config import Settings, parse
 

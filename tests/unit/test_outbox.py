@@ -4,6 +4,7 @@ bound, events the broker answers for, one drain at a time; the drainer's retries
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,9 +193,12 @@ def test_publish_returns_at_once_with_the_broker_down_and_the_events_wait_in_the
     assert depth_of(settings) == 2
 
 
-def test_the_outbox_section_has_defaults_and_a_path_below_home(tmp_path):
+def test_the_outbox_section_has_defaults_and_a_path_in_the_xdg_state_directory(tmp_path, monkeypatch):
     s = parse({})
-    assert s.outbox.max_events == 100_000 and s.outbox.file.endswith("/.local/state/rucio-injector/outbox.sqlite")
+    assert s.outbox.max_events == 100_000
+    assert s.outbox.file == os.path.join(os.environ["XDG_STATE_HOME"], "rucio-injector", "outbox.sqlite")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert s.outbox.file == os.path.expanduser("~/.local/state/rucio-injector/outbox.sqlite")
     assert "~" not in s.outbox.file
     assert parse({"outbox": {"path": str(tmp_path / "o.sqlite"), "max_events": 5}}).outbox.max_events == 5
 
