@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from tenacity import (
     RetryCallState,
@@ -29,6 +29,7 @@ from tenacity.stop import stop_base
 from injector.config import Broker, OutboxSettings
 from injector.errors import BrokerUnavailable, OutboxFull, PublishFailed
 from injector.events import FileClosed
+from producers.outbox import Drained
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,15 @@ RETRYABLE = (OutboxFull, sqlite3.OperationalError, PublishFailed, BrokerUnavaila
 
 
 class Sink(Protocol):
+    """Where batches go (DaqPublisher): it keeps what it took until the broker confirmed it."""
+
     def publish(self, events: Sequence[FileClosed]) -> object: ...
 
-    def close(self) -> None: ...
-
-
-class Confirming(Sink, Protocol):
-    """A sink that keeps what it took until the broker confirmed it (DaqPublisher)."""
-
-    def flush(self, timeout: float) -> object: ...
+    def flush(self, timeout: float) -> Drained: ...
 
     def waiting(self) -> list[FileClosed]: ...
+
+    def close(self) -> None: ...
 
 
 def daq_publisher(broker: Broker, outbox: OutboxSettings | None = None, max_wait: float = 30.0) -> Sink:
@@ -101,19 +100,17 @@ class Announcer:
         deadline = time.monotonic() + timeout
         if not self._retrying(stop_after_delay(timeout), time.sleep):
             return False
-        sink = self._sink
-        if not hasattr(sink, "flush"):
+        if self._sink is None:  # nothing was ever handed over
             return True
         try:
-            return not getattr(cast(Confirming, sink).flush(max(deadline - time.monotonic(), 0.0)), "left", 0)
+            return not self._sink.flush(max(deadline - time.monotonic(), 0.0)).left
         except RETRYABLE as exc:
             log.error("broker unavailable at shutdown: %s", exc)
             return False
 
     def unconfirmed(self) -> list[FileClosed]:
         """Events handed over that the broker has not confirmed yet (in the outbox)."""
-        sink = self._sink
-        return cast(Confirming, sink).waiting() if sink is not None and hasattr(sink, "waiting") else []
+        return self._sink.waiting() if self._sink is not None else []
 
     def open(self) -> None:
         """Make the sink now (its drainer then sends what an earlier process left in the outbox)."""

@@ -19,6 +19,7 @@ from producers.announcer import Announcer
 from producers.candidates import Candidate, Settler
 from producers.edge import Edge
 from producers.hashing import HashPool
+from producers.outbox import Drained
 from producers.refusals import Refusal, Refusals
 from producers.watch import EventHandler, Options, Watcher, announcement, fields_from_path, ignored, selected
 from tests.conftest import STREAMS
@@ -276,6 +277,12 @@ class FlakySink:
             self.failures -= 1
             raise PublishFailed("broker connection lost while publishing")
         self.published.append([e.path for e in events])
+
+    def flush(self, timeout: float) -> Drained:
+        return Drained()  # what it took is published at once: nothing waits
+
+    def waiting(self) -> list[FileClosed]:
+        return []
 
     def close(self) -> None:
         pass
