@@ -1,5 +1,6 @@
 """Long-running consumer services: each composes a handler with a broker transport plug-in (injector.transport):
-AMQP for ingest; for cleanup AMQP on RabbitMQ, STOMP on ActiveMQ."""
+ingest speaks the DAQ broker's protocol ([broker] urls: AMQP, or STOMP on an ActiveMQ-only site); cleanup reads
+RabbitMQ over AMQP, ActiveMQ over STOMP."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def ingest_worker(settings: Settings, rucio: RucioGateway | None = None, metrics
     i = settings.ingest
     route = Route(i.queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
     batching = Batching(i.batch_size, i.batch_window, i.prefetch, outage_hold=settings.broker.outage_hold)
-    connect = plugin("amqp").link(settings, i.queue, i.prefetch)
+    connect = plugin(settings.broker.transport).link(settings, i.queue, i.prefetch)
     return BatchWorker(connect, route, process, batching, metrics, gateway.breaker)
 
 
@@ -71,11 +72,11 @@ def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None, metric
 
 def cleanup_link(settings: Settings) -> Connect:
     """RabbitMQ: the cleanup queue hermes' STOMP topic feeds (through amq.topic), read over AMQP like ingest.
-    ActiveMQ: its virtual-topic consumer queue over STOMP."""
+    ActiveMQ: its virtual-topic consumer queue on hermes' broker, over STOMP."""
     c = settings.cleanup
     if c.flavour == "rabbitmq":
         return plugin("amqp").link(settings, c.queue, c.prefetch)
-    return plugin("stomp").link(settings, c.subscription, c.prefetch)
+    return plugin("stomp").link(settings, c.consumer_queue, c.prefetch, at=c.server)
 
 
 def run_cleanup(settings: Settings, stop: threading.Event, metrics_port: int | None = None) -> None:

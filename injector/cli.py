@@ -60,7 +60,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     meta = dict(_key_value(kv) for kv in args.meta)
     extra = {k: v for k, v in (("run", args.run), ("night", args.night), ("datatype", args.datatype)) if v}
     events = [file_closed(p, site=args.site, instrument=args.instrument, metadata=meta, **extra) for p in args.paths]
-    with DaqPublisher(settings.broker, settings.streams, settings.outbox, background=False, close_timeout=0) as daq:
+    with DaqPublisher.of(settings, background=False, close_timeout=0) as daq:
         events = daq.publish(events)  # durable from here on, whatever the broker does
         try:
             prerequisites.check("publish", settings)
@@ -151,6 +151,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from injector import topology
 
     settings = _settings(args)
+    if settings.broker.transport == "stomp":
+        return _activemq_setup(settings, args.action)
     declared = topology.declare(settings)
     if args.action == "definitions":
         print(json.dumps(topology.definitions(declared), indent=2))
@@ -163,6 +165,27 @@ def cmd_broker(args: argparse.Namespace) -> int:
             print(f"ok  {line}")
     finally:
         conn.release()
+    return 0
+
+
+def _activemq_setup(settings: config.Settings, action: str) -> int:
+    """An ActiveMQ-only site: ActiveMQ makes a queue when it is first used and keeps what is sent to it, so there is
+    nothing to declare; say where each kind of message goes (the topology's routes) and check the broker answers."""
+    from injector import topology
+    from injector.transport.stomp import open_connection
+
+    q = settings.ingest.queue
+    lines = [f"{settings.ingest.binding} → /queue/{q} (ingest consumers, competing)",
+             f"file.archived.# → /queue/{topology.archived_queue(settings)} (the DAQ's inbox)",
+             f"dead letters of {q} → /queue/{topology.dead_letters_of(settings, q)}"]
+    if action == "definitions":
+        print("ActiveMQ has no definitions to import: queues are made on first use\n" + "\n".join(lines))
+        return 0
+    conn, _, _ = open_connection(settings.broker.stomp, {}, heartbeats=False)
+    conn.disconnect()
+    print(f"ok  ActiveMQ {settings.broker.stomp.hosts} answers; it makes each queue when first used")
+    for line in lines:
+        print(f"ok  {line}")
     return 0
 
 

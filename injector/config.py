@@ -11,8 +11,10 @@ import re
 import string
 import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
@@ -110,7 +112,29 @@ def _check_template(template: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class StompServer:
+    """A STOMP broker (ActiveMQ) as a client connects to it: hermes' broker ([cleanup]) or the DAQ broker itself
+    when its [broker] urls are stomp:// (an ActiveMQ-only site)."""
+
+    addresses: tuple[tuple[str, int], ...]
+    username: str
+    password: str
+    vhost: str = "/"
+    heartbeat_ms: int = 10000
+
+    @property
+    def hosts(self) -> str:
+        """HOST:PORT, ... for messages (never the user or the password)."""
+        return ", ".join(f"{h}:{p}" for h, p in self.addresses)
+
+
+STOMP_SCHEMES = ("stomp",)
+
+
 class Broker(_Section):
+    """The DAQ broker: AMQP URLs (RabbitMQ), or stomp://USER:PASS@HOST:PORT URLs (ActiveMQ-only sites)."""
+
     urls: Annotated[list[str], Field(min_length=1)] = ["amqp://guest:guest@127.0.0.1:5672//"]
     daq_exchange: str = "rucio-injector.daq"
     dead_letter_exchange: str = "rucio-injector.dlx"
@@ -121,6 +145,36 @@ class Broker(_Section):
     # the queue (without spending their delivery budget) and disconnects until Rucio answers. Keep it below
     # RabbitMQ's consumer_timeout (30 min by default), which would otherwise return them counted.
     outage_hold: Annotated[float, Field(gt=0)] = 900.0
+
+    @field_validator("urls")
+    @classmethod
+    def _one_transport(cls, urls: list[str]) -> list[str]:
+        kinds = {_transport_of(u) for u in urls}
+        if len(kinds) > 1:
+            raise ValueError("all urls must use one protocol: amqp:// (RabbitMQ) or stomp:// (ActiveMQ), not both")
+        for u in urls:
+            if _transport_of(u) == "stomp":
+                parsed = urlparse(u)
+                if not parsed.hostname or not parsed.port:
+                    raise ValueError("stomp urls are stomp://USER:PASSWORD@HOST:PORT (the port is required)")
+        return urls
+
+    @property
+    def transport(self) -> Literal["amqp", "stomp"]:
+        """The transport plug-in (injector.transport) this broker is spoken to with."""
+        return _transport_of(self.urls[0])
+
+    @property
+    def stomp(self) -> StompServer:
+        """The broker as a STOMP server (stomp:// urls, in failover order)."""
+        first = urlparse(self.urls[0])
+        return StompServer(tuple((urlparse(u).hostname or "", urlparse(u).port or 0) for u in self.urls),
+                           unquote(first.username or ""), unquote(first.password or ""),
+                           unquote(first.path[1:]) if len(first.path) > 1 else "/", self.heartbeat * 1000)
+
+
+def _transport_of(url: str) -> Literal["amqp", "stomp"]:
+    return "stomp" if urlparse(url).scheme in STOMP_SCHEMES else "amqp"
 
 
 class Ingest(_Section):
@@ -163,6 +217,11 @@ class Cleanup(_Section):
         return [_host_port(hp) for hp in self.stomp_hosts]
 
     @property
+    def server(self) -> StompServer:
+        """hermes' broker, where cleanup consumers subscribe over STOMP (ActiveMQ)."""
+        return StompServer(tuple(self.stomp_addresses), self.username, self.password, self.vhost, self.heartbeat_ms)
+
+    @property
     def topic(self) -> str:
         """The topic name hermes publishes to (RabbitMQ: the amq.topic routing key)."""
         return self.hermes_destination.removeprefix("/topic/")
@@ -178,11 +237,6 @@ class Cleanup(_Section):
     def consumer_queue(self) -> str:
         """The broker queue the cleanup consumers share (dead letters name it as their source)."""
         return self.queue if self.flavour == "rabbitmq" else self.subscription.removeprefix("/queue/")
-
-    @property
-    def dead_letter_destination(self) -> str:
-        """ActiveMQ: where this project's own dead letters go (the broker's DLQ.<queue> convention)."""
-        return f"/queue/DLQ.Consumer.{self.app}.{self.topic}"
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -236,6 +290,13 @@ class Settings(_Section):
     cleanup: Cleanup = Cleanup()
     outbox: OutboxSettings = OutboxSettings()
     streams: list[Stream] = []
+
+    @model_validator(mode="after")
+    def _one_broker_kind(self) -> Settings:
+        if self.broker.transport == "stomp" and self.cleanup.flavour != "activemq":
+            raise ValueError('[broker] urls are stomp:// (ActiveMQ): set [cleanup] flavour = "activemq" too (a '
+                             "RabbitMQ cleanup queue is read over AMQP, which this site has no broker for)")
+        return self
 
     @model_validator(mode="after")
     def _unique_streams(self) -> Settings:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from injector import topology
-from injector.config import Settings
+from injector.config import Settings, StompServer
 from injector.errors import BrokerUnavailable, RucioUnavailable
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ def check(verb: str, settings: Settings, *, action: str | None = None, looping: 
     if needs_rucio:
         rucio_reachable()
     if verb in ("publish", "reconcile", "status", "dlq") or (verb == "broker" and action == "setup"):
+        if settings.broker.transport == "stomp":  # ActiveMQ makes its queues on first use: nothing to require
+            stomp_reachable(settings.broker.stomp)
+            return
         exchanges, queues = _needs(verb, settings)
         with _connection(settings) as conn:
             topology.require(conn, exchanges, queues)
@@ -60,6 +63,8 @@ def _consumer_queues(verb: str, settings: Settings) -> list[str]:
 
 
 def _if_reachable(settings: Settings, queues: list[str]) -> None:
+    if settings.broker.transport == "stomp":
+        return  # ActiveMQ makes a queue on first use
     try:
         with _connection(settings) as conn:
             topology.require(conn, [], queues)
@@ -76,16 +81,15 @@ def _connection(settings: Settings) -> Iterator[kombu.Connection]:
         yield conn
 
 
-def stomp_reachable(settings: Settings) -> None:
-    """A TCP connection to one of the STOMP hosts (ActiveMQ's DLQ is read over STOMP)."""
+def stomp_reachable(server: StompServer) -> None:
+    """A TCP connection to one of the STOMP server's hosts (ActiveMQ is read over STOMP)."""
     errors = []
-    c = settings.cleanup
-    for hp, address in zip(c.stomp_hosts, c.stomp_addresses, strict=True):
+    for host, port in server.addresses:
         try:
-            socket.create_connection(address, timeout=CONNECT_TIMEOUT).close()
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
             return
         except OSError as exc:
-            errors.append(f"{hp} ({exc})")
+            errors.append(f"{host}:{port} ({exc})")
     raise BrokerUnavailable(f"STOMP broker unreachable: {'; '.join(errors)}")
 
 

@@ -22,6 +22,7 @@ DLQ_SUFFIX = ".dlq"
 # 20 times (the default delivery limit; a DLQ has no dead-letter exchange of its own). Listing must never
 # spend a budget. Classic queues are not replicated: a DLQ holds what a person looks at, not the flow.
 DLQ_ARGUMENTS = {"x-queue-type": "classic"}
+ACTIVEMQ_DLQ_PREFIX = "DLQ."  # ActiveMQ: dead letters of queue Q are in DLQ.Q (broker-config/activemq/activemq.xml)
 
 
 class TopologyMissing(InjectorError):
@@ -69,6 +70,18 @@ def dead_letter_queue(queue: str) -> str:
     return queue + DLQ_SUFFIX
 
 
+def activemq_dead_letter_queue(queue: str) -> str:
+    return ACTIVEMQ_DLQ_PREFIX + queue
+
+
+def dead_letters_of(settings: Settings, queue: str) -> str:
+    """The dead-letter queue of one of our work queues, by where it lives: `<queue>.dlq` on RabbitMQ, `DLQ.<queue>`
+    on ActiveMQ (an ActiveMQ-only site's queues; the cleanup's consumer queue on hermes' ActiveMQ)."""
+    c = settings.cleanup
+    on_activemq = settings.broker.transport == "stomp" or (c.flavour == "activemq" and queue == c.consumer_queue)
+    return activemq_dead_letter_queue(queue) if on_activemq else dead_letter_queue(queue)
+
+
 def archived_queue(settings: Settings) -> str:
     """The DAQ's inbox for file-archived events (a DAQ may also bind its own queue)."""
     return settings.ingest.queue.rsplit(".", 1)[0] + ".archived"
@@ -109,6 +122,39 @@ def _work_arguments(settings: Settings, name: str) -> dict[str, Any]:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
+
+
+class Routes:
+    """Where a message published to (exchange, routing key) goes, by the declaration's bindings, matched as RabbitMQ
+    matches them (topic: `*` one word, `#` zero or more; direct: equal; the default exchange "": the queue named by
+    the routing key). ActiveMQ has no exchanges: the STOMP transport routes with this on an ActiveMQ-only site."""
+
+    def __init__(self, settings: Settings) -> None:
+        top = declare(settings)
+        self._kinds = {e.name: e.type for e in top.exchanges} | {"amq.topic": "topic"}
+        self._bindings = top.bindings
+
+    def queues(self, exchange: str, routing_key: str) -> list[str]:
+        if exchange == "":
+            return [routing_key]
+        topic = self._kinds.get(exchange) == "topic"
+        found = [b.queue for b in self._bindings if b.exchange == exchange
+                 and (topic_matches(b.routing_key, routing_key) if topic else b.routing_key == routing_key)]
+        return list(dict.fromkeys(found))
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: words split on dots; `*` is one word, `#` zero or more."""
+    want, have = pattern.split("."), routing_key.split(".")
+
+    def match(i: int, j: int) -> bool:
+        if i == len(want):
+            return j == len(have)
+        if want[i] == "#":
+            return any(match(i + 1, k) for k in range(j, len(have) + 1))
+        return j < len(have) and want[i] in ("*", have[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
 
 
 def stomp_destination(destination: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from consumers.cleanup import verify
 from injector import marks, topology
-from injector.config import Settings, Stream
+from injector.config import Settings, StompServer, Stream
 from injector.gateway import FileReplicas, RucioInspector
 from operations.inventory import datasets_of, files_of
 from operations.orphans import Orphans
@@ -73,11 +73,14 @@ def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = 
         out["streams"][stream.name] = {ds: {s: c.get(s, 0) for s in STAGES} for ds, c in sorted(per.items())}
     out["dead_letters_without_stream"] = dead.get("(none)", {})
     out["queues"] = queue_depths(settings)
+    out["broker"] = "activemq" if settings.broker.transport == "stomp" else "rabbitmq"
     waiting = outbox_depth(settings)
     if waiting is not None:
         out["outbox"] = waiting
-    if settings.cleanup.flavour == "activemq":
-        out["activemq_queues"] = activemq_depths(settings)
+    c = settings.cleanup
+    if c.flavour == "activemq":
+        out["activemq_queues"] = browsed_depths(c.server, [c.consumer_queue,
+                                                           topology.dead_letters_of(settings, c.consumer_queue)])
     return out
 
 
@@ -87,11 +90,12 @@ def dead_lettered(settings: Settings) -> dict[str, dict[str, int]]:
     from injector.errors import Permanent
     from injector.events import decode_file_closed
     from injector.streams import place
-    from operations.dlq import RabbitDlq
+    from operations.dlq import dlq_for
 
     counts: dict[str, Counter[str]] = defaultdict(Counter)
+    dlq = topology.dead_letters_of(settings, settings.ingest.queue)
     try:
-        records = RabbitDlq(settings.broker).peek(topology.dead_letter_queue(settings.ingest.queue))
+        records = dlq_for(settings, dlq).peek(dlq)
     except Exception:  # no broker or no queue: queue_depths says so
         return {}
     for r in records:
@@ -116,9 +120,14 @@ def outbox_depth(settings: Settings) -> dict[str, Any] | None:
 
 
 def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
-    """Ready messages and consumers of every queue of the topology (RabbitMQ), or why not."""
+    """Ready messages and consumers of every queue of the topology (RabbitMQ), or why not. An ActiveMQ-only site:
+    the messages of the ingest queue, its DLQ and the archived queue, browsed."""
     from injector.transport.amqp import connection
 
+    if settings.broker.transport == "stomp":
+        work = settings.ingest.queue
+        return browsed_depths(settings.broker.stomp, [work, topology.dead_letters_of(settings, work),
+                                                      topology.archived_queue(settings)])
     try:
         conn = connection(settings.broker)
     except Exception as exc:  # status must still show Rucio's side
@@ -136,16 +145,14 @@ def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
     return depths
 
 
-def activemq_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
-    """Messages in ActiveMQ's cleanup queue (Consumer.<app>.<virtual topic>) and its DLQ, counted by browsing
-    over STOMP (nothing consumed), or why not."""
+def browsed_depths(server: StompServer, queues: Sequence[str]) -> dict[str, dict[str, int] | str]:
+    """Messages in ActiveMQ queues, counted by browsing over STOMP (nothing consumed), or why not."""
     from injector.errors import BrokerUnavailable
     from operations.dlq import ActiveMqDlq
 
-    cleanup = settings.cleanup
-    activemq = ActiveMqDlq(cleanup)
+    activemq = ActiveMqDlq(server)
     depths: dict[str, dict[str, int] | str] = {}
-    for queue in (cleanup.consumer_queue, cleanup.dead_letter_destination.removeprefix("/queue/")):
+    for queue in queues:
         try:
             depths[queue] = {"messages": activemq.depth(queue)}
         except BrokerUnavailable as exc:  # status must still show the rest
@@ -173,9 +180,13 @@ def render(data: dict[str, Any]) -> None:
         if not datasets:
             table.add_row("(no files)", *["0"] * len(STAGES))
         console.print(table)
-    console.print(_queue_table("queues (RabbitMQ)", data["queues"], ("ready", "consumers")))
+    if data.get("broker") == "activemq":
+        console.print(_queue_table("queues (ActiveMQ, browsed over STOMP)", data["queues"], ("messages",)))
+    else:
+        console.print(_queue_table("queues (RabbitMQ)", data["queues"], ("ready", "consumers")))
     if "activemq_queues" in data:
-        console.print(_queue_table("queues (ActiveMQ, browsed over STOMP)", data["activemq_queues"], ("messages",)))
+        console.print(_queue_table("Rucio's events (ActiveMQ, browsed over STOMP)", data["activemq_queues"],
+                                   ("messages",)))
     if "outbox" in data:
         box = data["outbox"]
         console.print(f"outbox (this host) {escape(box['path'])}: {box['events']} event(s) waiting for the broker")

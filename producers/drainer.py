@@ -17,14 +17,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import kombu
 import tenacity
 
 from injector.config import Broker
 from injector.errors import BrokerUnavailable, InvalidEvent, PublishFailed
 from injector.events import decode_file_closed
 from injector.messages import Outgoing
-from injector.transport.amqp import Publisher, connection
+from injector.topology import Routes
+from injector.transport import Sender, plugin
 from producers.outbox import Drained, Outbox, Row
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,16 @@ LOCK_WAIT = 30.0  # a flush waits this long for another process's drain to finis
 class Drainer:
     """Drains one outbox to the broker's DAQ exchange; `start()` runs it in the background."""
 
-    def __init__(self, outbox: Outbox, broker: Broker, *, batch: int = 500, max_wait: float = 30.0,
-                 idle_close: float = 10.0) -> None:
+    def __init__(self, outbox: Outbox, broker: Broker, *, routes: Routes | None = None, batch: int = 500,
+                 max_wait: float = 30.0, idle_close: float = 10.0) -> None:
         self.outbox = outbox
         self._broker = broker.model_copy(update={"connect_attempts": 1})  # the retries here own the backoff
+        self._routes = routes
         self._batch = batch
         self._max_wait = max_wait
         self._idle_close = idle_close
         self._busy = threading.Lock()  # one drain at a time on this drainer's connection
-        self._conn: kombu.Connection | None = None
-        self._publisher: Publisher | None = None
+        self._sender: Sender | None = None
         self._last_use = time.monotonic()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -111,26 +111,22 @@ class Drainer:
         self._stop.wait(seconds)  # a stop ends a backoff at once; a kick does not (no hammering a down broker)
 
     def _publish(self, messages: Sequence[Outgoing]) -> None:
-        if self._publisher is None:
-            conn = connection(self._broker)
-            self._conn, self._publisher = conn, Publisher(conn)
-        self._publisher.publish(messages)
+        if self._sender is None:
+            self._sender = plugin(self._broker.transport).sender(self._broker, self._routes)
+        self._sender.publish(messages)
         self._last_use = time.monotonic()
 
     def _idle(self) -> None:
         """Close the connection once unused for a while (nothing services its heartbeats meanwhile)."""
-        if self._publisher is not None and time.monotonic() - self._last_use > self._idle_close:
+        if self._sender is not None and time.monotonic() - self._last_use > self._idle_close:
             with self._busy:
                 self._disconnect()
 
     def _disconnect(self) -> None:
-        publisher, conn, self._publisher, self._conn = self._publisher, self._conn, None, None
+        sender, self._sender = self._sender, None
         with contextlib.suppress(Exception):
-            if publisher is not None:
-                publisher.close()
-        with contextlib.suppress(Exception):
-            if conn is not None:
-                conn.release()
+            if sender is not None:
+                sender.close()
 
     def _retrying(self, stop: tenacity.stop.stop_base, sleep: Callable[[float], None]) -> tenacity.Retrying:
         """Retry what may pass (RETRYABLE) with jittered exponential backoff, up to `max_wait` apart."""

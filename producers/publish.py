@@ -1,7 +1,7 @@
 """Publish file-closed events: the Python API for DAQ code, also behind `rucio-injector publish`.
 
     from producers.publish import DaqPublisher, file_closed
-    with DaqPublisher(settings.broker, settings.streams, settings.outbox) as daq:
+    with DaqPublisher.of(settings) as daq:
         daq.publish([file_closed("/data/lst1/run1.fits.fz", site="ORM", instrument="LST1", night="20261124")])
 
 Given the streams, the publisher announces each file under its canonical path (`injector.streams.canonical_path`:
@@ -23,10 +23,11 @@ from types import TracebackType
 from typing import Any
 
 from injector.checksum import size_and_adler32
-from injector.config import Broker, OutboxSettings, Stream
+from injector.config import Broker, OutboxSettings, Settings, Stream
 from injector.events import FILE_CLOSED, FileClosed, decode_file_closed, encode
 from injector.messages import Outgoing
 from injector.streams import canonical
+from injector.topology import Routes
 from producers.drainer import RETRYABLE, Drainer
 from producers.outbox import Drained, Outbox
 
@@ -54,18 +55,25 @@ def outgoing(event: FileClosed, exchange: str) -> Outgoing:
 
 class DaqPublisher:
     """File-closed events to the DAQ exchange through the durable outbox; with `streams`, under canonical paths.
-    `background=False`: no drainer thread, only `flush` publishes (the CLI)."""
+    `background=False`: no drainer thread, only `flush` publishes (the CLI). `routes`: the topology's bindings, needed
+    by a stomp:// (ActiveMQ) broker, which has no exchanges; `DaqPublisher.of(settings)` passes everything."""
 
     def __init__(self, broker: Broker, streams: Sequence[Stream] = (), outbox: OutboxSettings | None = None, *,
-                 background: bool = True, max_wait: float = 30.0, close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 routes: Routes | None = None, background: bool = True, max_wait: float = 30.0,
+                 close_timeout: float = CLOSE_TIMEOUT) -> None:
         self._broker = broker
         self._streams = streams
         self._close_timeout = close_timeout
         self.outbox = Outbox(outbox or OutboxSettings())
-        self._drainer = Drainer(self.outbox, broker, max_wait=max_wait)
+        self._drainer = Drainer(self.outbox, broker, routes=routes, max_wait=max_wait)
         if background:
             self._drainer.start()
             self._drainer.kick()  # events a previous process left are sent first
+
+    @classmethod
+    def of(cls, settings: Settings, **options: Any) -> DaqPublisher:
+        """The publisher a configuration describes: its broker, streams (canonical paths), outbox and topology."""
+        return cls(settings.broker, settings.streams, settings.outbox, routes=Routes(settings), **options)
 
     def publish(self, events: Sequence[FileClosed]) -> list[FileClosed]:
         """Write the events to the outbox (one transaction, durable on return) and return them as announced: their

@@ -29,7 +29,7 @@ from injector.errors import Permanent
 from injector.messages import Outgoing
 from injector.metrics import Metrics
 from injector.streams import did_name
-from injector.transport.amqp import Publisher, connection
+from injector.transport import plugin
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +85,24 @@ def refusal(stream: Stream, path: str) -> Refusal | None:
     return None
 
 
-def message(r: Refusal, queue: str, exchange: str) -> Outgoing:
+def message(r: Refusal, queue: str, dlq: str) -> Outgoing:
     """The dead letter recording a refusal: a JSON body naming file, field and reason; the dlq-* headers."""
     body = {"schema": SCHEMA, "stream": r.stream.name, "site": r.stream.site, "instrument": r.stream.instrument,
             "path": r.shown, "path_base64": base64.b64encode(r.raw).decode(), "field": r.field,
             "reason": r.reason, "error": r.error}
     hdrs = deadletter.headers({}, reason=r.reason, error=r.error, exchange="", routing_key=queue, queue=queue,
                               attempts=0)
-    return Outgoing(exchange, queue, json.dumps(body).encode(), hdrs, r.id)
+    return Outgoing("", dlq, json.dumps(body).encode(), hdrs, r.id)  # straight into the DLQ
 
 
 class Refusals:
     """Logs, counts and records refused files, each once (see the module's docstring)."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self._settings = settings
         self._broker: Broker = settings.broker
         self._queue = settings.ingest.queue
+        self._dlq = topology.dead_letters_of(settings, self._queue)
         self._metrics = metrics
         self._seen: set[str] = set()  # reported by this process
         self._recorded: set[str] | None = None  # ids in the DLQ, read before the first record
@@ -117,7 +119,7 @@ class Refusals:
             return
         self._seen.add(r.id)
         log.error("%s NOT announced (stream %s, %s, field %s): %s; recorded in %s", r.shown, r.stream.name,
-                  r.reason, r.field, r.error, topology.dead_letter_queue(self._queue))
+                  r.reason, r.field, r.error, self._dlq)
         if self._metrics is not None:
             self._metrics.dead_letters.labels("watch", r.reason).inc()
         self._pending.append(r)
@@ -137,20 +139,19 @@ class Refusals:
         return True
 
     def _record(self) -> None:
-        dlq = topology.dead_letter_queue(self._queue)
+        dlq = self._dlq
         if self._recorded is None:
-            from operations.dlq.rabbitmq import RabbitDlq  # listing the DLQ is the dlq tool's job
+            from operations.dlq import dlq_for  # listing the DLQ is the dlq tool's job
 
-            self._recorded = {r.id for r in RabbitDlq(self._broker).peek(dlq)}
+            self._recorded = {r.id for r in dlq_for(self._settings, dlq).peek(dlq)}
         new = [r for r in self._pending if r.id not in self._recorded]
         if new:
-            conn = connection(self._broker, attempts=1)
-            publisher = Publisher(conn)
+            sender = plugin(self._broker.transport).sender(self._broker.model_copy(update={"connect_attempts": 1}),
+                                                           topology.Routes(self._settings))
             try:
-                publisher.publish([message(r, self._queue, self._broker.dead_letter_exchange) for r in new])
+                sender.publish([message(r, self._queue, dlq) for r in new])
             finally:
-                publisher.close()
-                conn.release()
+                sender.close()
         for r in self._pending:
             if r.id in self._recorded:
                 log.info("%s already recorded in %s (id %s)", r.shown, dlq, r.id)

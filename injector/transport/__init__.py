@@ -5,8 +5,12 @@ contract); it never knows which protocol is behind them. The composition (consum
 by name and hands the worker its `Connect`. A plug-in module (injector.transport.amqp, injector.transport.stomp)
 provides the same two functions:
 
-    link(settings, queue, prefetch) -> Connect     a worker's connect: (generation, buffer) → a consuming Link;
-                                                   `queue` is what it consumes (STOMP: the destination)
+    link(settings, queue, prefetch, at=None) -> Connect
+                                                   a worker's connect: (generation, buffer) → a Link consuming
+                                                   `queue` on the DAQ broker ([broker] urls), or on the STOMP
+                                                   server `at` (hermes' ActiveMQ, for the cleanup)
+    sender(broker, routes) -> Sender               confirmed publishing to the DAQ broker; `routes` (the declared
+                                                   topology's bindings) routes where the broker has no exchanges
     explain(exc, where) -> str | None              the one line for one of that protocol's own exceptions
                                                    (injector.exits gives it the broker's exit code)
 
@@ -23,8 +27,12 @@ from injector.errors import BrokerUnavailable
 from injector.messages import Delivery
 
 if TYPE_CHECKING:
-    from injector.config import Settings
+    from collections.abc import Sequence
+
+    from injector.config import Broker, Settings, StompServer
+    from injector.messages import Outgoing
     from injector.settle import Session
+    from injector.topology import Routes
 
 PLUGINS = ("amqp", "stomp")
 
@@ -50,10 +58,21 @@ class Link(Protocol):
 Connect = Callable[[int, list[Delivery]], Link]  # (generation, buffer) → a consuming link
 
 
+class Sender(Protocol):
+    """Confirmed publishing on one connection. `publish` returns once the broker took every message (PublishFailed
+    otherwise; its `failed` names the messages the broker answered for: unroutable, refused); `service` keeps an
+    idle connection alive and raises when it is lost; `close` ends it."""
+
+    def publish(self, messages: Sequence[Outgoing]) -> None: ...
+    def service(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class Plugin(Protocol):
     """What a transport plug-in module provides."""
 
-    def link(self, settings: Settings, queue: str, prefetch: int) -> Connect: ...
+    def link(self, settings: Settings, queue: str, prefetch: int, at: StompServer | None = None) -> Connect: ...
+    def sender(self, broker: Broker, routes: Routes | None) -> Sender: ...
     def explain(self, exc: BaseException, where: str) -> str | None: ...
 
 

@@ -26,10 +26,11 @@ import kombu
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from injector import topology
-from injector.config import Broker, Settings
+from injector.config import Broker, Settings, StompServer
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import Delivery, Outgoing, copy_of, split_copy_headers
-from injector.transport import Connect
+from injector.topology import Routes
+from injector.transport import Connect, Sender
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +264,38 @@ class AmqpLink:
             self.conn.release()
 
 
-def link(settings: Settings, queue: str, prefetch: int) -> Connect:
+class AmqpSender:
+    """Confirmed, mandatory publishing on its own connection to the broker (an injector.transport Sender)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.conn = connection(broker)
+        self._publisher = Publisher(self.conn)
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        self._publisher.publish(messages)
+
+    def service(self) -> None:
+        """Read the idle connection (the broker's heartbeats) and send ours: a connection that is only written to
+        is declared dead by py-amqp after two missed heartbeats."""
+        with _lost("publishing connection lost"):
+            drain(self.conn, 0.001)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._publisher.close()
+        with contextlib.suppress(Exception):
+            self.conn.release()
+
+
+def sender(broker: Broker, routes: Routes | None = None) -> Sender:
+    """A confirmed publisher to the broker; the broker's own exchanges route (`routes` is not needed)."""
+    return AmqpSender(broker)
+
+
+def link(settings: Settings, queue: str, prefetch: int, at: StompServer | None = None) -> Connect:
     """A worker's `connect`: (generation, buffer) → a link consuming `queue` on settings.broker."""
+    if at is not None:
+        raise ValueError("the AMQP transport consumes from [broker] urls only")
     return lambda generation, buffer: AmqpLink(settings.broker, queue, prefetch, generation, buffer)
 
 

@@ -1,21 +1,28 @@
-"""The STOMP transport plug-in: the cleanup consumer on ActiveMQ (hermes → ActiveMQ → competing cleanup consumers).
+"""The STOMP transport plug-in (ActiveMQ): competing consumers of a queue, receipted publishing, and the broker's
+own routing replaced by the declared topology's (ActiveMQ has no exchanges).
 
-ActiveMQ Classic (Rucio's usual broker) delivers a virtual topic to competing consumers through
-/queue/Consumer.<app>.VirtualTopic.<name>. (On RabbitMQ the cleanup consumer reads its quorum queue over
-AMQP like ingest does: RabbitMQ's STOMP adapter refuses acks after UNSUBSCRIBE, so a STOMP consumer there
-could neither stop intake while keeping its deliveries nor give them back without spending their budget.)
+Two kinds of site use it. Hermes → ActiveMQ → cleanup: the cleanup consumers share
+/queue/Consumer.<app>.VirtualTopic.<name> on hermes' broker ([cleanup]). An ActiveMQ-only site ([broker] urls are
+stomp://): the DAQ's file-closed events, ingest, dead letters and file-archived all live on ActiveMQ too. There a
+message published to (exchange, routing key) is SENT, with a receipt, to each queue the topology binds to it
+(`injector.topology.Routes`: file.closed.# → /queue/<ingest queue>, file.archived.# → /queue/<archived queue>);
+a routing key no binding takes is refused as unroutable, like an AMQP mandatory publish. (On RabbitMQ every
+consumer reads over AMQP: its STOMP adapter refuses acks after UNSUBSCRIBE, so a STOMP consumer there could
+neither stop intake while keeping its deliveries nor give them back without spending their budget.)
+
 Acks are client-individual and sent only after the effect; stomp.py's receiver thread only enqueues
 (a slow Rucio call never starves heartbeats); a lost connection is reconnected and RESUBSCRIBED by the
 BatchWorker loop (stomp.py does not).
 
 ActiveMQ sends no delivery count on STOMP (only `redelivered: true`; its redelivery plugin keeps the
 counter inside the broker), so a retry SENDs a copy carrying the count in `injector-retries`
-(receipted, delayed with AMQ_SCHEDULED_DELAY) to the same consumer queue, then ACKs the original: the
+(receipted, delayed with AMQ_SCHEDULED_DELAY) to the same queue, then ACKs the original: the
 count is exact across competing processes and restarts. Should that send fail, the message is NACKed
 and the broker's redelivery plugin redelivers it after a delay. What a consumer received but did not
 settle goes back when it disconnects, its count untouched: that is how a stopping consumer hands
-deliveries back. Dead letters go to DLQ.<queue> over STOMP with a receipt; file-archived goes to the
-DAQ exchange over AMQP with publisher confirms, on a connection that is kept serviced while idle.
+deliveries back. Dead letters go to DLQ.<queue> with a receipt; what a consumer publishes (file-archived) goes to
+the DAQ broker ([broker] urls, AMQP or STOMP) confirmed, on a connection that is kept serviced while idle. The
+event id a publisher gives a message travels in `correlation-id` (the broker's own `message-id` names one copy).
 """
 
 from __future__ import annotations
@@ -32,12 +39,12 @@ from typing import Any
 import stomp
 import stomp.exception
 
-from injector.config import Broker, Cleanup, Settings
+from injector.config import Broker, Settings, StompServer
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import PRIOR, Delivery, Outgoing
 from injector.settle import Session
-from injector.transport import Connect
-from injector.transport.amqp import Publisher, connection, drain
+from injector.topology import Routes, activemq_dead_letter_queue, stomp_destination
+from injector.transport import Connect, Sender
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +59,12 @@ _DELIVERY_HEADERS = frozenset({
     "scheduledJobId", "correlation-id"})
 
 
-class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
-    """Runs on stomp.py's receiver thread: it only enqueues and records."""
+class Watch(stomp.ConnectionListener):  # type: ignore[misc]
+    """A connection's health, recorded on stomp.py's receiver thread: the broker's ERROR frames, and its loss."""
 
-    def __init__(self, cfg: Cleanup, generation: int) -> None:
-        self.cfg = cfg
-        self.generation = generation
-        self.inbox: queue.Queue[Delivery] = queue.Queue()
+    def __init__(self) -> None:
         self.lost = threading.Event()
         self.errors: list[str] = []
-
-    def on_message(self, frame: Any) -> None:
-        self.inbox.put(to_delivery(frame, self.generation, self.cfg.flavour))
 
     def on_error(self, frame: Any) -> None:
         text = f"{frame.headers.get('message', '')} {_text(frame.body)}".strip()
@@ -77,6 +78,58 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
         log.warning("STOMP heartbeat timeout")
         self.lost.set()
 
+    def why(self) -> str:
+        return "; ".join(self.errors[-3:]) or "connection closed"
+
+
+def open_connection(server: StompServer, listeners: dict[str, Any], *, heartbeats: bool = True
+                    ) -> tuple[Any, Watch, Receipts]:
+    """A connected STOMP 1.2 connection to the first of `server`'s hosts that answers, with `listeners`, a Watch
+    and a Receipts listener; BrokerUnavailable naming why not. stomp.py's own wait (connect(wait=True)) never gives
+    up on a broker that accepts the socket but never answers CONNECT; this one does."""
+    beat = (server.heartbeat_ms, server.heartbeat_ms) if heartbeats else (0, 0)
+    conn = stomp.Connection12(list(server.addresses), heartbeats=beat, vhost=server.vhost, auto_decode=False,
+                              reconnect_attempts_max=1, timeout=10)
+    watch = Watch()
+    receipts = Receipts(watch.lost)
+    for name, listener in {**listeners, "watch": watch, "receipts": receipts}.items():
+        conn.set_listener(name, listener)
+    try:
+        conn.connect(server.username, server.password, wait=False,
+                     headers={"client-id": f"rucio-injector-{uuid.uuid4().hex[:8]}"})
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while not conn.is_connected():
+            if watch.errors or watch.lost.is_set() or time.monotonic() > deadline:
+                why = "; ".join(watch.errors[-3:]) or f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s"
+                raise BrokerUnavailable(f"STOMP {server.hosts} refused the connection: {why}")
+            time.sleep(0.01)
+    except (stomp.exception.StompException, OSError) as exc:
+        _disconnect(conn)
+        raise BrokerUnavailable(f"cannot connect to STOMP {server.hosts}: {type(exc).__name__}: {exc}") from None
+    except BaseException:
+        _disconnect(conn)
+        raise
+    return conn, watch, receipts
+
+
+def _disconnect(conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        if conn.is_connected():
+            conn.disconnect()
+    with contextlib.suppress(Exception):
+        conn.transport.stop()
+
+
+class _Inbox(stomp.ConnectionListener):  # type: ignore[misc]
+    """Runs on stomp.py's receiver thread: it only enqueues."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.inbox: queue.Queue[Delivery] = queue.Queue()
+
+    def on_message(self, frame: Any) -> None:
+        self.inbox.put(to_delivery(frame, self.generation, "activemq"))
+
 
 def _text(body: bytes | str | None) -> str:
     return body.decode(errors="replace") if isinstance(body, bytes) else (body or "")
@@ -84,8 +137,6 @@ def _text(body: bytes | str | None) -> str:
 
 def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
     """A received MESSAGE frame; `headers` keeps the event's own headers (and RabbitMQ's count)."""
-    from injector.topology import stomp_destination
-
     h = dict(frame.headers)
     body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode()
     # The count lives in `deliveries`, not in headers: a dead letter replayed later starts afresh.
@@ -97,11 +148,12 @@ def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
         headers["x-delivery-count"] = _int(headers["x-delivery-count"])
     # Where the event came from, as a dead letter must record it to be replayed. RabbitMQ: the AMQP exchange
     # and routing key behind the STOMP destination (/topic/<name> is amq.topic + <name>), never the destination
-    # itself, which names no exchange. ActiveMQ: the consumer queue the frame came from (never the virtual topic).
+    # itself, which names no exchange. ActiveMQ: the queue the frame came from (never the virtual topic).
     destination = h.get("destination", "")
     exchange, routing_key = stomp_destination(destination) if flavour == "rabbitmq" else (destination, "")
     return Delivery(body=body, headers=headers, exchange=exchange, routing_key=routing_key, delivery_tag=0,
-                    redelivered=h.get("redelivered") == "true", message_id=h.get("message-id"),
+                    redelivered=h.get("redelivered") == "true",
+                    message_id=h.get("correlation-id") or h.get("message-id"),
                     content_type=h.get("content-type", "application/json"), generation=generation,
                     ack_id=h.get("ack") or h.get("message-id"), deliveries=deliveries)
 
@@ -161,6 +213,40 @@ def retry_delay_ms(attempts: int) -> int:
     return min(first * 2 ** max(attempts - 1, 0), cap)
 
 
+class StompSender:
+    """Confirmed publishing to an ActiveMQ-only DAQ broker (an injector.transport Sender): each message is SENT
+    with a receipt to every queue the topology binds its (exchange, routing key) to; a message no binding takes is
+    refused as unroutable (PublishFailed names it, nothing of it sent)."""
+
+    def __init__(self, server: StompServer, routes: Routes) -> None:
+        self.routes = routes
+        self.conn, self.watch, self.receipts = open_connection(server, {})
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        by_queue: dict[str, list[Outgoing]] = {}
+        failed: dict[str, str] = {}
+        for m in messages:
+            queues = self.routes.queues(m.exchange, m.routing_key)
+            if not queues:
+                failed[m.message_id or "?"] = (f"unroutable: exchange {m.exchange!r} has no queue bound for "
+                                               f"{m.routing_key!r}")
+            for q in queues:
+                by_queue.setdefault(q, []).append(m)
+        for q, batch in by_queue.items():
+            self.receipts.send(self.conn, f"/queue/{q}", batch)
+        if failed:
+            detail = "; ".join(f"{mid}: {why}" for mid, why in list(failed.items())[:20])
+            raise PublishFailed(f"{len(failed)} of {len(messages)} message(s) not accepted: {detail}", failed=failed)
+
+    def service(self) -> None:
+        """stomp.py's own threads keep the heartbeats; a lost connection is raised (the next publish reopens)."""
+        if self.watch.lost.is_set() or not self.conn.is_connected():
+            raise BrokerUnavailable(f"STOMP connection lost: {self.watch.why()}")
+
+    def close(self) -> None:
+        _disconnect(self.conn)
+
+
 @contextlib.contextmanager
 def _connection_gone_is_fine(d: Delivery) -> Iterator[None]:
     # The connection died between the check and the frame: the broker redelivers what was not acked,
@@ -173,7 +259,7 @@ def _connection_gone_is_fine(d: Delivery) -> Iterator[None]:
 
 
 class StompSession:
-    """settle's Session over one STOMP connection (+ an AMQP publisher for file-archived)."""
+    """settle's Session over one STOMP connection (+ a DAQ-broker sender for what the consumer publishes)."""
 
     def __init__(self, link: StompLink) -> None:
         self.link = link
@@ -200,69 +286,47 @@ class StompSession:
         (our injector-retries header) is untouched by that."""
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
-        self.link.publisher().publish(messages)
+        self.link.sender().publish(messages)
 
     def dead_letter(self, messages: Sequence[Outgoing]) -> None:
-        self.link.send_confirmed(self.link.cfg.dead_letter_destination, messages)
+        self.link.send_confirmed(self.link.dead_letters, messages)
 
 
 class StompLink:
-    """One STOMP connection with one client-individual subscription to `destination` (an injector.transport Link),
-    ActiveMQ."""
+    """One STOMP connection with one client-individual subscription to /queue/<queue> (an injector.transport Link)
+    on ActiveMQ; dead letters to /queue/DLQ.<queue>; what the consumer publishes to the DAQ broker `publishing`."""
 
-    def __init__(self, cfg: Cleanup, broker: Broker, destination: str, prefetch: int, generation: int,
-                 buffer: list[Delivery]) -> None:
-        self.cfg = cfg
-        self.broker = broker
-        self.destination = destination
+    def __init__(self, server: StompServer, queue_name: str, prefetch: int, generation: int,
+                 buffer: list[Delivery], publishing: Broker, routes: Routes) -> None:
+        self.server = server
+        self.destination = f"/queue/{queue_name}"
+        self.dead_letters = f"/queue/{activemq_dead_letter_queue(queue_name)}"
         self.prefetch = prefetch
         self.generation = generation
         self.buffer = buffer
-        self.listener = _Listener(cfg, generation)
-        self.subscription_id = f"cleanup-{uuid.uuid4().hex[:8]}"
-        self._amqp: Any = None
-        self._publisher: Publisher | None = None
+        self._publishing = publishing
+        self._routes = routes
+        self._sender: Sender | None = None
         self.paused = False
-        self.conn = stomp.Connection12(cfg.stomp_addresses, heartbeats=(cfg.heartbeat_ms, cfg.heartbeat_ms),
-                                       vhost=cfg.vhost, auto_decode=False, reconnect_attempts_max=1, timeout=10)
-        self.conn.set_listener("injector", self.listener)
-        self.receipts = Receipts(self.listener.lost)
-        self.conn.set_listener("receipts", self.receipts)
-        try:
-            self._subscribe()
-        except BaseException:
-            self.close()
-            raise
+        self.listener = _Inbox(generation)
+        self.subscription_id = f"consumer-{uuid.uuid4().hex[:8]}"
+        self.conn, self.watch, self.receipts = open_connection(server, {"inbox": self.listener})
         self.session: Session = StompSession(self)
-
-    def _subscribe(self) -> None:
-        cfg = self.cfg
         try:
-            self.conn.connect(cfg.username, cfg.password, wait=False,
-                              headers={"client-id": f"rucio-injector-{uuid.uuid4().hex[:8]}"})
-            self._await_connected()
             self.conn.subscribe(self.destination, id=self.subscription_id, ack="client-individual",
                                 headers={"activemq.prefetchSize": str(self.prefetch)})
         except (stomp.exception.StompException, OSError) as exc:
-            raise BrokerUnavailable(f"cannot subscribe on STOMP {cfg.stomp_hosts}: {type(exc).__name__}: {exc}") \
+            self.close()
+            raise BrokerUnavailable(f"cannot subscribe on STOMP {server.hosts}: {type(exc).__name__}: {exc}") \
                 from None
-        log.info("subscribed to %s on %s (prefetch %d)", self.destination, cfg.stomp_hosts, self.prefetch)
+        log.info("subscribed to %s on %s (prefetch %d)", self.destination, server.hosts, self.prefetch)
 
-    def _await_connected(self) -> None:
-        # stomp.py's own wait (connect(wait=True)) never gives up on a broker that accepts the
-        # socket but never answers CONNECT; this one does, so the reconnect loop goes on.
-        deadline = time.monotonic() + CONNECT_TIMEOUT
-        while not self.conn.is_connected():
-            if self.listener.errors or self.listener.lost.is_set() or time.monotonic() > deadline:
-                why = "; ".join(self.listener.errors[-3:]) or f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s"
-                raise BrokerUnavailable(f"STOMP {self.cfg.stomp_hosts} refused the connection: {why}")
-            time.sleep(0.01)
+    def sender(self) -> Sender:
+        if self._sender is None:
+            from injector.transport import plugin
 
-    def publisher(self) -> Publisher:
-        if self._publisher is None:
-            self._amqp = connection(self.broker)
-            self._publisher = Publisher(self._amqp)
-        return self._publisher
+            self._sender = plugin(self._publishing.transport).sender(self._publishing, self._routes)
+        return self._sender
 
     def retry(self, d: Delivery) -> None:
         """A delayed copy carrying the delivery count, then ACK; NACK if it cannot be sent."""
@@ -283,24 +347,23 @@ class StompLink:
 
     def pump(self, timeout: float) -> None:
         if self.paused:  # what arrives now stays unacked: the broker gives it back when we disconnect
-            self.listener.lost.wait(timeout)
+            self.watch.lost.wait(timeout)
         else:
             self._receive(timeout)
-        if self.listener.lost.is_set() or not self.conn.is_connected():
-            why = "; ".join(self.listener.errors[-3:]) or "connection closed"
-            raise BrokerUnavailable(f"STOMP connection lost: {why}")
-        self._service_publisher()
+        if self.watch.lost.is_set() or not self.conn.is_connected():
+            raise BrokerUnavailable(f"STOMP connection lost: {self.watch.why()}")
+        self._service_sender()
 
-    def _service_publisher(self) -> None:
-        """Read the idle AMQP publishing connection (the broker's heartbeats) and send ours; a connection that
-        is only written to is declared dead by py-amqp after two missed heartbeats. Lost: reopened when needed."""
-        if self._amqp is None:
+    def _service_sender(self) -> None:
+        """Keep the idle publishing connection alive (an AMQP one is declared dead by py-amqp after two missed
+        heartbeats if it is only written to). Lost: reopened when next needed."""
+        if self._sender is None:
             return
         try:
-            drain(self._amqp, 0.001)
+            self._sender.service()
         except Exception as exc:  # the next publish reconnects
-            log.info("AMQP publishing connection lost (%s); reopened when next needed", exc)
-            self._drop_publisher()
+            log.info("publishing connection lost (%s); reopened when next needed", exc)
+            self._drop_sender()
 
     def _receive(self, timeout: float) -> None:
         try:
@@ -318,30 +381,34 @@ class StompLink:
         self.paused = False
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.conn.is_connected():
-                self.conn.disconnect()
-        self._drop_publisher()
+        _disconnect(self.conn)
+        self._drop_sender()
 
-    def _drop_publisher(self) -> None:
-        if self._publisher is not None:
+    def _drop_sender(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
             with contextlib.suppress(Exception):
-                self._publisher.close()
-        if self._amqp is not None:
-            with contextlib.suppress(Exception):
-                self._amqp.release()
-        self._amqp = self._publisher = None
+                sender.close()
 
 
-def link(settings: Settings, queue: str, prefetch: int) -> Connect:
-    """A worker's `connect`: (generation, buffer) → a link subscribed to the STOMP destination `queue` on the
-    [cleanup] STOMP hosts (ActiveMQ: the cleanup consumer queue)."""
-    return lambda generation, buffer: StompLink(settings.cleanup, settings.broker, queue, prefetch, generation,
-                                                buffer)
+def link(settings: Settings, queue: str, prefetch: int, at: StompServer | None = None) -> Connect:
+    """A worker's `connect`: (generation, buffer) → a link consuming /queue/<queue> on `at` (default: the DAQ
+    broker's stomp:// urls, an ActiveMQ-only site's ingest; the cleanup passes hermes' broker)."""
+    on = at if at is not None else settings.broker.stomp
+    routes = Routes(settings)
+    return lambda generation, buffer: StompLink(on, queue, prefetch, generation, buffer, settings.broker, routes)
+
+
+def sender(broker: Broker, routes: Routes | None) -> Sender:
+    """A confirmed publisher to the DAQ broker's stomp:// urls, routing by `routes` (required: ActiveMQ has no
+    exchanges)."""
+    if routes is None:
+        raise ValueError("publishing over STOMP needs the topology's routes (DaqPublisher.of(settings))")
+    return StompSender(broker.stomp, routes)
 
 
 def explain(exc: BaseException, where: str) -> str | None:
-    """The one line for a STOMP failure, or None if `exc` is not one (`where`, the AMQP broker, is not its host)."""
+    """The one line for a STOMP failure, or None if `exc` is not one."""
     if isinstance(exc, stomp.exception.StompException):
-        return f"STOMP broker: {type(exc).__name__}: {exc} (is it running; are [cleanup] stomp_hosts right?)"
+        return f"STOMP broker: {type(exc).__name__}: {exc} (is it running; are the stomp hosts and urls right?)"
     return None

@@ -20,39 +20,44 @@ from injector.errors import ConfigError
 from operations.dlq.activemq import ActiveMqDlq
 from operations.dlq.rabbitmq import RabbitDlq
 
-__all__ = ["ACTIVEMQ_DLQ_PREFIX", "ActiveMqDlq", "Dlq", "RabbitDlq", "activemq_dlq_name", "dead_letter_queues",
-           "dlq_for", "export_line"]
+__all__ = ["ActiveMqDlq", "Dlq", "RabbitDlq", "dead_letter_queues", "dlq_for", "export_line"]
 
-ACTIVEMQ_DLQ_PREFIX = "DLQ."
 Dlq = RabbitDlq | ActiveMqDlq
 
 
 def dead_letter_queues(settings: Settings, queue: str | None = None) -> list[str]:
-    """The DLQs to act on: all of the topology's, or the one named (work queue or DLQ name).
-    With ActiveMQ for Rucio's events, its DLQ.<consumer queue> is one of them."""
-    known = [q.name for q in topology.declare(settings).queues if q.name.endswith(topology.DLQ_SUFFIX)]
-    activemq = activemq_dlq_name(settings)
-    if activemq:
-        known.append(activemq)
+    """The DLQs to act on: all of the config's, or the one named (work queue or DLQ name). RabbitMQ: the topology's
+    `<queue>.dlq`; an ActiveMQ-only site: `DLQ.<ingest queue>`; with ActiveMQ for Rucio's events, its
+    `DLQ.<cleanup consumer queue>` too."""
+    known = _known(settings)
     if queue is None:
-        return known
-    if activemq and queue in (activemq, activemq.removeprefix(ACTIVEMQ_DLQ_PREFIX)):
-        return [activemq]
-    name = queue if queue.endswith(topology.DLQ_SUFFIX) else topology.dead_letter_queue(queue)
-    if name not in known:
-        raise ConfigError(f"{queue!r} is not a dead-letter queue of this config (known: {', '.join(known)})")
-    return [name]
+        return list(known)
+    for dlq, work in known.items():
+        if queue in (dlq, work):
+            return [dlq]
+    raise ConfigError(f"{queue!r} is not a dead-letter queue of this config (known: {', '.join(known)})")
 
 
-def activemq_dlq_name(settings: Settings) -> str | None:
+def _known(settings: Settings) -> dict[str, str]:
+    """Every DLQ of the config → the work queue it belongs to."""
     c = settings.cleanup
-    return c.dead_letter_destination.removeprefix("/queue/") if c.flavour == "activemq" else None
+    if settings.broker.transport == "amqp":
+        works = [q.name for q in topology.declare(settings).queues if q.arguments.get("x-dead-letter-exchange")]
+    else:
+        works = [settings.ingest.queue]
+    if c.flavour == "activemq":
+        works.append(c.consumer_queue)
+    return {topology.dead_letters_of(settings, w): w for w in works}
 
 
 def dlq_for(settings: Settings, queue: str) -> Dlq:
-    """The tool for one dead-letter queue: ActiveMQ's DLQ.<queue> over STOMP, the rest over AMQP."""
-    if queue == activemq_dlq_name(settings):
-        return ActiveMqDlq(settings.cleanup)
+    """The tool for one dead-letter queue: ActiveMQ's DLQ.<queue> over STOMP (on hermes' broker for the cleanup's,
+    on the DAQ broker for an ActiveMQ-only site's), RabbitMQ's over AMQP."""
+    c = settings.cleanup
+    if c.flavour == "activemq" and queue == topology.dead_letters_of(settings, c.consumer_queue):
+        return ActiveMqDlq(c.server)
+    if settings.broker.transport == "stomp":
+        return ActiveMqDlq(settings.broker.stomp)
     return RabbitDlq(settings.broker)
 
 

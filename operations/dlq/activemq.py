@@ -1,4 +1,5 @@
-"""ActiveMQ's DLQ.<queue> (the cleanup consumer's) over STOMP: list, purge and replay, exactly.
+"""ActiveMQ's DLQ.<queue> over STOMP (the cleanup consumer's; an ActiveMQ-only site's ingest queue's): list, purge
+and replay, exactly.
 
 Listing uses a queue BROWSER: nothing is consumed or counted. Purge and replay first browse (the dead
 letters present at the start, by the broker's message id), then consume client-individual with a selector
@@ -22,7 +23,7 @@ from typing import Any
 import stomp
 import stomp.exception
 
-from injector.config import Cleanup
+from injector.config import StompServer
 from injector.deadletter import EXCHANGE, REASON, SOURCE_QUEUE, Filter, Record, record
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import Outgoing
@@ -39,11 +40,11 @@ class ActiveMqDlq:
     IDLE = 1.0  # seconds without a frame: the queue has nothing more for us
     PREFETCH = 1000
 
-    def __init__(self, cfg: Cleanup) -> None:
-        self.cfg = cfg
+    def __init__(self, server: StompServer) -> None:
+        self.server = server
 
     def peek(self, queue: str, where: Filter = EVERYTHING) -> list[Record]:
-        with _Link(self.cfg) as link:
+        with _Link(self.server) as link:
             return [r for r in link.records(queue, browse=True, idle=self.IDLE) if where(r)]
 
     def depth(self, queue: str) -> int:
@@ -71,7 +72,7 @@ class ActiveMqDlq:
         done: set[str] = set()
         if not ids:
             return done
-        with _Link(self.cfg) as link:
+        with _Link(self.server) as link:
             for r in link.records(queue, browse=False, idle=self.IDLE, prefetch=self.PREFETCH, newest=newest):
                 if r.message_id in ids:
                     link.ack([r.tag[0]])
@@ -110,7 +111,7 @@ class _Adapter:
         self.waiting = {str(r.message_id): r for r in chosen}
         if not chosen:
             return
-        self.link = _Link(self.dlq.cfg)
+        self.link = _Link(self.dlq.server)
         for r in self.link.records(self.queue, browse=False, idle=self.dlq.IDLE, prefetch=self.dlq.PREFETCH,
                                    newest=_newest(chosen)):
             if self.waiting.pop(str(r.message_id), None) is None:
@@ -147,8 +148,8 @@ class _Adapter:
 class _Link:
     """A short-lived STOMP connection for operator commands: one subscription, receipted sends and acks."""
 
-    def __init__(self, cfg: Cleanup) -> None:
-        from injector.transport.stomp import Receipts
+    def __init__(self, server: StompServer) -> None:
+        from injector.transport.stomp import open_connection
 
         self.inbox: Queue[Any] = Queue()
         inbox = self.inbox
@@ -157,16 +158,7 @@ class _Link:
             def on_message(self, frame: Any) -> None:
                 inbox.put(frame)
 
-        self.receipts = Receipts()
-        hosts = cfg.stomp_addresses
-        self.conn = stomp.Connection12(hosts, vhost=cfg.vhost, auto_decode=False, reconnect_attempts_max=1)
-        self.conn.set_listener("records", Inbox())
-        self.conn.set_listener("receipts", self.receipts)
-        try:
-            self.conn.connect(cfg.username, cfg.password, wait=True)
-        except (stomp.exception.StompException, OSError) as exc:
-            raise BrokerUnavailable(f"cannot connect to STOMP {', '.join(cfg.stomp_hosts)}: "
-                                    f"{type(exc).__name__}: {exc}") from None
+        self.conn, _, self.receipts = open_connection(server, {"records": Inbox()}, heartbeats=False)
 
     def records(self, queue: str, *, browse: bool, idle: float, prefetch: int = 0,
                 newest: int | None = None) -> Iterator[Record]:

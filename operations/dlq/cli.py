@@ -70,8 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace, settings: config.Settings) -> int:
     queues = dead_letter_queues(settings, getattr(args, "queue", None))
-    if any(isinstance(dlq_for(settings, q), ActiveMqDlq) for q in queues):
-        prerequisites.stomp_reachable(settings)
+    for server in {d.server for d in (dlq_for(settings, q) for q in queues) if isinstance(d, ActiveMqDlq)}:
+        prerequisites.stomp_reachable(server)
     if args.action == "show":
         return _show(settings, queues, args.id)
     if args.action == "migrate":

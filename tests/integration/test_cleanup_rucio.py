@@ -141,7 +141,7 @@ def dead_letters(s: Settings) -> list[dict[str, Any]]:
         dlq = topology.dead_letter_queue(s.cleanup.queue)
         got = [dict(m.properties["application_headers"]) for m in get_all(s, dlq)]
     else:
-        got = _stomp_take(s, s.cleanup.dead_letter_destination)
+        got = _stomp_take(s, "/queue/" + topology.dead_letters_of(s, s.cleanup.consumer_queue))
     _seen_dead.setdefault(s.cleanup.queue + s.cleanup.app, []).extend(got)
     return _seen_dead[s.cleanup.queue + s.cleanup.app]
 

@@ -46,7 +46,7 @@ def send(s: Any, *bodies: str) -> None:
 def test_list_filter_replay_and_purge_on_activemq(activemq, tmp_path: Path):
     s = settings_for(activemq)
     (dlq_name,) = [q for q in dead_letter_queues(s) if q.startswith("DLQ.")]
-    dlq = ActiveMqDlq(s.cleanup)
+    dlq = ActiveMqDlq(s.cleanup.server)
     worker = cleanup_worker(s)
     with declared(s), running(worker):
         wait_for(lambda: worker.metrics.health()[0], timeout=20, what="subscribed")
@@ -111,7 +111,7 @@ def dead_letter(s: Any, n: int, *, reason: str, valid: bool) -> list[str]:
         receipt = uuid.uuid4().hex
         got[receipt] = threading.Event()
         receipts.append(got[receipt])
-        conn.send(s.cleanup.dead_letter_destination, body, headers={**{k: str(v) for k, v in h.items()},
+        conn.send("/queue/" + topology.dead_letters_of(s, s.cleanup.consumer_queue), body, headers={**{k: str(v) for k, v in h.items()},
                                                                       "persistent": "true"}, receipt=receipt)
     assert all(r.wait(30) for r in receipts)
     conn.disconnect()
@@ -121,7 +121,7 @@ def dead_letter(s: Any, n: int, *, reason: str, valid: bool) -> list[str]:
 def test_replay_on_activemq_takes_all_the_dead_letters_present_at_its_start_and_only_those_three_rounds(activemq):
     s = settings_for(activemq)
     (dlq_name,) = [q for q in dead_letter_queues(s) if q.startswith("DLQ.")]
-    dlq = ActiveMqDlq(s.cleanup)
+    dlq = ActiveMqDlq(s.cleanup.server)
     worker = cleanup_worker(s, FakeRucio())
     seen: Counter[str] = Counter()
     process = worker.process
@@ -163,8 +163,8 @@ def test_a_connection_dropped_mid_replay_on_activemq_loses_nothing_and_the_summa
     ids = set(dead_letter(s, 600, reason="invalid-event", valid=True))
     proxy = Proxy(("127.0.0.1", activemq.stomp_port))
     via = s.cleanup.model_copy(update={"stomp_hosts": [f"127.0.0.1:{proxy.port}"]})
-    dlq = ActiveMqDlq(s.cleanup)
-    consumer_queue = ActiveMqDlq(s.cleanup)
+    dlq = ActiveMqDlq(s.cleanup.server)
+    consumer_queue = ActiveMqDlq(s.cleanup.server)
 
     def where() -> tuple[Counter[str], Counter[str]]:
         return (Counter(r.headers["test-id"] for r in consumer_queue.peek(s.cleanup.consumer_queue)),
@@ -191,7 +191,7 @@ def test_a_dead_letter_activemq_made_at_its_redelivery_limit_is_listed_as_broker
                                                                                                   tmp_path: Path):
     s = settings_for(activemq)
     (dlq_name,) = [q for q in dead_letter_queues(s) if q.startswith("DLQ.")]
-    dlq = ActiveMqDlq(s.cleanup)
+    dlq = ActiveMqDlq(s.cleanup.server)
     host, _, port = s.cleanup.stomp_hosts[0].rpartition(":")
     nacker = stomp.Connection12([(host, int(port))])
     nacks: list[str] = []

@@ -106,7 +106,7 @@ def test_status_with_activemq_shows_the_cleanup_queue_and_its_dlq_with_their_dep
         assert json.loads(again.stdout)["activemq_queues"] == data["activemq_queues"], "browsing consumed nothing"
     finally:
         for q in (work, dlq):
-            ActiveMqDlq(s.cleanup).purge(q)
+            ActiveMqDlq(s.cleanup.server).purge(q)
 
 
 def test_status_with_activemq_unreachable_says_so_in_one_line_and_shows_the_rest(tmp_path: Path) -> None:

@@ -49,10 +49,10 @@ def test_the_record_of_a_refusal_has_a_stable_id_and_the_exact_path_bytes():
     raw = b"/data/lst1/Run1\xfe\n.fits"
     r = refusal(stream(), os.fsdecode(raw))
     assert r is not None and r.id == refusal(stream(), os.fsdecode(raw)).id  # type: ignore[union-attr]
-    m = message(r, "ingest", "dlx")
+    m = message(r, "ingest", "ingest.dlq")
     body = json.loads(m.body)
     assert base64.b64decode(body["path_base64"]) == raw and body["path"] == "/data/lst1/Run1\\xfe\\n.fits"
-    assert (m.exchange, m.routing_key, m.message_id, m.headers["dlq-reason"]) == ("dlx", "ingest", r.id,
+    assert (m.exchange, m.routing_key, m.message_id, m.headers["dlq-reason"]) == ("", "ingest.dlq", r.id,
                                                                                     "bad-file-name")
 
 
