@@ -117,14 +117,16 @@ class Record:
         }
 
 
-def record(queue: str, body: bytes, headers: dict[str, Any], message_id: str | None, tag: Any = None) -> Record:
-    """Read our dlq-* headers, or RabbitMQ's x-death when the broker dead-lettered it."""
+def record(queue: str, body: bytes, headers: dict[str, Any], message_id: str | None, tag: Any = None,
+           own_id: str | None = None) -> Record:
+    """Read our dlq-* headers, or RabbitMQ's x-death when the broker dead-lettered it. `own_id`: the id the
+    publisher gave the message where the broker's `message_id` is its own (ActiveMQ's correlation-id)."""
     death = (headers.get("x-death") or [{}])[0]
     routing_keys = death.get("routing-keys") or [""]
     reason = headers.get(REASON) or (f"broker-{death['reason']}" if death.get("reason") else "unknown")
     failed_at = headers.get(FAILED_AT) or death.get("time")
     return Record(
-        id=stable_id(message_id, body),
+        id=stable_id(own_id or message_id, body),
         queue=queue,
         body=body,
         headers=headers,

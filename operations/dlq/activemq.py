@@ -217,7 +217,7 @@ def _record(queue: str, frame: Any) -> Record:
         headers.setdefault(REASON, "broker-redelivery-limit")
     return record(queue, body, headers, h.get("message-id"),
                   tag=(h.get("ack") or h.get("message-id"), h.get("content-type") or "application/json",
-                       _int(h.get("timestamp"))))
+                       _int(h.get("timestamp"))), own_id=h.get("correlation-id"))
 
 
 def _newest(records: list[Record]) -> int | None:

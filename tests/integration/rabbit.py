@@ -1,4 +1,5 @@
-"""Helpers for tests on the real RabbitMQ: unique topology per test, queue inspection."""
+"""Helpers for tests on the real brokers: unique topology per test, queue inspection. RabbitMQ by default;
+`activemq_site(port)` gives the sections of an ActiveMQ-only site (every queue on ActiveMQ, spoken to over STOMP)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,56 @@ def unique_settings(base: dict[str, Any], **sections: Any) -> Settings:
     return parse(data)
 
 
+def activemq_site(port: int) -> dict[str, Any]:
+    """Sections for unique_settings: the DAQ broker and hermes' broker are the ActiveMQ on `port`."""
+    tag = uuid.uuid4().hex[:8]
+    return {"broker": {"urls": [f"stomp://guest:guest@127.0.0.1:{port}"]},
+            "cleanup": {"flavour": "activemq", "stomp_hosts": [f"127.0.0.1:{port}"], "app": f"app-{tag}",
+                        "hermes_destination": f"/topic/VirtualTopic.t-{tag}"}}
+
+
+def config_toml(s: Settings) -> str:
+    """The [broker] (and, on ActiveMQ, [cleanup]) sections of a config file for `s`."""
+    b, c = s.broker, s.cleanup
+    text = (f'[broker]\nurls = ["{b.urls[0]}"]\ndaq_exchange = "{b.daq_exchange}"\n'
+            f'dead_letter_exchange = "{b.dead_letter_exchange}"\ndelivery_limit = {b.delivery_limit}\n')
+    if c.flavour == "activemq":
+        text += (f'[cleanup]\nflavour = "activemq"\nstomp_hosts = ["{c.stomp_hosts[0]}"]\napp = "{c.app}"\n'
+                 f'hermes_destination = "{c.hermes_destination}"\n')
+    return text
+
+
+def dead_letters(settings: Settings, queue: str | None = None) -> list[Any]:
+    """The dead letters of a work queue (default: ingest's), peeked, wherever they live."""
+    from operations.dlq import dlq_for
+
+    dlq = topology.dead_letters_of(settings, queue or settings.ingest.queue)
+    return dlq_for(settings, dlq).peek(dlq)
+
+
+def waiting(settings: Settings, queue: str) -> int:
+    """Messages in a queue nobody has acked (RabbitMQ: ready; ActiveMQ: browsed)."""
+    if settings.broker.transport == "stomp":
+        from operations.dlq import ActiveMqDlq
+
+        return ActiveMqDlq(settings.broker.stomp).depth(queue)
+    return depth(settings, queue)
+
+
 @contextmanager
 def declared(settings: Settings) -> Iterator[Settings]:
-    """Apply the topology, yield, then delete every queue and exchange it made."""
+    """Apply the topology, yield, then delete every queue and exchange it made. ActiveMQ makes queues on first use:
+    what its queues still hold is purged at the end."""
+    if settings.broker.transport == "stomp":
+        try:
+            yield settings
+        finally:
+            from operations.dlq import ActiveMqDlq
+
+            q = settings.ingest.queue
+            for name in (q, topology.dead_letters_of(settings, q), topology.archived_queue(settings)):
+                ActiveMqDlq(settings.broker.stomp).purge(name)
+        return
     decl = topology.declare(settings)
     with kombu.Connection(settings.broker.urls[0]) as conn:  # no heartbeat: idle during the test
         topology.apply(conn, decl)
@@ -61,6 +109,11 @@ def get_all(settings: Settings, queue: str) -> list[Any]:
 def depth(settings: Settings, queue: str) -> int:
     with kombu.Connection(settings.broker.urls[0]) as conn:
         return conn.channel().queue_declare(queue, passive=True).message_count
+
+
+def daq_publisher(settings: Settings) -> DaqPublisher:
+    """The DAQ's publisher for a test's settings, on either broker (the paths are published as given)."""
+    return DaqPublisher(settings.broker, outbox=settings.outbox, routes=topology.Routes(settings))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -101,7 +154,7 @@ def running(*workers: BatchWorker) -> Iterator[threading.Event]:
 
 def ingested(settings: Settings, events: list[FileClosed], rucio: Any = None) -> None:
     """Publish file-closed events as the DAQ does and run one ingest consumer until it took them all."""
-    with DaqPublisher(settings.broker) as daq:
+    with daq_publisher(settings) as daq:
         daq.publish(events)
     worker = ingest_worker(settings, rucio)
     with running(worker):

@@ -17,7 +17,7 @@ import pytest
 import stomp
 
 from consumers.services import cleanup_worker
-from injector import deadletter
+from injector import deadletter, topology
 from injector.deadletter import Filter
 from injector.testing import FakeRucio
 from operations.dlq import ActiveMqDlq, dead_letter_queues
@@ -111,8 +111,8 @@ def dead_letter(s: Any, n: int, *, reason: str, valid: bool) -> list[str]:
         receipt = uuid.uuid4().hex
         got[receipt] = threading.Event()
         receipts.append(got[receipt])
-        conn.send("/queue/" + topology.dead_letters_of(s, s.cleanup.consumer_queue), body, headers={**{k: str(v) for k, v in h.items()},
-                                                                      "persistent": "true"}, receipt=receipt)
+        conn.send("/queue/" + topology.dead_letters_of(s, s.cleanup.consumer_queue), body,
+                  headers={**{k: str(v) for k, v in h.items()}, "persistent": "true"}, receipt=receipt)
     assert all(r.wait(30) for r in receipts)
     conn.disconnect()
     return ids
@@ -171,7 +171,7 @@ def test_a_connection_dropped_mid_replay_on_activemq_loses_nothing_and_the_summa
                 Counter(r.headers["test-id"] for r in dlq.peek(dlq_name)))
 
     result: list[Any] = []
-    replay = threading.Thread(target=lambda: result.append(ActiveMqDlq(via).replay(dlq_name, rate=300)))
+    replay = threading.Thread(target=lambda: result.append(ActiveMqDlq(via.server).replay(dlq_name, rate=300)))
     try:
         replay.start()
         wait_for(lambda: sum(where()[0].values()) >= 200, timeout=30, what="replay under way")

@@ -20,12 +20,31 @@ from injector.transport.amqp import connection
 from producers.publish import DaqPublisher, file_closed
 from tests.integration.cli import run, service
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
-from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
+from tests.integration.rabbit import (
+    activemq_site,
+    config_toml,
+    daq_publisher,
+    dead_letters,
+    declared,
+    get_all,
+    running,
+    unique_settings,
+    wait_for,
+    waiting,
+)
 
 pytestmark = pytest.mark.integration
 
 
-def settings_for(lab: Lab, *streams: dict, **sections: object) -> Settings:
+@pytest.fixture(params=["rabbitmq", "activemq"])
+def site(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The spine's tests run on RabbitMQ and on an ActiveMQ-only site (ingest over STOMP)."""
+    if request.param == "activemq":
+        return activemq_site(request.getfixturevalue("activemq").stomp_port)
+    return {}
+
+
+def settings_for(lab: Lab, *streams: dict, **sections: Any) -> Settings:
     return unique_settings({"streams": list(streams) or [lab.stream()]},
                            ingest={"batch_window": 0.1, **sections.pop("ingest", {})}, **sections)
 
@@ -43,11 +62,8 @@ def files(lab: Lab, n: int, night: str = "20261124") -> list[FileClosed]:
 
 
 def write_config(s: Settings, path: Path, streams_toml: str, ingest: str = "") -> Path:
-    b, i = s.broker, s.ingest
-    path.write_text(
-        f'[broker]\nurls = ["{b.urls[0]}"]\ndaq_exchange = "{b.daq_exchange}"\n'
-        f'dead_letter_exchange = "{b.dead_letter_exchange}"\n'
-        f'[ingest]\nqueue = "{i.queue}"\nbatch_window = 0.1\n{ingest}[metrics]\ningest_port = 0\n' + streams_toml)
+    path.write_text(config_toml(s) + f'[ingest]\nqueue = "{s.ingest.queue}"\nbatch_window = 0.1\n{ingest}'
+                    f'[metrics]\ningest_port = 0\n[outbox]\npath = "{s.outbox.file}"\n' + streams_toml)
     return path
 
 
@@ -58,8 +74,8 @@ def stream_toml(lab: Lab) -> str:
             f'rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscriptions" }}]\n')
 
 
-def test_cli_publish_and_ingest_register_the_file_in_place_with_dataset_and_rule(lab, tmp_path):
-    s = settings_for(lab)
+def test_cli_publish_and_ingest_register_the_file_in_place_with_dataset_and_rule(lab, tmp_path, site):
+    s = settings_for(lab, **site)
     data = b"LST-1 raw data " * 1000
     path = lab.write("20261124/LST-1.1.Run00042.0000.fits.fz", data)
     with declared(s):
@@ -79,20 +95,23 @@ def test_cli_publish_and_ingest_register_the_file_in_place_with_dataset_and_rule
     (rule,) = lab.rules(f"LST1_{lab.tag}_20261124_raw")
     assert (rule["rse_expression"], rule["copies"], rule["activity"]) == (ARCHIVE, 1, "User Subscriptions")
     assert "registered" in err and f"lst:{path}" in err  # the log says what happened, per event
+    if s.broker.transport == "stomp":  # the ActiveMQ-only site: consumed over STOMP, not AMQP
+        assert f"subscribed to /queue/{s.ingest.queue} on 127.0.0.1:" in err
 
 
-def test_duplicates_redeliveries_and_reordering_leave_exactly_one_of_everything(lab):
-    s = settings_for(lab)
+def test_duplicates_redeliveries_and_reordering_leave_exactly_one_of_everything(lab, site):
+    s = settings_for(lab, **site)
     events = files(lab, 30) + files(lab, 10, night="20261125")
     again = [FileClosed.create(**{**e.model_dump(exclude={"event_id", "schema_"})}) for e in events[:10]]
     stream = events * 3 + again
     random.Random(7).shuffle(stream)
     with declared(s):
-        with DaqPublisher(s.broker) as daq:
+        with daq_publisher(s) as daq:
             daq.publish(stream)
         worker = ingest_worker(s)
         with running(worker):
             wait_for(lambda: worker.stats.messages == len(stream), timeout=60)
+        assert not dead_letters(s)
     assert worker.stats.outcomes == {"registered": 40, "already-registered": len(stream) - 40}
     for night, n in (("20261124", 30), ("20261125", 10)):
         ds = f"LST1_{lab.tag}_{night}_raw"
@@ -102,8 +121,8 @@ def test_duplicates_redeliveries_and_reordering_leave_exactly_one_of_everything(
     assert all(list(r["states"]) == [SOURCE] for r in reps.values()) and len(reps) == 40
 
 
-def test_two_ingest_processes_racing_on_one_queue_make_one_replica_attachment_and_rule_set(lab, tmp_path):
-    s = settings_for(lab, ingest={"batch_size": 50})
+def test_two_ingest_processes_racing_on_one_queue_make_one_replica_attachment_and_rule_set(lab, tmp_path, site):
+    s = settings_for(lab, ingest={"batch_size": 50}, **site)
     events = files(lab, 300)
     stream = events + [FileClosed.create(**e.model_dump(exclude={"event_id", "schema_"})) for e in events]
     random.Random(3).shuffle(stream)
@@ -112,12 +131,12 @@ def test_two_ingest_processes_racing_on_one_queue_make_one_replica_attachment_an
         env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(cfg)}
         logs = [tmp_path / f"ingest{i}.log" for i in range(2)]
         with service("ingest", env=env, log=logs[0]), service("ingest", env=env, log=logs[1]):
-            with DaqPublisher(s.broker) as daq:
+            with daq_publisher(s) as daq:
                 daq.publish(stream)
             wait_for(lambda: len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 300, timeout=90,
                      what="300 files attached")
-            wait_for(lambda: _queue_empty(s), timeout=30, what="queue drained and acked")
-        assert not get_all(s, topology.dead_letter_queue(s.ingest.queue))
+            wait_for(lambda: waiting(s, s.ingest.queue) == 0, timeout=30, what="queue drained and acked")
+        assert not dead_letters(s)
     done = [[line.split(" done ")[1].split()[0] for line in log.read_text().splitlines() if " done " in line]
             for log in logs]
     assert all(done), "both processes must have taken part"
@@ -130,27 +149,21 @@ def test_two_ingest_processes_racing_on_one_queue_make_one_replica_attachment_an
     assert len(reps) == 300 and all(r["rses"] == {SOURCE: [f"file://localhost{r['name']}"]} for r in reps.values())
 
 
-def _queue_empty(s: Settings) -> bool:
-    with connection(s.broker) as conn:
-        ok = conn.channel().queue_declare(s.ingest.queue, passive=True)
-        return ok.message_count == 0 and ok.consumer_count >= 1
-
-
-def test_same_name_with_other_checksum_is_dead_lettered_and_rucio_keeps_the_original(lab):
-    s = settings_for(lab)
+def test_same_name_with_other_checksum_is_dead_lettered_and_rucio_keeps_the_original(lab, site):
+    s = settings_for(lab, **site)
     (first,) = files(lab, 1)
     forged = FileClosed.create(**{**first.model_dump(exclude={"event_id", "schema_"}), "adler32": "deadbeef"})
     with declared(s):
-        with DaqPublisher(s.broker) as daq:
+        with daq_publisher(s) as daq:
             daq.publish([first])
             worker = ingest_worker(s)
             with running(worker):
                 wait_for(lambda: worker.stats.messages == 1)
                 daq.publish([forged])
                 wait_for(lambda: worker.stats.messages == 2)
-        (dead,) = get_all(s, topology.dead_letter_queue(s.ingest.queue))
-    h = dead.properties["application_headers"]
-    assert h[deadletter.REASON] == "checksum-conflict" and "deadbeef" in h[deadletter.ERROR]
+        (dead,) = dead_letters(s)
+    assert dead.reason == "checksum-conflict" and "deadbeef" in dead.error
+    assert (dead.id, dead.source_queue, dead.attempts) == (str(forged.event_id), s.ingest.queue, 1)
     assert dead.body == encode(forged)
     assert lab.replicas([first.path])[first.path]["adler32"] == first.adler32
 
@@ -256,12 +269,12 @@ def test_rucio_unreachable_from_the_start_holds_the_event_unacked_and_dead_lette
             time.sleep(3)  # dozens of probes, each would have been a delivery before
             assert worker.stats.messages == 0 and gateway.breaker.probes > 3
             assert worker.metrics.ready()[0] is False and "Cannot connect" in worker.metrics.rucio()
-            assert dead_letters(s) == 0
+            assert dead_letter_count(s) == 0
         (held,) = get_all(s, s.ingest.queue)  # handed back at the stop, its budget untouched
     assert held.body == encode(event)
     assert not (held.properties["application_headers"] or {}).get("injector-retries")
 
 
-def dead_letters(s: Settings) -> int:
+def dead_letter_count(s: Settings) -> int:
     with connection(s.broker) as conn:
         return conn.channel().queue_declare(topology.dead_letter_queue(s.ingest.queue), passive=True).message_count
