@@ -62,6 +62,18 @@ def dead_letters(settings: Settings, queue: str | None = None) -> list[Any]:
     return dlq_for(settings, dlq).peek(dlq)
 
 
+def taken(settings: Settings, queue: str) -> list[bytes]:
+    """The bodies of every message in a queue, taken off it (acked), wherever it lives."""
+    if settings.broker.transport == "stomp":
+        from operations.dlq import ActiveMqDlq
+
+        amq = ActiveMqDlq(settings.broker.stomp)
+        bodies = [r.body for r in amq.peek(queue)]
+        amq.purge(queue)
+        return bodies
+    return [m.body for m in get_all(settings, queue)]
+
+
 def waiting(settings: Settings, queue: str) -> int:
     """Messages in a queue nobody has acked (RabbitMQ: ready; ActiveMQ: browsed)."""
     if settings.broker.transport == "stomp":

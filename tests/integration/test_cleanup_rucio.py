@@ -25,7 +25,17 @@ from injector.testbed.rucio import HermesBroker
 from injector.worker import BatchWorker
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.hermes import HermesSender
-from tests.integration.rabbit import AMQP_URL, declared, get_all, ingested, running, unique_settings, wait_for
+from tests.integration.rabbit import (
+    AMQP_URL,
+    dead_letters,
+    declared,
+    get_all,
+    ingested,
+    running,
+    taken,
+    unique_settings,
+    wait_for,
+)
 from tests.integration.test_ingest_rucio import files
 
 pytestmark = pytest.mark.integration
@@ -40,7 +50,8 @@ def flavour(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def broker(flavour: str, request: pytest.FixtureRequest) -> tuple[str, str, int]:
-    if flavour == "activemq":
+    """(flavour, STOMP host, port) of hermes' broker; "activemq-only": the DAQ broker is that ActiveMQ too."""
+    if flavour in ("activemq", "activemq-only"):
         amq = request.getfixturevalue("activemq")
         return flavour, "127.0.0.1", amq.stomp_port
     return flavour, *RABBIT_STOMP
@@ -49,14 +60,17 @@ def broker(flavour: str, request: pytest.FixtureRequest) -> tuple[str, str, int]
 def cleanup_settings(lab: Lab, broker: tuple[str, str, int], **over: Any) -> Settings:
     flavour, host, port = broker
     tag = lab.tag
-    cleanup: dict[str, Any] = {"flavour": flavour, "stomp_hosts": [f"{host}:{port}"], "batch_window": 0.1,
-                               "heartbeat_ms": 2000}
+    cleanup: dict[str, Any] = {"flavour": flavour.removesuffix("-only"), "stomp_hosts": [f"{host}:{port}"],
+                               "batch_window": 0.1, "heartbeat_ms": 2000}
     if flavour == "rabbitmq":
         cleanup |= {"hermes_destination": f"/topic/t-{tag}.rucio.events", "queue": f"t-{tag}.cleanup"}
     else:
         cleanup |= {"hermes_destination": f"/topic/VirtualTopic.t-{tag}", "app": f"app-{tag}"}
+    daq: dict[str, Any] = {"delivery_limit": 3}
+    if flavour == "activemq-only":
+        daq["urls"] = [f"stomp://guest:guest@{host}:{port}"]
     return unique_settings({"streams": [lab.stream(**over)]}, ingest={"batch_window": 0.1}, cleanup=cleanup,
-                           broker={"delivery_limit": 3})
+                           broker=daq)
 
 
 def hermes_for(settings: Settings) -> HermesBroker:
@@ -86,6 +100,7 @@ def archive_path(lab: Lab, name: str) -> Path | None:
     return None
 
 
+@pytest.mark.parametrize("flavour", ["rabbitmq", "activemq", "activemq-only"])
 def test_transfer_release_reap_and_file_archived_end_to_end(lab, broker):
     s = cleanup_settings(lab, broker)
     events = files(lab, 4)
@@ -96,8 +111,8 @@ def test_transfer_release_reap_and_file_archived_end_to_end(lab, broker):
         wait_for(lambda: outcomes(workers, "released") == 4, timeout=60, what="4 sources released")
         lab.server.run_daemons("reaper", "hermes", rses=[SOURCE, ARCHIVE], hermes=hermes_for(s))
         wait_for(lambda: outcomes(workers, "archived") == 4, timeout=60, what="4 file-archived")
-        archived = [decode_file_archived(m.body) for m in get_all(s, topology.archived_queue(s))]
-        assert not get_all(s, topology.dead_letter_queue(s.ingest.queue))
+        archived = [decode_file_archived(body) for body in taken(s, topology.archived_queue(s))]
+        assert not dead_letters(s) and not dead_letters(s, s.cleanup.consumer_queue)
     for e in events:
         assert not Path(e.path).exists(), f"{e.path} still in the buffer"
         copy = archive_path(lab, e.path)
@@ -122,8 +137,8 @@ def test_transfer_done_before_the_archive_copy_is_safe_releases_nothing(lab, bro
             hermes.send("transfer-done", transfer_done(forged, adler="00000001"))  # other checksum
         wait_for(lambda: sum(w.stats.messages for w in workers) >= 2, timeout=30, what="both events handled")
         assert outcomes(workers, "not-yet-safe") == 1 and outcomes(workers, "released") == 0
-        wait_for(lambda: len(dead_letters(s)) >= 1, timeout=20, what="the forged event dead-lettered")
-        dead = dead_letters(s)
+        wait_for(lambda: len(cleanup_dead_letters(s)) >= 1, timeout=20, what="the forged event dead-lettered")
+        dead = cleanup_dead_letters(s)
     lab.server.run_daemons("reaper", rses=[SOURCE])
     for e in (early, forged):
         assert Path(e.path).exists(), "the source was deleted without a verified archive copy"
@@ -135,7 +150,7 @@ def test_transfer_done_before_the_archive_copy_is_safe_releases_nothing(lab, bro
 _seen_dead: dict[str, list[dict[str, Any]]] = {}
 
 
-def dead_letters(s: Settings) -> list[dict[str, Any]]:
+def cleanup_dead_letters(s: Settings) -> list[dict[str, Any]]:
     """Headers of what the cleanup consumer dead-lettered: RabbitMQ <queue>.dlq, ActiveMQ DLQ.<queue>."""
     if s.cleanup.flavour == "rabbitmq":
         dlq = topology.dead_letter_queue(s.cleanup.queue)
@@ -255,7 +270,7 @@ def test_a_rule_whose_expression_also_matches_the_source_never_counts_the_source
             hermes.send("transfer-done", transfer_done(event))
         wait_for(lambda: sum(w.stats.messages for w in workers) == 1, timeout=30, what="the event handled")
         assert outcomes(workers, "not-yet-safe") == 1 and outcomes(workers, "released") == 0
-        assert not dead_letters(s)
+        assert not cleanup_dead_letters(s)
     (replica,) = lab.client.list_replicas([{"scope": "lst", "name": event.path}], all_states=True)
     assert replica["states"] == {SOURCE: "AVAILABLE"}
     lab.server.run_daemons("reaper", rses=[SOURCE])
