@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from injector.config import load, parse
@@ -111,3 +113,23 @@ def test_stomp_hosts_are_parsed_once_into_addresses():
 def test_a_stomp_host_without_a_port_is_refused(entry):
     with pytest.raises(ConfigError, match="HOST:PORT"):
         parse({"cleanup": {"stomp_hosts": [entry]}})
+
+
+def test_stomp_urls_make_an_activemq_only_site_with_credentials_and_failover_hosts_from_the_urls() -> None:
+    s = parse({"broker": {"urls": ["stomp://daq:s%40cret@amq1:61613", "stomp://daq:s%40cret@amq2:61614"],
+                                 "heartbeat": 20},
+                      "cleanup": {"flavour": "activemq", "hermes_destination": "/topic/VirtualTopic.rucio.events"}})
+    assert s.broker.transport == "stomp" and parse({}).broker.transport == "amqp"
+    server = s.broker.stomp
+    assert server.addresses == (("amq1", 61613), ("amq2", 61614)) and server.hosts == "amq1:61613, amq2:61614"
+    assert (server.username, server.password, server.heartbeat_ms) == ("daq", "s@cret", 20000)
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    ({"broker": {"urls": ["stomp://u:p@amq:61613", "amqp://u:p@rabbit:5672//"]}}, "one protocol"),
+    ({"broker": {"urls": ["stomp://u:p@amq"]}}, "the port is required"),
+    ({"broker": {"urls": ["stomp://u:p@amq:61613"]}}, 'flavour = "activemq"'),
+])
+def test_a_broker_config_that_cannot_work_is_refused_saying_why(data: dict, says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse(data)

@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from injector import topology
 from injector.config import parse
 
@@ -27,3 +29,35 @@ def test_vhost_comes_from_the_broker_url():
     assert topology.vhost_of("amqp://u:p@h:5672/daq") == "daq"
     assert topology.vhost_of("amqp://u:p@h:5672//") == "/"
     assert topology.vhost_of("amqp://h") == "/"
+
+
+@pytest.mark.parametrize(("pattern", "key", "matches"), [
+    ("file.closed.#", "file.closed.ORM.LST1", True), ("file.closed.#", "file.closed", True),
+    ("file.closed.#", "file.archived.ORM.LST1", False), ("file.*.ORM.*", "file.closed.ORM.LST1", True),
+    ("file.*.ORM.*", "file.closed.ORM", False), ("#", "anything.at.all", True), ("a.#.z", "a.z", True),
+    ("a.#.z", "a.b.c.z", True), ("a.#.z", "a.b.c", False), ("*", "a.b", False), ("a.b", "a.b", True),
+])
+def test_topic_matching_is_rabbitmqs(pattern: str, key: str, matches: bool) -> None:
+    assert topology.topic_matches(pattern, key) is matches
+
+
+def test_routes_send_each_routing_key_where_the_declared_bindings_send_it() -> None:
+    s = parse({"ingest": {"queue": "site.ingest", "binding": "file.closed.ORM.#"}})
+    routes = topology.Routes(s)
+    daq = s.broker.daq_exchange
+    assert routes.queues(daq, "file.closed.ORM.LST1") == ["site.ingest"]
+    assert routes.queues(daq, "file.archived.ORM.LST1") == ["site.archived"]
+    assert routes.queues(daq, "file.closed.LP.LST1") == []  # unroutable: the publisher refuses it
+    assert routes.queues("", "any.queue") == ["any.queue"]  # the default exchange names the queue
+    assert routes.queues(s.broker.dead_letter_exchange, "site.ingest") == ["site.ingest.dlq"]
+    assert routes.queues("nope", "file.closed.ORM.LST1") == []
+
+
+def test_dead_letters_live_by_the_broker_convention() -> None:
+    rabbit = parse({})
+    amq = parse({"broker": {"urls": ["stomp://u:p@amq:61613"]}, "cleanup": {
+        "flavour": "activemq", "hermes_destination": "/topic/VirtualTopic.rucio.events"}})
+    assert topology.dead_letters_of(rabbit, "rucio-injector.ingest") == "rucio-injector.ingest.dlq"
+    assert topology.dead_letters_of(amq, "rucio-injector.ingest") == "DLQ.rucio-injector.ingest"
+    cleanup = amq.cleanup.consumer_queue
+    assert topology.dead_letters_of(amq, cleanup) == f"DLQ.{cleanup}"
