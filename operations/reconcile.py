@@ -261,31 +261,32 @@ def _rules(stream: Stream, rucio: RucioInspector, options: Options, now: datetim
 
 
 class _Announcer:
-    """Confirmed publishing to the broker, connected on first use and again after a failure."""
+    """Confirmed publishing to the DAQ broker (its transport's Sender), connected on first use and again after a
+    failure."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._conn: Any = None
-        self._publisher: Any = None
+        self._sender: Any = None
 
     def __call__(self, messages: Sequence[Outgoing]) -> None:
-        from injector.transport.amqp import Publisher, connection
+        from injector.topology import Routes
+        from injector.transport import plugin
 
         if not messages:
             return
-        if self._publisher is None:
-            self._conn = connection(self._settings.broker)
-            self._publisher = Publisher(self._conn)
+        if self._sender is None:
+            broker = self._settings.broker
+            self._sender = plugin(broker.transport).sender(broker, Routes(self._settings))
         try:
-            self._publisher.publish(messages)
+            self._sender.publish(messages)
         except PublishFailed:
             self.close()  # the next sweep reconnects
             raise
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.release()
-        self._conn = self._publisher = None
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
 
 
 def run(settings: Settings, options: Options, streams: Sequence[str], every: float | None,
