@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 
 Did = tuple[str, str]
 HANDLED = ("transfer-done", "transfer-failed", "deletion-done", "deletion-failed")
+# Rucio's other event types (lower-cased by hermes), counted by name; anything else, which only a foreign or forged
+# message carries, is counted as `ignored-other`: an outcome is a metrics label, and labels must stay a bounded set.
+_REQUEST_STATES = ("queued", "submitting", "submitted", "failed", "done", "lost", "no_sources", "only_tape_sources",
+                   "submission_failed", "mismatch_scheme", "suspend", "waiting", "preparing")
+OTHER_RUCIO_EVENTS = frozenset(
+    {f"{kind}-{state}" for kind in ("transfer", "stagein") for state in _REQUEST_STATES}
+    | {"deletion-not-found", "deletion-planned", "close", "open", "create_cnt", "create_dts", "register_cnt",
+       "register_dts", "datasetlock_ok", "erase", "incomplete", "lost", "rule_ok", "rule_progress", "email"})
 
 
 @dataclass
@@ -79,7 +87,8 @@ def _triage(events: Sequence[RucioEvent | Permanent],
         if isinstance(ev, Permanent):
             outcomes[i] = Outcome.failed(ev)
         elif ev.event_type not in HANDLED:
-            outcomes[i] = Outcome.done(f"ignored-{ev.event_type}")
+            known = ev.event_type in OTHER_RUCIO_EVENTS
+            outcomes[i] = Outcome.done(f"ignored-{ev.event_type}" if known else "ignored-other")
         elif ev.get("scope") not in scopes:
             outcomes[i] = _unmanaged(f"{ev.get('scope')}:{ev.get('name')}", ev.event_type, "no stream has its scope",
                                     logging.DEBUG)

@@ -26,6 +26,7 @@ Adler32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}$")]
 Md5 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 Night = Annotated[str, StringConstraints(pattern=r"^[0-9]{8}$")]
 MetaValue = str | int | float | bool
+MAX_SIZE: Final = 2**63 - 1  # Rucio keeps bytes in a BIGINT: a larger size would fail inside Rucio, not here
 
 
 class _Event(BaseModel):
@@ -49,7 +50,7 @@ class FileClosed(_Event):
     schema_: Literal["file-closed/1"] = Field(alias="schema")
     occurred_at: datetime
     path: Annotated[str, StringConstraints(pattern=r"^/", max_length=4096)]
-    size: Annotated[int, Field(ge=0)]
+    size: Annotated[int, Field(ge=0, le=MAX_SIZE)]
     adler32: Adler32
     md5: Md5 | None = None
     run: Annotated[int, Field(ge=0)] | None = None
@@ -186,7 +187,7 @@ def _peek_event_id(body: bytes | str) -> str | None:
     """The event_id of an invalid body, when there is one, so the error can name the event."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes
         return None
     value = data.get("event_id") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None

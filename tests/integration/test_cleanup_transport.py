@@ -23,7 +23,7 @@ from injector.worker import Batching, BatchWorker
 from tests.integration.hermes import HermesSender
 from tests.integration.netfault import Proxy
 from tests.integration.rabbit import declared, get_all, running, unique_settings, wait_for
-from tests.integration.test_cleanup_rucio import dead_letters
+from tests.integration.test_cleanup_rucio import cleanup_dead_letters as dead_letters
 
 pytestmark = pytest.mark.integration
 

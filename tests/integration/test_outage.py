@@ -30,7 +30,8 @@ from tests.integration.conftest import ARCHIVE, SOURCE, Lab
 from tests.integration.hermes import HermesSender
 from tests.integration.httpfault import RucioProxy
 from tests.integration.rabbit import declared, depth, get_all, ingested, running, wait_for
-from tests.integration.test_cleanup_rucio import cleanup_settings, dead_letters, outcomes, transfer_done
+from tests.integration.test_cleanup_rucio import cleanup_dead_letters as dead_letters
+from tests.integration.test_cleanup_rucio import cleanup_settings, outcomes, transfer_done
 from tests.integration.test_ingest_rucio import files, settings_for
 
 pytestmark = pytest.mark.integration

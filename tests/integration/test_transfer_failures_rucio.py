@@ -14,9 +14,9 @@ from tests.integration.hermes import HermesSender
 from tests.integration.rabbit import declared, ingested, wait_for
 from tests.integration.test_cleanup_rucio import (
     RABBIT_STOMP,
+    cleanup_dead_letters,
     cleanup_running,
     cleanup_settings,
-    dead_letters,
     hermes_for,
     outcomes,
     transfer_done,
@@ -70,7 +70,7 @@ def test_failed_transfers_of_one_file_across_a_consumer_restart_dead_letter_it_o
             attempt(lab, s)
             attempt(lab, s)  # Rucio's last retry: the lock goes STUCK
             wait_for(lambda: failures(second) == 2, timeout=60, what="2 more transfer-failed")
-            wait_for(lambda: len(dead_letters(s)) >= 1, timeout=20, what="the file dead-lettered")
+            wait_for(lambda: len(cleanup_dead_letters(s)) >= 1, timeout=20, what="the file dead-lettered")
             assert outcomes(second, "transfer-failed-known") == 1
             (rule,) = lab.rules(f"LST1_{lab.tag}_20261124_raw")
             assert lab.client.get_replication_rule(rule["id"])["state"] == "STUCK"
@@ -78,8 +78,8 @@ def test_failed_transfers_of_one_file_across_a_consumer_restart_dead_letter_it_o
             lab.client.add_replication_rule([{"scope": "lst", "name": e.path}], 1, ARCHIVE)
             for _ in range(3):
                 attempt(lab, s)
-            wait_for(lambda: len(dead_letters(s)) >= 2, timeout=30, what="the new episode dead-lettered")
-        dead = dead_letters(s)
+            wait_for(lambda: len(cleanup_dead_letters(s)) >= 2, timeout=30, what="the new episode dead-lettered")
+        dead = cleanup_dead_letters(s)
     assert len(dead) == 2
     assert all(h["dlq-reason"] == "transfer-failed" and e.path in h["dlq-error"] for h in dead)
     assert all(h["dlq-error"].count("No such file or directory") == 3 for h in dead)

@@ -287,3 +287,10 @@ def test_release_tombstones_the_source_and_notes_when(settings, rucio):
     assert rucio.tombstoned == {(SRC, "lst", NAME)}
     noted = datetime.fromisoformat(rucio.meta[("lst", NAME)][marks.RELEASED_AT])
     assert noted.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - noted) < timedelta(minutes=1), noted
+
+
+def test_an_event_type_rucio_never_sends_is_counted_under_one_label_not_its_own(settings):
+    odd = [RucioEvent(event_type=t, payload={"scope": "lst", "name": "/x"})
+           for t in ("rule_ok", "transfer-submitted", "x" * 500, "ünïcødé", "transfer-done-ish")]
+    outs = cleanup(odd, FakeRucio(), settings)
+    assert labels(outs) == ["ignored-rule_ok", "ignored-transfer-submitted"] + ["ignored-other"] * 3
