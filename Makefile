@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv setup test unit lint demo clean mutation
+.PHONY: venv setup test unit lint demo clean mutation fuzz faults
 
 $(BIN)/pip:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,16 @@ test: setup lint
 demo: $(VENV)/.installed-demo
 	bash .ci/setup-machine --demo
 	$(BIN)/rucio-injector demo $(DEMO_ARGS)
+
+# On demand, the long runs (their short versions are in `make test`): 10,000 + 5,000 generated hostile messages
+# through the real consumers; the fault campaign, 10 minutes of 20 files/s (restarts this machine's RabbitMQ).
+fuzz: setup
+	CI=true FUZZ_CASES=$${FUZZ_CASES:-10000} $(BIN)/python -m pytest -q -s tests/integration/test_fuzz_consumers.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest -q tests/unit/test_fuzz.py -p no:cacheprovider
+
+faults: setup
+	$(BIN)/python -m tests.faults.campaign --minutes $${FAULT_MINUTES:-10} --rate $${FAULT_RATE:-20} \
+		--seed $${FAULT_SEED:-1} --json $${FAULT_JSON:-fault-campaign.json}
 
 # On demand: mutants of the core decisions ([tool.mutmut] in pyproject.toml) judged by the unit tests.
 mutation: venv

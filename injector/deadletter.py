@@ -18,7 +18,7 @@ from typing import Any
 
 from injector import clock
 from injector.errors import InjectorError
-from injector.messages import COPY_HEADERS, ORIGIN_EXCHANGE, ORIGIN_ROUTING_KEY
+from injector.messages import COPY_HEADERS, ORIGIN_EXCHANGE, ORIGIN_ROUTING_KEY, count_of
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def record(queue: str, body: bytes, headers: dict[str, Any], message_id: str | N
         routing_key=str(headers.get(ROUTING_KEY) or routing_keys[0]),
         source_queue=str(headers.get(SOURCE_QUEUE) or death.get("queue") or ""),
         failed_at=_time(failed_at),
-        attempts=_count(headers.get(ATTEMPTS) or death.get("count")),
-        replay_count=_count(headers.get(REPLAY_COUNT)),
+        attempts=count_of(headers.get(ATTEMPTS) or death.get("count")),
+        replay_count=count_of(headers.get(REPLAY_COUNT)),
         tag=tag,
         message_id=message_id,
     )
@@ -212,13 +212,6 @@ def parse_duration(text: str) -> timedelta:
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 2h, 7d)")
     return timedelta(seconds=float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
-
-
-def _count(value: Any) -> int:
-    try:
-        return max(int(value or 0), 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 def _time(value: Any) -> datetime | None:

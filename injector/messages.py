@@ -42,7 +42,7 @@ class Delivery:
         """Deliveries so far, this one included (quorum queues count in x-delivery-count)."""
         if self.deliveries is not None:
             return self.deliveries
-        return int(self.headers.get("x-delivery-count", 0) or 0) + 1
+        return count_of(self.headers.get("x-delivery-count")) + 1
 
 
 # A copy this project puts back on a queue in place of a delivery (ActiveMQ retries, hand-backs at shutdown or
@@ -65,11 +65,12 @@ def split_copy_headers(headers: dict[str, Any]) -> tuple[dict[str, Any], int, st
     """(the event's own headers, deliveries before this copy, original exchange, original routing key)."""
     own = {k: v for k, v in headers.items() if k not in COPY_HEADERS}
     exchange, routing_key = headers.get(ORIGIN_EXCHANGE), headers.get(ORIGIN_ROUTING_KEY)
-    return own, _count(headers.get(PRIOR)), None if exchange is None else str(exchange), \
+    return own, count_of(headers.get(PRIOR)), None if exchange is None else str(exchange), \
         None if routing_key is None else str(routing_key)
 
 
-def _count(value: Any) -> int:
+def count_of(value: Any) -> int:
+    """A count from a header, which any publisher may have set to anything: not a whole number → 0."""
     try:
         return max(int(value), 0)
     except (TypeError, ValueError):

@@ -62,9 +62,14 @@ ODD_TEXT = ["\u202e", "\u200b", "\u0000", "\n", "\r\n", "\t", "\x7f", "é", "日
             "%2e%2e", "\\", "$", "*", "#", ">", "'", '"', "<script>"]
 
 
+EXPECTED: dict[str, type] = {"size": int, "run": int, "metadata": dict}  # the others are strings
+
+
 def _wrong_type(rng: random.Random, e: dict[str, Any]) -> tuple[bytes, bool | None]:
     key = rng.choice(FIELDS)
-    e[key] = rng.choice([v for v in WRONG_TYPES if type(v) is not type(e.get(key))])
+    want = EXPECTED.get(key, str)
+    pool = [v for v in WRONG_TYPES if not isinstance(v, want) or isinstance(v, bool)]  # strict: a bool is no int
+    e[key] = rng.choice([v for v in pool if v is not None or key in REQUIRED])  # an optional field may be null
     return _dump(e), False
 
 

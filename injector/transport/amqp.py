@@ -28,7 +28,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 from injector import topology
 from injector.config import Broker, Settings, StompServer
 from injector.errors import BrokerUnavailable, PublishFailed
-from injector.messages import Delivery, Outgoing, copy_of, split_copy_headers
+from injector.messages import Delivery, Outgoing, copy_of, count_of, split_copy_headers
 from injector.topology import Routes
 from injector.transport import Connect, Sender
 
@@ -304,7 +304,7 @@ def to_delivery(message: amqp.Message, generation: int) -> Delivery:
     props = message.properties
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
     headers, prior, exchange, routing_key = split_copy_headers(dict(props.get("application_headers") or {}))
-    count = int(headers.get("x-delivery-count", 0) or 0)
+    count = count_of(headers.get("x-delivery-count"))  # the broker's, or junk a publisher set
     return Delivery(
         body=body,
         headers=headers,

@@ -41,7 +41,7 @@ import stomp.exception
 
 from injector.config import Broker, Settings, StompServer
 from injector.errors import BrokerUnavailable, PublishFailed
-from injector.messages import PRIOR, Delivery, Outgoing
+from injector.messages import PRIOR, Delivery, Outgoing, count_of
 from injector.settle import Session
 from injector.topology import Routes, activemq_dead_letter_queue, stomp_destination
 from injector.transport import Connect, Sender
@@ -143,9 +143,9 @@ def to_delivery(frame: Any, generation: int, flavour: str) -> Delivery:
     headers = event_headers(h)
     deliveries = None
     if flavour == "activemq":
-        deliveries = _int(h.get(RETRIES)) + 1
+        deliveries = count_of(h.get(RETRIES)) + 1
     elif "x-delivery-count" in headers:
-        headers["x-delivery-count"] = _int(headers["x-delivery-count"])
+        headers["x-delivery-count"] = count_of(headers["x-delivery-count"])
     # Where the event came from, as a dead letter must record it to be replayed. RabbitMQ: the AMQP exchange
     # and routing key behind the STOMP destination (/topic/<name> is amq.topic + <name>), never the destination
     # itself, which names no exchange. ActiveMQ: the queue the frame came from (never the virtual topic).
@@ -199,13 +199,6 @@ class Receipts(stomp.ConnectionListener):  # type: ignore[misc]
         finally:
             for receipt, _ in waits:
                 self.pending.pop(receipt, None)
-
-
-def _int(value: Any) -> int:
-    try:
-        return max(int(value), 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 def retry_delay_ms(attempts: int) -> int:

@@ -9,6 +9,7 @@ tests/integration/test_fuzz_consumers.py.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import random
 from typing import Any
@@ -28,7 +29,8 @@ ROOT = "/data/lst1"
 SETTINGS = parse({"streams": [{
     "name": "lst1-raw", "site": "ORM", "instrument": "LST1", "source_rse": "ORM-BUFFER", "storage_root": ROOT,
     "scope": "lst", "dataset": "LST1_{night}_raw", "rules": [{"rse_expression": "PIC-ARCHIVE"}]}]})
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -38,3 +38,14 @@ def test_every_plugin_provides_link_and_explain(name: str) -> None:
 def test_an_unknown_plugin_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match="amqp, stomp"):
         transport.plugin("zeromq")
+
+
+def test_counts_in_headers_a_publisher_set_to_junk_read_as_none_so_far_not_a_crash():
+    import amqp
+
+    from injector.transport.amqp import to_delivery
+
+    msg = amqp.Message(b"{}", application_headers={"x-delivery-count": "lots", "injector-retries": "x"})
+    msg.delivery_info = {"delivery_tag": 7, "exchange": "daq", "routing_key": "file.closed.ORM.LST1"}
+    d = to_delivery(msg, generation=1)
+    assert (d.attempts, d.delivery_tag, d.exchange) == (1, 7, "daq")
