@@ -27,6 +27,7 @@ from injector.errors import Permanent, Transient
 from injector.events import RucioEvent
 from injector.gateway import FileReplicas, RucioGateway, chunks, isolate
 from injector.settle import Outcome
+from injector.streams import DID_NAME
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,12 @@ def cleanup(events: Sequence[RucioEvent | Permanent], rucio: RucioGateway, setti
     """Outcomes for a batch of hermes events (an undecodable one is passed in as its error)."""
     outcomes, work = _triage(events, settings)
     items = [it for group in work.values() for it in group]
-    try:
-        state = _replicas(rucio, sorted({it.did for it in items}))
-    except (Permanent, Transient) as exc:
+    state, refused = _replicas(rucio, sorted({it.did for it in items}))
+    if refused:  # an outage fails them all; a DID Rucio refuses to read fails only its own events
         for it in items:
-            outcomes[it.index] = Outcome.failed(exc, it.label)
-        return outcomes
+            if it.did in refused:
+                outcomes[it.index] = Outcome.failed(refused[it.did], it.label)
+        work = defaultdict(list, {kind: [it for it in group if it.did not in refused] for kind, group in work.items()})
     for index, outcome in _transfers_failed(work["transfer-failed"], state, rucio, settings).items():
         outcomes[index] = outcome
     for it in work["deletion-failed"]:
@@ -92,16 +93,26 @@ def _triage(events: Sequence[RucioEvent | Permanent],
         elif ev.get("scope") not in scopes:
             outcomes[i] = _unmanaged(f"{ev.get('scope')}:{ev.get('name')}", ev.event_type, "no stream has its scope",
                                     logging.DEBUG)
+        elif not isinstance(ev.get("name"), str) or not DID_NAME.fullmatch(ev.get("name")):
+            outcomes[i] = _unmanaged(f"{ev.get('scope')}:{ev.get('name')!r}", ev.event_type,
+                                    "its name is not a DID name this project registers")
         else:
             work[ev.event_type].append(_Item(i, ev))
     return outcomes, work
 
 
-def _replicas(rucio: RucioGateway, dids: list[Did]) -> dict[Did, FileReplicas]:
+def _replicas(rucio: RucioGateway, dids: list[Did]) -> tuple[dict[Did, FileReplicas], dict[Did, Permanent | Transient]]:
+    """Rucio's replicas of the DIDs, and the DIDs it could not be asked about: a bulk read Rucio refuses is split
+    until the refused DIDs are isolated (an outage fails every one)."""
     found: dict[Did, FileReplicas] = {}
-    for part in chunks(dids, RUCIO_BULK):
+    refused: dict[Did, Permanent | Transient] = {}
+
+    def read(part: Sequence[Did]) -> None:
         found.update(rucio.replicas(part))
-    return found
+
+    for part in chunks(dids, RUCIO_BULK):
+        refused.update(isolate(part, read))
+    return found, refused
 
 
 def _stream_of(settings: Settings, scope: str, rse: str, pfn: str | None) -> Stream | None:

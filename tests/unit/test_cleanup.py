@@ -294,3 +294,19 @@ def test_an_event_type_rucio_never_sends_is_counted_under_one_label_not_its_own(
            for t in ("rule_ok", "transfer-submitted", "x" * 500, "ünïcødé", "transfer-done-ish")]
     outs = cleanup(odd, FakeRucio(), settings)
     assert labels(outs) == ["ignored-rule_ok", "ignored-transfer-submitted"] + ["ignored-other"] * 3
+
+
+def test_a_did_rucio_refuses_to_read_fails_only_its_own_event_not_the_batch(settings):
+    from injector.errors import RucioRefused
+
+    class Refusing(FakeRucio):
+        def replicas(self, dids):  # type: ignore[no-untyped-def]
+            if ("lst", "/data/lst1/refused.fits") in dids:
+                raise RucioRefused("Provided object does not match schema")
+            return super().replicas(dids)
+
+    events = [RucioEvent(event_type="transfer-done", payload={"scope": "lst", "name": n})
+              for n in ("/data/lst1/a.fits", "/data/lst1/refused.fits", "/data/lst1/b.fits", "", "/x\n")]
+    outs = cleanup(events, Refusing(), settings)
+    assert [o.kind for o in outs] == ["done", "dead-letter", "done", "done", "done"]
+    assert labels(outs)[3:] == ["unmanaged", "unmanaged"], "not a DID name: never asked of Rucio"
