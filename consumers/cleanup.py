@@ -23,7 +23,7 @@ from consumers.announcement import archived_event, archived_message, decided_arc
 from consumers.transfer_failures import transfers_failed
 from injector import clock, marks
 from injector.config import RUCIO_BULK, Settings, Stream
-from injector.errors import Permanent, Transient
+from injector.errors import Permanent, ReplicaGone, Transient
 from injector.events import RucioEvent
 from injector.gateway import FileReplicas, RucioGateway, chunks, isolate
 from injector.settle import Outcome
@@ -250,6 +250,8 @@ def _release_sources(rucio: RucioGateway, releasable: dict[tuple[str, str, str],
         for it in releasable[key]:
             if isinstance(exc, Transient):
                 out[it.index] = Outcome.failed(exc, it.label)
+            elif isinstance(exc, ReplicaGone):  # deleted meanwhile (a late duplicate of its transfer-done)
+                out[it.index] = Outcome.done("source-gone", it.label)
             else:
                 log.warning("%s: source not released: %s", it.label, exc)
                 out[it.index] = Outcome.done("release-refused", it.label)

@@ -64,6 +64,10 @@ class RucioRefused(Permanent, reason="rucio-refused"):
     """Rucio refused the request for good (bad name, unknown RSE or scope, closed dataset...)."""
 
 
+class ReplicaGone(RucioRefused, reason="replica-gone"):
+    """The replica asked about is no longer in Rucio (deleted meanwhile): for a release, the goal already reached."""
+
+
 class PermissionDenied(Permanent, reason="permission-denied"):
     """Rucio says the account may not do this: a person must grant it (or fix the stream)."""
 

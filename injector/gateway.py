@@ -24,6 +24,7 @@ from injector.errors import (
     ChecksumConflict,
     Permanent,
     PermissionDenied,
+    ReplicaGone,
     RucioDown,
     RucioFailed,
     RucioRefused,
@@ -228,6 +229,8 @@ def classify(exc: BaseException) -> Exception:
         return RucioUnavailable(f"concurrent insert, will retry: {text}")
     if isinstance(exc, SUSPECT) or type(exc) is rx.RucioException:  # a bare RucioException: a 5xx without a class
         return RucioFailed(text)
+    if isinstance(exc, rx.ReplicaNotFound):
+        return ReplicaGone(text)
     if isinstance(exc, rx.RucioException):
         return RucioRefused(text)
     return RucioFailed(text)  # not Rucio's own: a client-side surprise, treated like an unexplained failure

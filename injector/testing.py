@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from injector.breaker import Breaker
 from injector.config import Rule
-from injector.errors import PermissionDenied, RucioDown, RucioRefused, RucioUnavailable
+from injector.errors import PermissionDenied, ReplicaGone, RucioDown, RucioRefused, RucioUnavailable
 from injector.gateway import AccountInfo, Attachment, FileMeta, FileReplicas, NewReplica
 from injector.messages import Delivery, Outgoing
 
@@ -173,7 +173,7 @@ class FakeRucio:
             if (rse, scope, name) in self.locked:
                 raise RucioRefused(f"ReplicaIsLocked: {scope}:{name} at {rse} is locked by a rule")
             if (rse, scope, name) not in self.pfns:
-                raise RucioRefused(f"ReplicaNotFound: {scope}:{name} at {rse}")
+                raise ReplicaGone(f"ReplicaNotFound: {scope}:{name} at {rse}")
         self.tombstoned.update((rse, scope, name) for scope, name, rse in replicas)
 
     def marks(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -35,7 +35,7 @@ from consumers.announcement import archive_times, archived_event, archived_messa
 from consumers.cleanup import release, verify
 from injector import marks
 from injector.config import RUCIO_BULK, Settings, Stream
-from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed
+from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed, ReplicaGone
 from injector.gateway import Attachment, RucioInspector, chunks
 from injector.messages import Outgoing
 from operations.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
@@ -140,6 +140,8 @@ def _release(stream: Stream, files: list[FileState], rucio: RucioInspector, opti
         if exc is None:
             out.append(Finding(stream.name, "release-source", f.label, "archive verified; source released (its "
                                "transfer-done was lost)", "done"))
+        elif isinstance(exc, ReplicaGone):
+            continue  # deleted since this sweep read it: the next sweep announces it
         else:
             out.append(Finding(stream.name, "release-refused", f.label, f"archive verified, but Rucio refused the "
                                f"release: {exc}"))

@@ -7,11 +7,26 @@ from __future__ import annotations
 import http.client
 import threading
 import time
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
+
+
+def forward(upstream: tuple[str, int], method: str, path: str, headers: Iterable[tuple[str, str]],
+            body: bytes) -> tuple[int, list[tuple[str, str]], bytes] | None:
+    """One request to the real server: (status, headers, body), or None when it cannot be reached."""
+    conn = http.client.HTTPConnection(*upstream, timeout=60)
+    try:
+        conn.request(method, path, body=body or None, headers={k: v for k, v in headers if k.lower() not in HOP})
+        reply = conn.getresponse()
+        return reply.status, reply.getheaders(), reply.read()
+    except OSError:
+        return None
+    finally:
+        conn.close()
 
 
 class RucioProxy:
@@ -39,25 +54,16 @@ class RucioProxy:
                 if proxy.poison and proxy.poison.encode() in body:
                     proxy.refused += 1
                     return self._answer(500, b"Internal Server Error")
-                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-                try:
-                    conn.request(self.command, self.path, body=body or None,
-                                 headers={k: v for k, v in self.headers.items() if k.lower() not in HOP})
-                    reply = conn.getresponse()
-                    data = reply.read()
-                    self.send_response(reply.status)
-                    for k, v in reply.getheaders():
-                        if k.lower() not in HOP:
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                finally:
-                    conn.close()
+                answer = forward(proxy.upstream, self.command, self.path, self.headers.items(), body)
+                if answer is None:  # the server is down: what a load balancer in front of it answers
+                    return self._answer(502, b"<html>502 Bad Gateway</html>")
+                self._answer(answer[0], answer[2], [(k, v) for k, v in answer[1] if k.lower() not in HOP])
 
-            def _answer(self, code: int, text: bytes) -> None:
+            def _answer(self, code: int, text: bytes, headers: Iterable[tuple[str, str]] = (
+                    ("Content-Type", "text/html"),)) -> None:
                 self.send_response(code)
-                self.send_header("Content-Type", "text/html")
+                for k, v in headers:
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(text)))
                 self.end_headers()
                 self.wfile.write(text)
@@ -67,7 +73,11 @@ class RucioProxy:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client that hung up mid-request (a killed consumer): nothing to report
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -310,3 +310,16 @@ def test_a_did_rucio_refuses_to_read_fails_only_its_own_event_not_the_batch(sett
     outs = cleanup(events, Refusing(), settings)
     assert [o.kind for o in outs] == ["done", "dead-letter", "done", "done", "done"]
     assert labels(outs)[3:] == ["unmanaged", "unmanaged"], "not a DID name: never asked of Rucio"
+
+
+def test_a_source_deleted_between_the_read_and_the_release_is_source_gone_not_a_refusal(settings, rucio):
+    rucio.add_replica(DST, "lst", NAME)
+    tombstone = rucio.set_tombstones
+
+    def reaped_first(replicas):  # type: ignore[no-untyped-def]
+        rucio.pfns.pop((SRC, "lst", NAME))  # the reaper (after a released duplicate) won the race
+        rucio.states.pop((SRC, "lst", NAME), None)
+        tombstone(replicas)
+
+    rucio.set_tombstones = reaped_first
+    assert labels(cleanup([done()], rucio, settings)) == ["source-gone"]
