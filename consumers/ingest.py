@@ -39,7 +39,8 @@ class _File:
     event: FileClosed
     indexes: list[int] = field(default_factory=list)
     existed: bool = False
-    settled: bool = False  # already attached to its closed dataset: nothing left to do
+    settled: bool = False  # nothing left to do: attached to its closed dataset, or its source already gone
+    label: str | None = None  # the outcome when settled otherwise than already-registered
     rolled: bool = False  # its dataset was closed: it goes to the next open one
     error: Permanent | Transient | None = None
 
@@ -79,6 +80,7 @@ def ingest(events: Sequence[FileClosed | Permanent], rucio: RucioGateway, settin
             outcomes[i] = Outcome.failed(exc)
     live = list(files.values())
     _check_against_rucio(live, rucio)
+    _sources_gone(live, rucio)
     _closed_datasets(live, rucio)
     _register(live, rucio)
     _ensure_datasets(live, rucio, memo if memo is not None else DatasetMemo())
@@ -87,7 +89,8 @@ def ingest(events: Sequence[FileClosed | Permanent], rucio: RucioGateway, settin
     for f in live:
         for i in f.indexes:
             outcomes[i] = Outcome.failed(f.error, f.placement.did) if f.error else Outcome.done(
-                "already-registered" if f.existed or i != f.indexes[0] else "registered", f.placement.did)
+                f.label or ("already-registered" if f.existed or i != f.indexes[0] else "registered"),
+                f.placement.did)
     return [o if o is not None else Outcome.done("unreachable") for o in outcomes]
 
 
@@ -111,6 +114,24 @@ def _content(ev: FileClosed) -> str:
 
 def _ok(files: Sequence[_File]) -> list[_File]:
     return [f for f in files if f.error is None and not f.settled]
+
+
+def _sources_gone(files: Sequence[_File], rucio: RucioGateway) -> None:
+    """A file Rucio held before this batch whose source replica is gone was released and reaped (or lost): a late
+    duplicate of its file-closed must not register the source again, over bytes the reaper deleted."""
+    existed = [f for f in _ok(files) if f.existed]
+    for part in chunks(existed, RUCIO_BULK):
+        try:
+            held = rucio.replicas([f.key for f in part])
+        except (Permanent, Transient) as exc:
+            _fail(part, exc)
+            continue
+        for f in part:
+            found = held.get(f.key)
+            if found is None or f.placement.stream.source_rse not in found.states:
+                f.settled, f.label = True, "source-gone"
+                log.info("%s: its source replica is gone from Rucio (released and deleted); not registered again",
+                         f.placement.did, extra={"event_id": str(f.event.event_id)})
 
 
 def _closed_datasets(files: Sequence[_File], rucio: RucioGateway) -> None:

@@ -359,3 +359,16 @@ def test_attachments_of_several_datasets_share_a_call_up_to_the_bulk_limit(setti
     ingest(events, rucio, settings)
     assert rucio.calls["attach"] == calls
     assert len(rucio.datasets[("lst", "LST1_20261124_raw")]) == first
+
+
+def test_a_late_duplicate_of_a_file_whose_source_was_released_and_reaped_never_registers_the_source_again(
+        settings, rucio):
+    e = ev(3)
+    source = ("ORM-BUFFER", "lst", e.path)
+    assert kinds(ingest([e], rucio, settings)) == [("done", "registered")]
+    rucio.add_replica("PIC-ARCHIVE", "lst", e.path)  # archived,
+    rucio.tombstoned.add(source)  # released,
+    rucio.reap("ORM-BUFFER")  # and deleted by the reaper: its bytes are gone from the buffer
+    assert kinds(ingest([e, FileClosed.create(**e.model_dump(exclude={"event_id", "schema_"}))], rucio,
+                        settings)) == [("done", "source-gone")] * 2
+    assert source not in rucio.pfns, "a source replica over deleted bytes"
