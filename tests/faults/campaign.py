@@ -50,7 +50,9 @@ RABBIT_STOMP = ("127.0.0.1", 61613)
 DAEMON_PASS = ("judge-evaluator", "submitter", "poller", "finisher", "hermes", "reaper", "hermes")
 KINDS = ("kill-ingest", "kill-cleanup", "kill-watch", "kill-reconcile", "broker-close-connections",
          "broker-restart", "broker-cut", "rucio-stop", "rucio-503", "hermes-duplicate", "hermes-shuffle",
-         "hermes-drop", "bad-event")
+         "hermes-drop", "bad-event", "partition")
+ACTIVEMQ_KINDS = ("activemq-restart", "stomp-cut")  # with hermes on ActiveMQ (--hermes-broker activemq)
+DAQ_SITE = ("watch", "ingest-1", "ingest-2")  # run inside the DAQ "site" (a network namespace) for `partition`
 
 
 @dataclass
@@ -95,8 +97,11 @@ def rabbitmqctl(*args: str) -> None:
 class Campaign:
     def __init__(self, work: Path, minutes: float, rate: float, seed: int, kinds: tuple[str, ...] = KINDS,
                  faults: int | None = None, quiesce: float = 600.0, outage_cap: float = 120.0,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, hermes_broker: str = "rabbitmq") -> None:
         self.work, self.minutes, self.rate, self.seed = work, minutes, rate, seed
+        self.hermes_broker = hermes_broker
+        if hermes_broker == "activemq" and kinds == KINDS:
+            kinds = KINDS + ACTIVEMQ_KINDS
         self.kinds, self.quiesce, self.outage_cap, self.say = kinds, quiesce, outage_cap, say
         self.n_faults = faults if faults is not None else max(len(kinds), int(minutes * 6))
         self.rng = random.Random(seed)
@@ -118,6 +123,7 @@ class Campaign:
 
         from injector.testbed.rses import create_rses
         from injector.testbed.rucio import PASSWORD, USERNAME, ensure_server_venv, start_server
+        from tests.faults.sites import Site
         from tests.faults.stompfault import HermesFault
         from tests.integration.httpfault import RucioProxy
         from tests.integration.netfault import Proxy
@@ -133,14 +139,33 @@ class Campaign:
             self.client.add_scope("root", "lst")
             self.root = self.source_dir / "LST1"
             self.root.mkdir()
-            self.rucio_proxy = RucioProxy(self.server.url)
-            stack.callback(self.rucio_proxy.close)
-            self.rucio_config = self.rucio_proxy.client_config(self.server.client_config, self.work / "rucio.cfg")
-            self.amqp_proxy = Proxy(AMQP)
-            stack.callback(self.amqp_proxy.close)
-            self.hermes_proxy = HermesFault(RABBIT_STOMP, seed=self.seed)
+            # The archive side (cleanup, reconcile) on this host; the DAQ side (watch, ingest) in a site of its own
+            # when a partition is among the faults, reaching the services through proxies on its link's host end.
+            self.site = stack.enter_context(Site(self.tag)) if "partition" in self.kinds else None
+            here = "127.0.0.1"
+            there = self.site.host_ip if self.site else here
+            self.rucio_proxies = {side: RucioProxy(self.server.url, host) for side, host in (("archive", here),
+                                                                                             ("daq", there))}
+            self.amqp_proxies = {side: Proxy(AMQP, host) for side, host in (("archive", here), ("daq", there))}
+            for rp in self.rucio_proxies.values():
+                stack.callback(rp.close)
+            for ap in self.amqp_proxies.values():
+                stack.callback(ap.close)
+            self.rucio_configs = {side: p.client_config(self.server.client_config, self.work / f"rucio-{side}.cfg")
+                                  for side, p in self.rucio_proxies.items()}
+            hermes_upstream = RABBIT_STOMP
+            self.stomp_proxy: Proxy | None = None
+            if self.hermes_broker == "activemq":
+                from injector.testbed.activemq import start_activemq
+
+                self.activemq = stack.enter_context(start_activemq(self.work / "activemq"))
+                hermes_upstream = ("127.0.0.1", self.activemq.stomp_port)
+                self.stomp_proxy = Proxy(hermes_upstream)
+                stack.callback(self.stomp_proxy.close)
+            self.hermes_proxy = HermesFault(hermes_upstream, seed=self.seed)
             stack.callback(self.hermes_proxy.close)
-            self.config = self._write_config()
+            self.configs = {side: self._write_config(side) for side in ("archive", "daq")}
+            self.config = self.configs["archive"]
             from injector import config, topology
             from injector.transport.amqp import connection
 
@@ -153,11 +178,19 @@ class Campaign:
             stack.callback(self._stop_all)
             yield
 
-    def _write_config(self) -> Path:
+    def _write_config(self, side: str) -> Path:
         t = self.tag
+        proxy = self.amqp_proxies[side]
+        host = proxy.server.getsockname()[0]
+        if self.stomp_proxy is not None:
+            cleanup = (f'flavour = "activemq"\nstomp_hosts = ["127.0.0.1:{self.stomp_proxy.port}"]\n'
+                       f'hermes_destination = "/topic/VirtualTopic.rucio.events"\napp = "rucio-injector"\n')
+        else:
+            cleanup = (f'flavour = "rabbitmq"\nqueue = "camp-{t}.cleanup"\n'
+                       f'hermes_destination = "/topic/camp-{t}.rucio.events"\n')
         text = f"""
 [broker]
-urls = ["amqp://guest:guest@127.0.0.1:{self.amqp_proxy.port}//"]
+urls = ["amqp://guest:guest@{host}:{proxy.port}//"]
 daq_exchange = "camp-{t}.daq"
 dead_letter_exchange = "camp-{t}.dlx"
 heartbeat = 10
@@ -167,10 +200,7 @@ outage_hold = 60
 queue = "camp-{t}.ingest"
 batch_window = 0.2
 [cleanup]
-flavour = "rabbitmq"
-queue = "camp-{t}.cleanup"
-hermes_destination = "/topic/camp-{t}.rucio.events"
-batch_window = 0.2
+{cleanup}batch_window = 0.2
 [rucio]
 timeout = 30
 probe_cap = 5
@@ -191,7 +221,7 @@ did_name = "path"
 dataset = "CAMP_{t}_{{date}}_raw"
 rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscriptions" }}]
 """
-        path = self.work / "injector.toml"
+        path = self.work / f"injector-{side}.toml"
         path.write_text(text)
         return path
 
@@ -209,11 +239,13 @@ rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscript
     }
 
     def start(self, name: str) -> None:
-        env = {**os.environ, "RUCIO_CONFIG": str(self.rucio_config), "RUCIO_INJECTOR_CONFIG": str(self.config),
-               "PYTHONUNBUFFERED": "1"}
+        side = "daq" if name in DAQ_SITE else "archive"
+        env = {**os.environ, "RUCIO_CONFIG": str(self.rucio_configs[side]),
+               "RUCIO_INJECTOR_CONFIG": str(self.configs[side]), "PYTHONUNBUFFERED": "1"}
+        inside = self.site.prefix() if self.site is not None and side == "daq" else []
         log = open(self.work / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "injector.cli", *self.COMMANDS[name]], env=env,
-                                            stdout=log, stderr=log, start_new_session=True)
+        self.procs[name] = subprocess.Popen([*inside, sys.executable, "-m", "injector.cli", *self.COMMANDS[name]],
+                                            env=env, stdout=log, stderr=log, start_new_session=True)
         log.close()
 
     def kill(self, name: str) -> None:
@@ -316,44 +348,62 @@ rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscript
 
     def inject(self, kind: str) -> None:
         if kind.startswith("kill-"):
-            names = [n for n in self.procs if n.startswith(kind.removeprefix("kill-"))]
-            name = self.rng.choice(names)
-            self.kill(name)
-            self.stop.wait(self.rng.choice([0.0, 1.0, 5.0]))
-            self.start(name)
-        elif kind == "broker-close-connections":
-            rabbitmqctl("close_all_connections", "fault campaign")
-        elif kind == "broker-restart":
-            rabbitmqctl("stop_app")
-            try:
-                self.stop.wait(self.pause(3, 20))
-            finally:
-                rabbitmqctl("start_app")
-                rabbitmqctl("await_startup")
-        elif kind == "broker-cut":
-            self.amqp_proxy.drop()
-        elif kind == "rucio-stop":
-            self.server.halt()
-            try:
-                self.stop.wait(self.pause(5, 120))
-            finally:
-                self.server.serve()
-        elif kind == "rucio-503":
-            self.rucio_proxy.unavailable = True
-            try:
-                self.stop.wait(self.pause(5, 60))
-            finally:
-                self.rucio_proxy.unavailable = False
+            self._kill_and_restart(kind.removeprefix("kill-"))
         elif kind.startswith("hermes-"):
-            self.hermes_proxy.set(kind.removeprefix("hermes-"))  # type: ignore[arg-type]
-            try:
-                self.stop.wait(self.pause(10, 40))
-            finally:
-                self.hermes_proxy.set("pass")
-        elif kind == "bad-event":
-            self._bad_event()
+            mode: Any = kind.removeprefix("hermes-")
+            self._outage(lambda: self.hermes_proxy.set(mode), lambda: self.hermes_proxy.set("pass"), 10, 40)
         else:
-            raise ValueError(f"unknown fault kind {kind!r}")
+            self._faults()[kind]()
+
+    def _faults(self) -> dict[str, Callable[[], None]]:
+        return {
+            "broker-close-connections": lambda: rabbitmqctl("close_all_connections", "fault campaign"),
+            "broker-restart": lambda: self._outage(lambda: rabbitmqctl("stop_app"), self._start_rabbitmq, 3, 20),
+            "broker-cut": self._cut_broker,
+            "rucio-stop": lambda: self._outage(self.server.halt, self.server.serve, 5, 120),
+            "rucio-503": lambda: self._outage(lambda: self._rucio_503(True), lambda: self._rucio_503(False), 5, 60),
+            "partition": lambda: self._outage(self._site().cut, self._site().heal, 30, 60),
+            "activemq-restart": lambda: self.activemq.restart(),
+            "stomp-cut": self._cut_stomp,
+            "bad-event": self._bad_event,
+        }
+
+    def _cut_broker(self) -> None:
+        for proxy in self.amqp_proxies.values():
+            proxy.drop()
+
+    def _cut_stomp(self) -> None:
+        if self.stomp_proxy is None:
+            raise ValueError("stomp-cut needs hermes on ActiveMQ (--hermes-broker activemq)")
+        self.stomp_proxy.drop()
+
+    def _rucio_503(self, on: bool) -> None:
+        for proxy in self.rucio_proxies.values():
+            proxy.unavailable = on
+
+    def _outage(self, begin: Callable[[], None], end: Callable[[], None], low: float, high: float) -> None:
+        """Break something, wait, and restore it whatever happens meanwhile."""
+        begin()
+        try:
+            self.stop.wait(self.pause(low, high))
+        finally:
+            end()
+
+    def _kill_and_restart(self, role: str) -> None:
+        name = self.rng.choice([n for n in self.procs if n.startswith(role)])
+        self.kill(name)
+        self.stop.wait(self.rng.choice([0.0, 1.0, 5.0]))
+        self.start(name)
+
+    @staticmethod
+    def _start_rabbitmq() -> None:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+
+    def _site(self) -> Any:
+        if self.site is None:
+            raise ValueError("no DAQ site: the partition fault needs one")
+        return self.site
 
     def _bad_event(self) -> None:
         from injector.messages import Outgoing
@@ -370,6 +420,10 @@ rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscript
 
     # ---- the run ----------------------------------------------------------------------------------------------
     def run(self) -> Tally:
+        """The whole campaign; a SIGTERM ends it through the `finally` blocks (RabbitMQ started again, Rucio served
+        again, every process stopped, the site's namespace removed)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupted)
         started = time.monotonic()
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         with self.pipeline():
@@ -393,6 +447,7 @@ rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscript
                 time.sleep(5.0)  # a late duplicate would arrive now
             finally:
                 self.stop.set()
+                chaos.join(180)  # a fault in progress restores what it broke (RabbitMQ, Rucio, the site's link)
                 for t in threads:
                     t.join(60)
             self.check()
@@ -434,7 +489,7 @@ rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscript
     def check(self) -> None:
         """Every file through Rucio's API and the disk; the DLQs; the inbox."""
         from injector import topology
-        from operations.dlq import RabbitDlq
+        from operations.dlq import RabbitDlq, dlq_for
 
         t = self.tally
         t.files = len(self.closed)
@@ -461,9 +516,9 @@ rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscript
                 t.max_time_to_archive = max(t.max_time_to_archive, min(at for _, at in events) - closed_at)
         t.file_archived_deliveries = sum(len(v) for v in self.archived.values())
         ingest_dlq = topology.dead_letter_queue(self.settings.ingest.queue)
-        cleanup_dlq = topology.dead_letter_queue(self.settings.cleanup.queue)
-        dlq = RabbitDlq(self.direct)
-        dead = dlq.peek(ingest_dlq) + dlq.peek(cleanup_dlq)
+        dead = RabbitDlq(self.direct).peek(ingest_dlq)
+        cleanup_dlq = topology.dead_letters_of(self.settings, self.settings.cleanup.consumer_queue)
+        dead += dlq_for(self.settings, cleanup_dlq).peek(cleanup_dlq)
         t.injected_bad = len(self.bad_ids)
         found_bad = {r.id for r in dead if r.id in self.bad_ids}
         if found_bad != self.bad_ids:
@@ -474,13 +529,20 @@ rules = [{{ rse_expression = "{ARCHIVE}", copies = 1, activity = "User Subscript
         t.problems += self.errors
 
 
+def _interrupted(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0, help="how long the DAQ writes files (default 10)")
     p.add_argument("--rate", type=float, default=20.0, help="files closed per second (default 20)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--faults", type=int, help="faults to inject (default: 6 per minute, every kind at least once)")
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated (default: all: {','.join(KINDS)})")
+    p.add_argument("--kinds", help=f"comma-separated (default: all: {','.join(KINDS)}, and with ActiveMQ "
+                                   f"{','.join(ACTIVEMQ_KINDS)})")
+    p.add_argument("--hermes-broker", choices=("rabbitmq", "activemq"), default="activemq",
+                   help="where hermes publishes and cleanup consumes (default activemq: its faults too)")
     p.add_argument("--quiesce", type=float, default=900.0, help="seconds to wait for quiescence after writing")
     p.add_argument("--outage-cap", type=float, default=120.0, help="longest outage of one fault (s)")
     p.add_argument("--work", type=Path, help="working directory (default: a new one under /tmp)")
@@ -488,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = a.work or Path(f"/tmp/fault-campaign-{uuid.uuid4().hex[:6]}")
     work.mkdir(parents=True, exist_ok=True)
-    c = Campaign(work, a.minutes, a.rate, a.seed, tuple(a.kinds.split(",")), a.faults, a.quiesce, a.outage_cap)
+    kinds = tuple(a.kinds.split(",")) if a.kinds else KINDS
+    c = Campaign(work, a.minutes, a.rate, a.seed, kinds, a.faults, a.quiesce, a.outage_cap,
+                 hermes_broker=a.hermes_broker)
     tally = c.run()
     print(tally.line())
     for problem in tally.problems[:30]:

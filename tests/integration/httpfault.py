@@ -30,7 +30,7 @@ def forward(upstream: tuple[str, int], method: str, path: str, headers: Iterable
 
 
 class RucioProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, host: str = "127.0.0.1") -> None:
         u = urlparse(upstream)
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.unavailable = False  # every request: 503
@@ -77,8 +77,8 @@ class RucioProxy:
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # a client that hung up mid-request (a killed consumer): nothing to report
 
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = Server((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def client_config(self, original: Path, dest: Path) -> Path:
