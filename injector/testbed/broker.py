@@ -42,6 +42,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from injector.testbed.rucio import stop_group
+from injector.topology import topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +113,6 @@ class Exchange:
     name: str
     type: str
     bindings: set[tuple[str, str]] = field(default_factory=set)  # (queue, routing key)
-
-
-def topic_matches(pattern: str, key: str) -> bool:
-    """AMQP topic matching: words split by '.', '*' is one word, '#' zero or more."""
-    words, parts = key.split("."), pattern.split(".")
-
-    def match(p: int, w: int) -> bool:
-        if p == len(parts):
-            return w == len(words)
-        if parts[p] == "#":
-            return any(match(p + 1, k) for k in range(w, len(words) + 1))
-        return w < len(words) and parts[p] in ("*", words[w]) and match(p + 1, w + 1)
-
-    return match(0, 0)
 
 
 class Broker:

@@ -9,8 +9,9 @@ import contextlib
 import random
 import socket
 import threading
-import time
 from typing import Literal
+
+from tests.integration.netfault import Proxy
 
 Mode = Literal["pass", "duplicate", "shuffle", "drop"]
 
@@ -19,36 +20,19 @@ def _is_send(frame: bytes) -> bool:
     return frame.lstrip(b"\r\n").startswith(b"SEND")
 
 
-class HermesFault:
+class HermesFault(Proxy):
     def __init__(self, upstream: tuple[str, int], seed: int = 0) -> None:
-        self.upstream = upstream
         self.mode: Mode = "pass"
         self.rng = random.Random(seed)
         self.counts = {"duplicated": 0, "shuffled": 0, "dropped": 0, "sent": 0}
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True, name="hermes-fault").start()
+        super().__init__(upstream)
 
     def set(self, mode: Mode) -> None:
         self.mode = mode
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.upstream)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.sockets += [client, upstream]
-            threading.Thread(target=self._frames, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        threading.Thread(target=self._frames, args=(client, upstream), daemon=True, name="hermes-fault").start()
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 
     def _frames(self, src: socket.socket, dst: socket.socket) -> None:
         """hermes → broker, frame by frame, each SEND treated by the mode of the moment."""
@@ -66,7 +50,9 @@ class HermesFault:
         with contextlib.suppress(OSError):
             if held:
                 dst.sendall(b"".join(self._release(held)))
-        self._close(src, dst)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _treat(self, frame: bytes, held: list[bytes]) -> list[bytes]:
         """What goes out for one frame now (a frame other than SEND lets every held one go first)."""
@@ -92,23 +78,3 @@ class HermesFault:
         self.counts["shuffled"] += len(out)
         held.clear()
         return out
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        self._close(src, dst)
-
-    @staticmethod
-    def _close(*socks: socket.socket) -> None:
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.server.close()
-        with self.lock:
-            for s in self.sockets:
-                with contextlib.suppress(OSError):
-                    s.close()
-        time.sleep(0.05)

@@ -29,8 +29,12 @@ class Proxy:
                 continue
             with self.lock:
                 self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            self.relay(client, upstream)
+
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Carry one connection's bytes both ways (a subclass may treat what the client sends)."""
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
