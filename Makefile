@@ -41,14 +41,15 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/rucio-injector demo $(DEMO_ARGS)
 
 # On demand, the long runs (their short versions are in `make test`): 10,000 + 5,000 generated hostile messages
-# through the real consumers; the fault campaign, 10 minutes of 20 files/s (restarts this machine's RabbitMQ).
+# through the real consumers; the fault campaign, 10 minutes of 5 files/s, 60 faults (restarts this machine's RabbitMQ).
 fuzz: setup
 	CI=true FUZZ_CASES=$${FUZZ_CASES:-10000} $(BIN)/python -m pytest -q -s tests/integration/test_fuzz_consumers.py
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest -q tests/unit/test_fuzz.py -p no:cacheprovider
 
 faults: setup
-	$(BIN)/python -m tests.faults.campaign --minutes $${FAULT_MINUTES:-10} --rate $${FAULT_RATE:-20} \
-		--seed $${FAULT_SEED:-1} --json $${FAULT_JSON:-fault-campaign.json}
+	$(BIN)/python -m tests.faults.campaign --minutes $${FAULT_MINUTES:-10} --rate $${FAULT_RATE:-5} \
+		--seed $${FAULT_SEED:-7} --faults $${FAULT_COUNT:-60} --outage-cap 60 \
+		--json $${FAULT_JSON:-fault-campaign.json}
 
 # On demand: mutants of the core decisions ([tool.mutmut] in pyproject.toml) judged by the unit tests.
 mutation: venv
