@@ -24,6 +24,7 @@ from typing import Any
 
 from injector.checksum import size_and_adler32
 from injector.config import Broker, OutboxSettings, Settings, Stream
+from injector.errors import ConfigError
 from injector.events import FILE_CLOSED, FileClosed, decode_file_closed, encode
 from injector.messages import Outgoing
 from injector.streams import canonical
@@ -61,6 +62,9 @@ class DaqPublisher:
     def __init__(self, broker: Broker, streams: Sequence[Stream] = (), outbox: OutboxSettings | None = None, *,
                  routes: Routes | None = None, background: bool = True, max_wait: float = 30.0,
                  close_timeout: float = CLOSE_TIMEOUT) -> None:
+        if broker.transport == "stomp" and routes is None:
+            raise ConfigError("a stomp:// (ActiveMQ) broker has no exchanges: the publisher routes by the "
+                              "configuration's topology; use DaqPublisher.of(settings)")
         self._broker = broker
         self._streams = streams
         self._close_timeout = close_timeout

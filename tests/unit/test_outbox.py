@@ -209,3 +209,16 @@ def test_a_note_on_an_error_ends_its_one_line():
     code, line = exits.explain(exc) or (0, "")
     assert code == exits.BROKER and line.endswith("3 event(s) wait in the outbox /x/outbox.sqlite")
     assert "pw" not in line
+
+
+def test_a_publisher_for_an_activemq_broker_without_the_topology_is_refused_at_once(tmp_path):
+    from injector.config import OutboxSettings, parse
+    from injector.errors import ConfigError
+    from producers.publish import DaqPublisher
+
+    s = parse({"broker": {"urls": ["stomp://u:p@127.0.0.1:61613"]}, "cleanup": {
+        "flavour": "activemq", "hermes_destination": "/topic/VirtualTopic.rucio.events"}})
+    with pytest.raises(ConfigError, match="DaqPublisher.of"):
+        DaqPublisher(s.broker, outbox=OutboxSettings(path=str(tmp_path / "o.sqlite")), background=False)
+    DaqPublisher.of(s.model_copy(update={"outbox": OutboxSettings(path=str(tmp_path / "o.sqlite"))}),
+                    background=False, close_timeout=0).close()
