@@ -175,9 +175,10 @@ def _activemq_setup(settings: config.Settings, action: str) -> int:
     from injector.transport.stomp import open_connection
 
     q = settings.ingest.queue
-    lines = [f"{settings.ingest.binding} → /queue/{q} (ingest consumers, competing)",
-             f"file.archived.# → /queue/{topology.archived_queue(settings)} (the DAQ's inbox)",
-             f"dead letters of {q} → /queue/{topology.dead_letters_of(settings, q)}"]
+    roles = {q: "ingest consumers, competing", topology.archived_queue(settings): "the DAQ's inbox"}
+    lines = [f"{b.routing_key} → /queue/{b.queue} ({roles.get(b.queue, 'bound')})"
+             for b in topology.declare(settings).bindings if b.exchange == settings.broker.daq_exchange]
+    lines.append(f"dead letters of {q} → /queue/{topology.dead_letters_of(settings, q)}")
     if action == "definitions":
         print("ActiveMQ has no definitions to import: queues are made on first use\n" + "\n".join(lines))
         return 0

@@ -167,8 +167,9 @@ class Broker(_Section):
     @property
     def stomp(self) -> StompServer:
         """The broker as a STOMP server (stomp:// urls, in failover order)."""
-        first = urlparse(self.urls[0])
-        return StompServer(tuple((urlparse(u).hostname or "", urlparse(u).port or 0) for u in self.urls),
+        parsed = [urlparse(u) for u in self.urls]
+        first = parsed[0]
+        return StompServer(tuple((u.hostname or "", u.port or 0) for u in parsed),
                            unquote(first.username or ""), unquote(first.password or ""),
                            unquote(first.path[1:]) if len(first.path) > 1 else "/", self.heartbeat * 1000)
 

@@ -272,13 +272,12 @@ class _Announcer:
 
     def __call__(self, messages: Sequence[Outgoing]) -> None:
         from injector.topology import Routes
-        from injector.transport import plugin
+        from injector.transport import sender_for
 
         if not messages:
             return
         if self._sender is None:
-            broker = self._settings.broker
-            self._sender = plugin(broker.transport).sender(broker, Routes(self._settings))
+            self._sender = sender_for(self._settings.broker, Routes(self._settings))
         try:
             self._sender.publish(messages)
         except PublishFailed:

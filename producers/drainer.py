@@ -24,7 +24,7 @@ from injector.errors import BrokerUnavailable, InvalidEvent, PublishFailed
 from injector.events import decode_file_closed
 from injector.messages import Outgoing
 from injector.topology import Routes
-from injector.transport import Sender, plugin
+from injector.transport import Sender, sender_for
 from producers.outbox import Drained, Outbox, Row
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Drainer:
 
     def _publish(self, messages: Sequence[Outgoing]) -> None:
         if self._sender is None:
-            self._sender = plugin(self._broker.transport).sender(self._broker, self._routes)
+            self._sender = sender_for(self._broker, self._routes)
         self._sender.publish(messages)
         self._last_use = time.monotonic()
 

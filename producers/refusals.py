@@ -29,7 +29,7 @@ from injector.errors import Permanent
 from injector.messages import Outgoing
 from injector.metrics import Metrics
 from injector.streams import did_name
-from injector.transport import plugin
+from injector.transport import sender_for
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ class Refusals:
             self._recorded = {r.id for r in dlq_for(self._settings, dlq).peek(dlq)}
         new = [r for r in self._pending if r.id not in self._recorded]
         if new:
-            sender = plugin(self._broker.transport).sender(self._broker.model_copy(update={"connect_attempts": 1}),
-                                                           topology.Routes(self._settings))
+            sender = sender_for(self._broker.model_copy(update={"connect_attempts": 1}),
+                                topology.Routes(self._settings))
             try:
                 sender.publish([message(r, self._queue, dlq) for r in new])
             finally:

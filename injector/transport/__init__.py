@@ -11,6 +11,7 @@ provides the same two functions:
                                                    server `at` (hermes' ActiveMQ, for the cleanup)
     sender(broker, routes) -> Sender               confirmed publishing to the DAQ broker; `routes` (the declared
                                                    topology's bindings) routes where the broker has no exchanges
+                                                   (`sender_for(broker, routes)` picks the broker's plug-in)
     explain(exc, where) -> str | None              the one line for one of that protocol's own exceptions
                                                    (injector.exits gives it the broker's exit code)
 
@@ -74,6 +75,11 @@ class Plugin(Protocol):
     def link(self, settings: Settings, queue: str, prefetch: int, at: StompServer | None = None) -> Connect: ...
     def sender(self, broker: Broker, routes: Routes | None) -> Sender: ...
     def explain(self, exc: BaseException, where: str) -> str | None: ...
+
+
+def sender_for(broker: Broker, routes: Routes | None) -> Sender:
+    """A confirmed publisher to the DAQ broker, by its own transport ([broker] urls: amqp:// or stomp://)."""
+    return plugin(broker.transport).sender(broker, routes)
 
 
 def plugin(name: str) -> Plugin:

@@ -44,7 +44,7 @@ from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import PRIOR, Delivery, Outgoing, count_of
 from injector.settle import Session
 from injector.topology import Routes, activemq_dead_letter_queue, stomp_destination
-from injector.transport import Connect, Sender
+from injector.transport import Connect, Sender, sender_for
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ class Watch(stomp.ConnectionListener):  # type: ignore[misc]
         log.warning("STOMP heartbeat timeout")
         self.lost.set()
 
-    def why(self) -> str:
-        return "; ".join(self.errors[-3:]) or "connection closed"
+    def why(self, otherwise: str = "connection closed") -> str:
+        """The broker's last words, else `otherwise`."""
+        return "; ".join(self.errors[-3:]) or otherwise
 
 
 def open_connection(server: StompServer, listeners: dict[str, Any], *, heartbeats: bool = True
@@ -100,7 +101,7 @@ def open_connection(server: StompServer, listeners: dict[str, Any], *, heartbeat
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while not conn.is_connected():
             if watch.errors or watch.lost.is_set() or time.monotonic() > deadline:
-                why = "; ".join(watch.errors[-3:]) or f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s"
+                why = watch.why(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s")
                 raise BrokerUnavailable(f"STOMP {server.hosts} refused the connection: {why}")
             time.sleep(0.01)
     except (stomp.exception.StompException, OSError) as exc:
@@ -316,9 +317,7 @@ class StompLink:
 
     def sender(self) -> Sender:
         if self._sender is None:
-            from injector.transport import plugin
-
-            self._sender = plugin(self._publishing.transport).sender(self._publishing, self._routes)
+            self._sender = sender_for(self._publishing, self._routes)
         return self._sender
 
     def retry(self, d: Delivery) -> None:
