@@ -204,6 +204,8 @@ if __name__ == "__main__":  # pragma: no cover - regenerates the shipped schemas
     import pathlib
     import sys
 
+    if len(sys.argv) > 2 or sys.argv[1:2] and sys.argv[1].startswith("-"):
+        sys.exit("usage: python -m injector.events [DIRECTORY]  (default: the package's schemas/)")
     out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "schemas")
     out.mkdir(parents=True, exist_ok=True)
     for filename, schema in json_schemas().items():
