@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from injector import __version__, config, exits, logs, prerequisites
@@ -115,7 +116,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from operations import findings, reconcile
 
     settings = _settings(args)
-    options = reconcile.Options(dry_run=args.dry_run, fix=args.fix, grace=timedelta(seconds=args.grace))
+    options = reconcile.Options(dry_run=args.dry_run, fix=args.fix, grace=timedelta(seconds=args.grace),
+                                window=timedelta(seconds=args.window), full=args.full)
 
     def report(found: list[findings.Finding]) -> None:
         if args.json:
@@ -128,11 +130,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
     from injector.gateway import ClientGateway
     from operations import status
 
     settings = _settings(args)
-    data = status.collect(settings, ClientGateway(settings.rucio), args.stream, args.night)
+    data = status.collect(settings, ClientGateway(settings.rucio), args.stream, args.night, args.since, args.full,
+                          timedelta(seconds=args.window))
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -145,6 +150,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise topology.TopologyMissing(f"{len(missing)} queue(s) do not exist on {where} ({', '.join(missing)}): "
                                        "run `rucio-injector broker setup`")
     return 0
+
+
+def _since(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD) or an ISO time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _scope_options(parser: argparse.ArgumentParser) -> None:
+    """What a sweep reads: the open work (datasets not finished, files registered within the window), or all."""
+    parser.add_argument("--window", type=float, default=86400, metavar="SECONDS",
+                        help="files registered this recently are read whatever their dataset (default 86400); a "
+                             "reconciler stopped longer than this should run once with --full")
+    parser.add_argument("--full", action="store_true",
+                        help="read every file of the stream, also those of finished datasets (an audit: its cost "
+                             "grows with the stream's history)")
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -283,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "without a visible cause")
     rec.add_argument("--grace", type=float, default=3600,
                      help="seconds after its release before an undeleted source is diagnosed (default 3600)")
+    _scope_options(rec)
     rec.add_argument("--json", action="store_true", help="one JSON list of findings per sweep")
     rec.add_argument("--metrics-port", type=int, help="with --every: serve /metrics and /healthz here (0 = off)")
     rec.set_defaults(func=cmd_reconcile)
@@ -290,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     sta = sub.add_parser("status", help="files per stage per stream and dataset (from Rucio), queue depths")
     sta.add_argument("--stream", action="append", default=[], help="only this stream (repeatable)")
     sta.add_argument("--night", help="only datasets whose name contains this night (YYYYMMDD)")
+    sta.add_argument("--since", type=_since, metavar="DATE",
+                     help="only datasets created since DATE (YYYY-MM-DD, or an ISO time; UTC unless it says)")
+    _scope_options(sta)
     sta.add_argument("--json", action="store_true")
     sta.set_defaults(func=cmd_status)
 

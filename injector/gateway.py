@@ -12,12 +12,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import requests
 from rucio.common import exception as rx
 from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from injector import marks as _marks
 from injector.breaker import Breaker
 from injector.config import RucioSettings, Rule
 from injector.errors import (
@@ -76,6 +78,20 @@ class FileReplicas:
 
     def available(self, rse: str) -> bool:
         return self.states.get(rse) == "AVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetState:
+    """A dataset as a sweep needs it: open or closed, when it was created, and the project's `injector_finished`
+    mark (the number of files it held when every one was finished; None: not finished) and `injector_unattached`
+    (files recorded for it that a sweep found registered but not attached)."""
+
+    scope: str
+    name: str
+    is_open: bool
+    created_at: datetime | None
+    finished: int | None
+    unattached: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +173,16 @@ class RucioGateway(Protocol):
 class RucioInspector(RucioGateway, Protocol):
     """What the reconciler and `status` also need: reading Rucio's state (and boosting a rule)."""
 
-    def list_files(self, scope: str, pattern: str) -> list[str]:
-        """Names of the files in `scope` matching a wildcard pattern (Rucio's `*`)."""
+    def list_files(self, scope: str, pattern: str, created_after: datetime | None = None) -> list[str]:
+        """Names of the files in `scope` matching a wildcard pattern (Rucio's `*`), only those created after
+        `created_after` when given."""
         ...
 
     def list_datasets(self, scope: str, pattern: str) -> list[str]:
+        ...
+
+    def dataset_states(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DatasetState]:
+        """Open or closed, created when, and the finished mark, of those datasets that exist; one bulk call."""
         ...
 
     def rules_of(self, scope: str, name: str) -> list[dict[str, Any]]:
@@ -394,14 +415,21 @@ class ClientGateway:
 
     # Inspection for the reconciler and status (read-only unless named otherwise).
 
-    def list_files(self, scope: str, pattern: str) -> list[str]:
-        """Names of the files in `scope` matching a wildcard pattern (Rucio's `*`)."""
-        return self._call("list_dids", lambda: list(self.client.list_dids(scope, [{"name": pattern}],
-                                                                          did_type="file")))
+    def list_files(self, scope: str, pattern: str, created_after: datetime | None = None) -> list[str]:
+        """Names of the files in `scope` matching a wildcard pattern (Rucio's `*`); with `created_after`, only
+        those created since (Rucio's created_after filter: the server reads the DID rows, the client gets the
+        recent names only)."""
+        where: dict[str, Any] = {"name": pattern}
+        if created_after is not None:
+            where["created_after"] = created_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return self._call("list_dids", lambda: list(self.client.list_dids(scope, [where], did_type="file")))
 
     def list_datasets(self, scope: str, pattern: str) -> list[str]:
         return self._call("list_dids", lambda: list(self.client.list_dids(scope, [{"name": pattern}],
                                                                           did_type="dataset")))
+
+    def dataset_states(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DatasetState]:
+        return {(r["scope"], r["name"]): _dataset_state(r) for r in self._metadata(dids, plugin="ALL")}
 
     def content(self, scope: str, dataset: str) -> set[tuple[str, str]]:
         def fetch() -> set[tuple[str, str]]:
@@ -510,6 +538,20 @@ def _created(exists: type[Exception], create: Callable[[], object]) -> bool:
     except exists:
         return False
     return True
+
+
+def _dataset_state(row: dict[str, Any]) -> DatasetState:
+    """get_metadata_bulk(plugin=ALL) of a dataset: the DID columns and the JSON metadata in one record."""
+    created = row.get("created_at")
+    if isinstance(created, str):
+        created = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    if isinstance(created, datetime) and created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)  # Rucio's times are naive UTC
+    finished, unattached = row.get(_marks.FINISHED), row.get(_marks.UNATTACHED)
+    return DatasetState(row["scope"], row["name"], bool(row.get("is_open", True)),
+                        created if isinstance(created, datetime) else None,
+                        finished if isinstance(finished, int) and not isinstance(finished, bool) else None,
+                        tuple(str(n) for n in unattached) if isinstance(unattached, list) else ())
 
 
 def _replica_dict(r: NewReplica) -> dict[str, Any]:

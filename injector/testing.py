@@ -11,7 +11,7 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urlparse
@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from injector.breaker import Breaker
 from injector.config import Rule
 from injector.errors import PermissionDenied, ReplicaGone, RucioDown, RucioRefused, RucioUnavailable
-from injector.gateway import AccountInfo, Attachment, FileMeta, FileReplicas, NewReplica
+from injector.gateway import AccountInfo, Attachment, DatasetState, FileMeta, FileReplicas, NewReplica
 from injector.messages import Delivery, Outgoing
 
 _rule_ids = itertools.count(1)
@@ -51,7 +51,9 @@ class FakeRucio:
         self.prefixes = dict(rses or {})  # name -> PFN prefix its protocol accepts
         self.scopes = set(scopes)
         self.files: dict[tuple[str, str], FileMeta] = {}
-        self.meta: dict[tuple[str, str], dict[str, Any]] = {}
+        self.meta: dict[tuple[str, str], dict[str, Any]] = {}  # files' and datasets' JSON metadata
+        self.created: dict[tuple[str, str], datetime] = {}  # DID -> created_at (`clock` when it was added)
+        self.clock = lambda: datetime.now(UTC)
         self.datasets: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self.closed: set[tuple[str, str]] = set()
         self.pfns: dict[tuple[str, str, str], str] = {}  # (rse, scope, name) -> pfn
@@ -109,6 +111,7 @@ class FakeRucio:
             if not r.pfn.startswith(self.prefixes[rse]):
                 raise RucioRefused(f"RSEFileNameNotSupported: {r.pfn} is not under {self.prefixes[rse]}")
         for r in replicas:
+            self.created.setdefault((r.scope, r.name), self.clock())
             self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, r.adler32))
             self.pfns.setdefault((rse, r.scope, r.name), r.pfn)
             if r.meta and (r.scope, r.name) not in self.meta:
@@ -120,6 +123,7 @@ class FakeRucio:
         if (scope, name) in self.datasets:
             return False
         self.datasets[(scope, name)] = set()
+        self.created[(scope, name)] = self.clock()
         for rule in rules:
             self.rules.append(FakeRule(scope, name, rule.rse_expression, rule.copies, rule.activity))
         return True
@@ -183,7 +187,7 @@ class FakeRucio:
     def mark(self, items: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         self._enter("mark")
         for scope, name, meta in items:
-            if (scope, name) not in self.files:
+            if (scope, name) not in self.files and (scope, name) not in self.datasets:
                 raise RucioRefused(f"DataIdentifierNotFound: {scope}:{name}")
             self.meta.setdefault((scope, name), {}).update(meta)
 
@@ -204,9 +208,20 @@ class FakeRucio:
 
     # RucioInspector: what the reconciler and status read.
 
-    def list_files(self, scope: str, pattern: str) -> list[str]:
+    def list_files(self, scope: str, pattern: str, created_after: datetime | None = None) -> list[str]:
         self._enter("list_files")
-        return sorted(n for s, n in self.files if s == scope and fnmatchcase(n, pattern))
+        return sorted(n for s, n in self.files if s == scope and fnmatchcase(n, pattern)
+                      and (created_after is None or self.created.get((s, n), self.clock()) >= created_after))
+
+    def dataset_states(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DatasetState]:
+        self._enter("dataset_states")
+        out = {}
+        for d in dids:
+            if d in self.datasets:
+                m = self.meta.get(d, {})
+                out[d] = DatasetState(d[0], d[1], d not in self.closed, self.created.get(d),
+                                      m.get("injector_finished"), tuple(m.get("injector_unattached") or ()))
+        return out
 
     def list_datasets(self, scope: str, pattern: str) -> list[str]:
         self._enter("list_datasets")

@@ -1,29 +1,72 @@
-"""What Rucio holds for a stream, read for the reconciler and `status`: its files (found by the stream's name
-pattern) with their replicas and the project's marks, and its datasets (the template with `*` for each field)."""
+"""What Rucio holds for a stream, read for the reconciler and `status`: its datasets (the template with `*` for each
+field), and the files a sweep must look at, with their replicas and the project's marks.
+
+A sweep costs what is still open, not what the stream ever ingested. A dataset whose every file is finished
+(announced archived; for a stream that keeps its sources, archive verified) carries the mark `injector_finished`
+(the number of files it held then), set by the reconciler; a sweep (`open_work`) reads:
+  * every dataset's name and state: one listing, one bulk metadata call per 1000 datasets (a dataset per night);
+  * the content of the datasets not finished, and of those created within the window (a finished one that gained
+    a file since it was marked, as its content count shows, is open again);
+  * the files created within the window (`created_after`, names only) that no dataset read above holds: files
+    registered but never attached, and late files attached to an older finished dataset (which is then open again);
+    and the files a sweep found unattached before, which their dataset names (`injector_unattached`) until they are
+    attached, so they stay in view after the window;
+  * marks of those files, and replicas only of the files not yet announced.
+A dataset with unattached files is never marked finished. A file registered but unattached that no sweep saw within
+the window (a reconciler stopped that long) is found by `everything` (`reconcile --full`), which lists every file
+of the stream.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from injector import marks
 from injector.config import RUCIO_BULK, Stream
-from injector.gateway import FileReplicas, RucioInspector, chunks
+from injector.gateway import DatasetState, FileReplicas, RucioInspector, chunks
 
 Did = tuple[str, str]
+WINDOW = timedelta(hours=24)  # default: files registered this recently are looked at whatever their dataset
+SLACK = timedelta(hours=1)  # a dataset created this long before the window may still gain files within it
 
 
 @dataclass
 class FileState:
     did: Did
-    replicas: FileReplicas  # no replica anywhere: empty states
+    replicas: FileReplicas  # no replica anywhere, or not read (an announced file): empty states
     marks: dict[str, Any]
 
     @property
     def label(self) -> str:
         return f"{self.did[0]}:{self.did[1]}"
+
+    @property
+    def announced(self) -> bool:
+        return bool(self.marks.get(marks.ANNOUNCED))
+
+
+@dataclass
+class Inventory:
+    """What one sweep read of a stream. `files`: the files to look at (all of them, or only the unannounced ones);
+    `open`: the datasets not finished (their rules are checked, and the reconciler may mark them finished);
+    `contents`: the content of every dataset read (for the attachment checks); `finished`: the finished datasets
+    left unread, with the number of files each held."""
+
+    stream: Stream
+    datasets: dict[Did, DatasetState]
+    files: list[FileState] = field(default_factory=list)
+    open: list[Did] = field(default_factory=list)
+    contents: dict[Did, set[Did]] = field(default_factory=dict)
+    finished: dict[Did, int] = field(default_factory=dict)
+
+    def content(self, dataset: Did, rucio: RucioInspector) -> set[Did]:
+        if dataset not in self.contents:
+            self.contents[dataset] = rucio.content(*dataset)
+        return self.contents[dataset]
 
 
 def stream_pattern(stream: Stream) -> str:
@@ -51,15 +94,120 @@ def datasets_of(stream: Stream, rucio: RucioInspector) -> list[str]:
     return [n for n in rucio.list_datasets(stream.scope, dataset_pattern(stream)) if regex.fullmatch(n)]
 
 
-def files_of(stream: Stream, rucio: RucioInspector, unfinished: bool = False) -> Iterator[FileState]:
-    """Every file of the stream known to Rucio, with its replicas and the project's marks. `unfinished`: skip,
-    without reading their replicas, the files already announced archived (nothing is left to do for them)."""
-    names = rucio.list_files(stream.scope, stream_pattern(stream))
-    for part in chunks([(stream.scope, n) for n in names], RUCIO_BULK):
+def dataset_states(stream: Stream, rucio: RucioInspector) -> dict[Did, DatasetState]:
+    """Every dataset of the stream with its state (open, created, finished mark), in bulk."""
+    dids = [(stream.scope, n) for n in datasets_of(stream, rucio)]
+    out: dict[Did, DatasetState] = {}
+    for part in chunks(dids, RUCIO_BULK):
+        out.update(rucio.dataset_states(part))
+    return out
+
+
+def is_finished(stream: Stream, f: FileState, safe: bool) -> bool:
+    """Nothing is left to do for the file: announced archived, or (a stream that keeps its sources) its archive
+    verified (`safe`, cleanup's verdict)."""
+    return f.announced or (not stream.release_source and safe)
+
+
+def open_work(stream: Stream, rucio: RucioInspector, now: datetime, window: timedelta = WINDOW,
+              announced: bool = False) -> Inventory:
+    """The stream's open work (see the module's docstring). `announced`: also return the announced files of the
+    open datasets (`status` counts them), without reading their replicas."""
+    inv = Inventory(stream, dataset_states(stream, rucio))
+    since = now - window
+    young = since - SLACK
+    for did, ds in inv.datasets.items():
+        if ds.finished is None:
+            inv.open.append(did)
+            inv.content(did, rucio)
+        elif ds.created_at is not None and ds.created_at >= young:
+            if len(inv.content(did, rucio)) != ds.finished:  # gained (or lost) files since it was marked
+                inv.open.append(did)
+            else:
+                inv.finished[did] = ds.finished
+        else:
+            inv.finished[did] = ds.finished
+    held = {f for did in inv.open for f in inv.contents[did]}
+    listed = held | {f for did in inv.finished if did in inv.contents for f in inv.contents[did]}
+    pending = {(stream.scope, n) for ds in inv.datasets.values() for n in ds.unattached}
+    recent = set(rucio.list_files(stream.scope, stream_pattern(stream), since))
+    newcomers = sorted({(stream.scope, n) for n in recent} - listed | pending)
+    files = {did: None for did in sorted(held)}
+    files.update(_late_files(inv, newcomers, rucio))
+    inv.files = list(_states(stream, rucio, list(files), announced))
+    return inv
+
+
+def _late_files(inv: Inventory, newcomers: list[Did], rucio: RucioInspector) -> dict[Did, None]:
+    """Recent files no open dataset holds: unattached ones, and late ones in a finished dataset, which opens it
+    again (its content is read and swept). Returns the files to look at."""
+    out: dict[Did, None] = {}
+    for part in chunks(newcomers, RUCIO_BULK):
         meta = rucio.marks(part)
-        ours = [did for did in part  # another stream may share the scope and root
-                if meta.setdefault(did, {}).get(marks.STREAM, stream.name) == stream.name]
-        wanted = [did for did in ours if not (unfinished and meta[did].get(marks.ANNOUNCED))]
+        for did in part:
+            m = meta.get(did, {})
+            if m.get(marks.STREAM, inv.stream.name) != inv.stream.name or m.get(marks.ANNOUNCED):
+                continue
+            out[did] = None
+            scope, sep, name = str(m.get(marks.DATASET) or "").partition(":")
+            ds = (scope, name)
+            if sep and ds in inv.finished and did in inv.content(ds, rucio):
+                del inv.finished[ds]
+                inv.open.append(ds)
+                out.update({f: None for f in sorted(inv.contents[ds])})
+    return out
+
+
+def everything(stream: Stream, rucio: RucioInspector, announced: bool = False) -> Inventory:
+    """Every file of the stream known to Rucio, whatever its dataset's mark (`reconcile --full`, `status --full`):
+    an audit that costs what the stream ever ingested."""
+    inv = Inventory(stream, dataset_states(stream, rucio))
+    inv.open = list(inv.datasets)
+    names = rucio.list_files(stream.scope, stream_pattern(stream))
+    inv.files = list(_states(stream, rucio, [(stream.scope, n) for n in names], announced))
+    return inv
+
+
+def _states(stream: Stream, rucio: RucioInspector, dids: Sequence[Did], announced: bool) -> Iterable[FileState]:
+    """The files of this stream among `dids` with their marks; replicas read only for the files not announced
+    (an announced file is finished), which are left out unless `announced`."""
+    for part in chunks(dids, RUCIO_BULK):
+        meta = rucio.marks(part)
+        ours = [did for did in part if did in meta  # gone from Rucio meanwhile: nothing to look at
+                and meta[did].get(marks.STREAM, stream.name) == stream.name]  # another stream may share the scope
+        wanted = [did for did in ours if not meta[did].get(marks.ANNOUNCED)]
         reps = rucio.replicas(wanted) if wanted else {}
-        for did in wanted:
-            yield FileState(did, reps.get(did) or FileReplicas(*did, None, None, {}, {}), meta[did])
+        for did in ours:
+            if did in reps or did in wanted:
+                yield FileState(did, reps.get(did) or _none(did), meta[did])
+            elif announced:
+                yield FileState(did, _none(did), meta[did])
+
+
+def _none(did: Did) -> FileReplicas:
+    return FileReplicas(did[0], did[1], None, None, {}, {})
+
+
+def record(rucio: RucioInspector, inv: Inventory, unfinished: set[Did], unattached: dict[Did, set[Did]]) -> list[Did]:
+    """After a sweep, on each dataset read: `injector_finished` when none of its files is in `unfinished` (as this
+    sweep read them) and none recorded for it is unattached, cleared when it is open again; `injector_unattached`
+    the files recorded for it that are not attached. Returns the datasets newly marked finished."""
+    todo: list[tuple[str, str, dict[str, Any]]] = []
+    done: list[Did] = []
+    for did, ds in inv.datasets.items():
+        update: dict[str, Any] = {}
+        loose = sorted(n for _, n in unattached.get(did, ()))[:RUCIO_BULK]
+        if tuple(loose) != ds.unattached:
+            update[marks.UNATTACHED] = loose or None
+        content = inv.contents.get(did)
+        if did in inv.open and content is not None:
+            if content and not content & unfinished and not loose:
+                update[marks.FINISHED] = len(content)
+                done.append(did)
+            elif ds.finished is not None:
+                update[marks.FINISHED] = None
+        if update:
+            todo.append((did[0], did[1], update))
+    for batch in chunks(todo, RUCIO_BULK):
+        rucio.mark(batch)
+    return done

@@ -39,7 +39,7 @@ from injector.errors import BrokerUnavailable, InjectorError, Permanent, Publish
 from injector.gateway import Attachment, RucioInspector, chunks
 from injector.messages import Outgoing
 from operations.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
-from operations.inventory import FileState, datasets_of, files_of
+from operations.inventory import WINDOW, FileState, Inventory, everything, is_finished, open_work, record
 from operations.orphans import orphan_findings
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class Options:
     dry_run: bool = False
     fix: bool = False
     grace: timedelta = timedelta(hours=1)
+    window: timedelta = WINDOW  # files registered this recently are looked at whatever their dataset's mark
+    full: bool = False  # every file of the stream, not only the open work (an audit)
 
 
 def sweep(settings: Settings, rucio: RucioInspector, publish: Publish, options: Options,
@@ -71,10 +73,12 @@ def sweep(settings: Settings, rucio: RucioInspector, publish: Publish, options: 
 
 @dataclass
 class _Plan:
+    inventory: Inventory
     release: list[FileState] = field(default_factory=list)
     undeleted: list[FileState] = field(default_factory=list)
     announce: list[FileState] = field(default_factory=list)
     unattached: dict[str, list[FileState]] = field(default_factory=dict)  # "scope:dataset" -> files
+    unfinished: set[Did] = field(default_factory=set)  # as read: not announced (nor kept safe)
     findings: list[Finding] = field(default_factory=list)
 
 
@@ -86,27 +90,34 @@ def _sweep_stream(stream: Stream, settings: Settings, rucio: RucioInspector, pub
     out += _announce(stream, settings, plan.announce, rucio, publish, options, now)
     out += _attach(stream, plan.unattached, rucio, options)
     out += _undeleted(stream, plan.undeleted, rucio, options, now)
-    out += _rules(stream, rucio, options, now)
+    out += _rules(stream, plan.inventory.open, rucio, options, now)
+    if not options.dry_run:  # the datasets every file of which was finished when read: skipped from now on
+        unattached = {(ds.partition(":")[0], ds.partition(":")[2]): {f.did for f in files}
+                      for ds, files in plan.unattached.items()}
+        for scope, name in record(rucio, plan.inventory, plan.unfinished, unattached):
+            log.info("dataset %s:%s finished: every file archived%s; later sweeps skip it", scope, name,
+                     " and announced" if stream.release_source else "")
     return out
 
 
 def _plan(stream: Stream, rucio: RucioInspector, options: Options, now: datetime) -> _Plan:
-    plan = _Plan()
-    contents: dict[str, set[Did]] = {}
-    for f in files_of(stream, rucio, unfinished=True):
-        _place(stream, f, rucio, options, now, plan)
+    inv = everything(stream, rucio) if options.full else open_work(stream, rucio, now, options.window)
+    plan = _Plan(inv)
+    for f in inv.files:
+        if not _place(stream, f, rucio, options, now, plan):
+            plan.unfinished.add(f.did)
         dataset = str(f.marks.get(marks.DATASET) or "")
         if dataset:
-            if dataset not in contents:
-                contents[dataset] = rucio.content(*dataset.split(":", 1))
-            if f.did not in contents[dataset]:
+            scope, _, name = dataset.partition(":")
+            if f.did not in inv.content((scope, name), rucio):
                 plan.unattached.setdefault(dataset, []).append(f)
     return plan
 
 
 def _place(stream: Stream, f: FileState, rucio: RucioInspector, options: Options, now: datetime,
-           plan: _Plan) -> None:
-    """Put the file where it belongs in the plan (or nowhere: in transfer, or finished)."""
+           plan: _Plan) -> bool:
+    """Put the file where it belongs in the plan (or nowhere: in transfer, or finished); True when it is
+    finished (`inventory.is_finished`)."""
     reps = f.replicas
     verdict = verify(stream, reps, rucio)  # cleanup's verification, the only one
     released = parse_time(f.marks.get(marks.RELEASED_AT), f"{f.label} {marks.RELEASED_AT}")
@@ -126,6 +137,7 @@ def _place(stream: Stream, f: FileState, rucio: RucioInspector, options: Options
             plan.release.append(f)
         elif settled:
             plan.undeleted.append(f)
+    return is_finished(stream, f, verdict.safe)
 
 
 def _release(stream: Stream, files: list[FileState], rucio: RucioInspector, options: Options) -> list[Finding]:
@@ -232,9 +244,11 @@ def _undeleted(stream: Stream, files: list[FileState], rucio: RucioInspector, op
     return out
 
 
-def _rules(stream: Stream, rucio: RucioInspector, options: Options, now: datetime) -> list[Finding]:
+def _rules(stream: Stream, datasets: Sequence[Did], rucio: RucioInspector, options: Options,
+           now: datetime) -> list[Finding]:
+    """The rules of the datasets not finished (a finished one's files are all archived)."""
     out = []
-    for dataset in datasets_of(stream, rucio):
+    for _, dataset in datasets:
         label = f"{stream.scope}:{dataset}"
         rules = rucio.rules_of(stream.scope, dataset)
         have = {(r["rse_expression"], int(r["copies"])) for r in rules}

@@ -1,16 +1,21 @@
-"""`rucio-injector status`: where every file of every stream is, read from Rucio, plus the queues."""
+"""`rucio-injector status`: where every file of every stream is, read from Rucio, plus the queues.
+
+It reads what a reconcile sweep reads (`operations.inventory.open_work`): a finished dataset is counted from its
+mark (every file archived) without listing its files; `--full` reads every file instead."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from consumers.cleanup import verify
 from injector import marks, topology
 from injector.config import Settings, StompServer, Stream
 from injector.gateway import FileReplicas, RucioInspector
-from operations.inventory import datasets_of, files_of
+from operations.inventory import WINDOW, Inventory, everything, open_work
 from operations.orphans import Orphans
 
 Did = tuple[str, str]
@@ -23,7 +28,10 @@ STAGES = ("registered", "replicating", "replicated", "released", "announcing", "
 
 
 def file_stage(stream: Stream, reps: FileReplicas, file_marks: dict[str, Any], rucio: RucioInspector) -> str:
-    """One file's stage (besides `registered`, which every file is)."""
+    """One file's stage (besides `registered`, which every file is). An announced file is archived: it was
+    announced only after its archive was verified and its source was gone (its replicas are not read again)."""
+    if file_marks.get(marks.ANNOUNCED):
+        return "archived"
     safe = verify(stream, reps, rucio).safe
     if stream.source_rse in reps.states:
         if not safe:
@@ -35,41 +43,28 @@ def file_stage(stream: Stream, reps: FileReplicas, file_marks: dict[str, Any], r
     return "archived" if file_marks.get(marks.ANNOUNCED) else "announcing"
 
 
-def stuck_files(stream: Stream, rucio: RucioInspector) -> set[Did]:
-    """Files holding a STUCK lock of a rule on one of the stream's datasets."""
+def stuck_files(datasets: Sequence[Did], rucio: RucioInspector) -> set[Did]:
+    """Files holding a STUCK lock of a rule on one of these datasets."""
     out: set[Did] = set()
-    for dataset in datasets_of(stream, rucio):
-        for rule in rucio.rules_of(stream.scope, dataset):
+    for scope, dataset in datasets:
+        for rule in rucio.rules_of(scope, dataset):
             if int(rule.get("locks_stuck_cnt") or 0) or rule.get("state") == "STUCK":
                 out |= {(str(lk["scope"]), str(lk["name"])) for lk in rucio.rule_locks(str(rule["id"]))
                         if lk.get("state") == "STUCK"}
     return out
 
 
-def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = (),
-            night: str | None = None) -> dict[str, Any]:
-    """Counts per stream and dataset (the dataset recorded on each file by ingest), and the queues."""
+def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = (), night: str | None = None,
+            since: datetime | None = None, full: bool = False, window: timedelta = WINDOW) -> dict[str, Any]:
+    """Counts per stream and dataset (the dataset recorded on each file by ingest), and the queues. `night`: only
+    datasets whose name holds it; `since`: only datasets created since then; `full`: read every file."""
     out: dict[str, Any] = {"streams": {}}
     dead = dead_lettered(settings)
+    now = datetime.now(UTC)
     for stream in settings.selected_streams(streams):
-        stuck = stuck_files(stream, rucio)
-        per: dict[str, Counter[str]] = defaultdict(Counter)
-        orphans = Orphans(rucio)
-        for f in files_of(stream, rucio):
-            dataset = str(f.marks.get(marks.DATASET) or "(no dataset recorded)")
-            if night and night not in dataset:
-                continue
-            if orphans.is_orphan(f):
-                per[dataset]["orphaned"] += 1
-                continue
-            stage = file_stage(stream, f.replicas, f.marks, rucio)
-            per[dataset]["registered"] += 1
-            per[dataset][stage] += 1
-            if stage == "replicating" and f.did in stuck:
-                per[dataset]["stuck"] += 1
-        for dataset, n in dead.get(stream.name, {}).items():
-            if not night or night in dataset:
-                per[dataset]["dead-lettered"] += n
+        inv = everything(stream, rucio, announced=True) if full else open_work(stream, rucio, now, window,
+                                                                                announced=True)
+        per = _counts(stream, inv, rucio, dead.get(stream.name, {}), _Shown(inv, night, since))
         out["streams"][stream.name] = {ds: {s: c.get(s, 0) for s in STAGES} for ds, c in sorted(per.items())}
     out["dead_letters_without_stream"] = dead.get("(none)", {})
     out["queues"] = queue_depths(settings)
@@ -82,6 +77,48 @@ def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = 
         out["activemq_queues"] = browsed_depths(c.server, [c.consumer_queue,
                                                            topology.dead_letters_of(settings, c.consumer_queue)])
     return out
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """Whether a dataset ("scope:name") is shown: its name holds `night`, and it was created since `since`."""
+
+    inv: Inventory
+    night: str | None
+    since: datetime | None
+
+    def __call__(self, dataset: str) -> bool:
+        scope, _, name = dataset.partition(":")
+        state = self.inv.datasets.get((scope, name))
+        young = self.since is None or state is None or state.created_at is None or state.created_at >= self.since
+        return (not self.night or self.night in dataset) and young
+
+
+def _counts(stream: Stream, inv: Inventory, rucio: RucioInspector, dead: dict[str, int],
+            shown: _Shown) -> dict[str, Counter[str]]:
+    per: dict[str, Counter[str]] = defaultdict(Counter)
+    final = "archived" if stream.release_source else "replicated"
+    for (scope, name), n in inv.finished.items():  # every file finished: counted from the mark
+        if shown(f"{scope}:{name}"):
+            per[f"{scope}:{name}"].update({"registered": n, final: n})
+    stuck = stuck_files([d for d in inv.open if shown(f"{d[0]}:{d[1]}")], rucio)
+    orphans = Orphans(rucio)
+    for f in inv.files:
+        dataset = str(f.marks.get(marks.DATASET) or "(no dataset recorded)")
+        if not shown(dataset):
+            continue
+        if orphans.is_orphan(f):
+            per[dataset]["orphaned"] += 1
+            continue
+        stage = file_stage(stream, f.replicas, f.marks, rucio)
+        per[dataset]["registered"] += 1
+        per[dataset][stage] += 1
+        if stage == "replicating" and f.did in stuck:
+            per[dataset]["stuck"] += 1
+    for dataset, n in dead.items():
+        if shown(dataset):
+            per[dataset]["dead-lettered"] += n
+    return per
 
 
 def dead_lettered(settings: Settings) -> dict[str, dict[str, int]]:

@@ -162,6 +162,36 @@ def test_lost_transfer_done_and_deletion_done_are_finished_by_reconcile_announci
     assert all(a.destinations == [ARCHIVE] and a.event_id == archived_event_id("lst", a.name) for a in archived)
     assert {(a.path, a.adler32, a.size) for a in archived} == {(e.path, e.adler32, e.size) for e in events}
 
+    # Every file announced: the loop marked the dataset finished, and a sweep once it is old reads none of its files.
+    dataset = f"LST1_{lab.tag}_20261124_raw"
+    (meta,) = lab.client.get_metadata_bulk([{"scope": "lst", "name": dataset}], plugin="JSON")
+    assert meta.get("injector_finished") == 3
+    calls: Counter[str] = Counter()
+    gw = ClientGateway(s.rucio, observe=lambda op, seconds, outcome: calls.update([op]))
+    later = datetime.now(UTC) + timedelta(days=3)
+    assert reconcile.sweep(s, gw, lambda m: None, reconcile.Options(), now=later) == []
+    assert calls == {"list_dids": 2, "get_metadata_bulk": 1}, "datasets, their states, recent files: no file read"
+    assert kinds(reconcile.sweep(s, gw, lambda m: None, reconcile.Options(full=True), now=later)) == {}
+    assert calls["list_replicas"] == 0 and calls["get_metadata_bulk"] == 2, "--full reads the files' marks"
+
+
+def test_the_dataset_marks_round_trip_through_rucio(lab):
+    """What the bounded sweep keeps on a dataset (finished count, unattached names, cleared with null) as the real
+    server stores and returns it, with the dataset's creation time."""
+    s = settings_for(lab)
+    gw = ClientGateway(s.rucio)
+    dataset = f"LST1_{lab.tag}_20261124_raw"
+    gw.add_dataset("lst", dataset, [])
+    before = datetime.now(UTC)
+    gw.mark([("lst", dataset, {"injector_finished": 3, "injector_unattached": ["/a/b c.fits", "/a/d"]})])
+    (state,) = gw.dataset_states([("lst", dataset)]).values()
+    assert (state.finished, state.unattached, state.is_open) == (3, ("/a/b c.fits", "/a/d"), True)
+    assert state.created_at is not None and abs(state.created_at - before) < timedelta(minutes=1)
+    gw.mark([("lst", dataset, {"injector_finished": None, "injector_unattached": None})])
+    (state,) = gw.dataset_states([("lst", dataset)]).values()
+    assert (state.finished, state.unattached) == (None, ())
+    assert gw.list_files("lst", "*", created_after=datetime.now(UTC) + timedelta(minutes=5)) == []
+
 
 def _own_source(lab: Lab, name: str) -> Path:
     """A source RSE of this test only (its settings are changed)."""

@@ -357,3 +357,123 @@ def test_the_reconcile_loop_waits_out_a_rucio_outage_and_sweeps_again_as_soon_as
                   publish=Broker())
     assert sweeps == [["sweep-failed"], ["release-source"]], "swept again once Rucio answered, not an hour later"
     assert rucio.breaker.outages == 1 and not rucio.breaker.open
+
+
+# A sweep costs the open work, not the stream's history (operations.inventory).
+
+READS = ("content", "marks", "replicas", "rules_of", "list_files")
+
+
+def finished_night(settings, rucio, when):
+    """Every file of the night archived, released, reaped and announced; the next sweep marks the dataset."""
+    archived(rucio, *NAMES)
+    sweep(settings, rucio, Broker(), Options(), ["lst1-raw"], now=when)
+    rucio.reap(SRC)
+    later = when + timedelta(hours=2)  # past the release
+    sweep(settings, rucio, Broker(), Options(grace=LATER), ["lst1-raw"], now=later)
+    sweep(settings, rucio, Broker(), Options(grace=LATER), ["lst1-raw"], now=later)
+
+
+def test_a_finished_dataset_is_marked_and_later_sweeps_read_none_of_its_files(settings, rucio):
+    t0 = rucio.created[("lst", NAMES[0])]
+    finished_night(settings, rucio, t0)
+    assert rucio.meta[("lst", "LST1_20261124_raw")][marks.FINISHED] == 3
+    rucio.calls.clear()
+    assert sweep(settings, rucio, Broker(), Options(), ["lst1-raw"], now=t0 + timedelta(days=3)) == []
+    assert {op: rucio.calls[op] for op in READS} == {"content": 0, "marks": 0, "replicas": 0, "rules_of": 0,
+                                                     "list_files": 1}
+    full = sweep(settings, rucio, Broker(), Options(full=True), ["lst1-raw"], now=t0 + timedelta(days=3))
+    assert full == [] and rucio.calls["marks"] == 1, "--full reads every file again, and finds nothing to do"
+
+
+def test_status_counts_a_finished_dataset_from_its_mark(settings, rucio, monkeypatch):
+    monkeypatch.setattr(status, "dead_lettered", lambda s: {})
+    monkeypatch.setattr(status, "queue_depths", lambda s: {})
+    t0 = rucio.created[("lst", NAMES[0])]
+    finished_night(settings, rucio, t0)
+    rucio.clock = lambda: t0 + timedelta(days=3)
+    for d in list(rucio.created):
+        rucio.created[d] -= timedelta(days=3)
+    rucio.calls.clear()
+    data = status.collect(settings, rucio, ["lst1-raw"])
+    counts = data["streams"]["lst1-raw"]["lst:LST1_20261124_raw"]
+    assert (counts["registered"], counts["archived"]) == (3, 3) and rucio.calls["replicas"] == 0
+    assert status.collect(settings, rucio, ["lst1-raw"], full=True)["streams"] == data["streams"]
+    assert status.collect(settings, rucio, ["lst1-raw"], night="20261125")["streams"]["lst1-raw"] == {}
+    later = datetime.now(UTC) + timedelta(days=1)
+    assert status.collect(settings, rucio, ["lst1-raw"], since=later)["streams"]["lst1-raw"] == {}
+
+
+def test_a_late_file_attached_to_a_finished_dataset_opens_it_again_until_it_is_announced(settings, rucio):
+    t0 = rucio.created[("lst", NAMES[0])]
+    finished_night(settings, rucio, t0)
+    late = "/data/lst1/20261124/run09999.fits.fz"
+    rucio.clock = lambda: t0 + timedelta(days=3)
+    ingest([FileClosed.create(site="ORM", instrument="LST1", path=late, size=9, adler32="00000009",
+                              night="20261124")], rucio, settings)
+    assert rucio.created[("lst", late)] - rucio.created[("lst", "LST1_20261124_raw")] > timedelta(days=2)
+    archived(rucio, late)
+    found = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"], now=t0 + timedelta(days=3))
+    assert [(f.action, f.kind, f.subject) for f in found] == [("done", "release-source", f"lst:{late}")]
+    assert rucio.meta[("lst", "LST1_20261124_raw")][marks.FINISHED] is None, "open again"
+    rucio.reap(SRC)
+    for grace in (LATER, LATER):
+        sweep(settings, rucio, Broker(), Options(grace=grace), ["lst1-raw"], now=t0 + timedelta(days=3))
+    assert rucio.meta[("lst", "LST1_20261124_raw")][marks.FINISHED] == 4
+
+
+def test_an_unattached_file_stays_in_view_after_the_window_and_blocks_its_dataset(settings, rucio):
+    t0 = rucio.created[("lst", NAMES[0])]
+    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    archived(rucio, *NAMES[:2])
+    assert ("report", "not-attached", NAMES[2]) in run(settings, rucio)
+    assert rucio.meta[("lst", "LST1_20261124_raw")][marks.UNATTACHED] == [NAMES[2]]
+    rucio.reap(SRC)
+    for _ in range(2):  # its neighbours announced; the dataset is not finished while NAMES[2] is unattached
+        found = sweep(settings, rucio, Broker(), Options(grace=LATER), ["lst1-raw"], now=t0 + timedelta(days=5))
+        assert ("report", "not-attached", f"lst:{NAMES[2]}") in [(f.action, f.kind, f.subject) for f in found]
+    assert rucio.meta[("lst", "LST1_20261124_raw")].get(marks.FINISHED) is None
+    found = sweep(settings, rucio, Broker(), Options(fix=True), ["lst1-raw"], now=t0 + timedelta(days=5))
+    assert [(f.action, f.kind) for f in found] == [("done", "not-attached")]
+    sweep(settings, rucio, Broker(), Options(), ["lst1-raw"], now=t0 + timedelta(days=5))
+    assert rucio.meta[("lst", "LST1_20261124_raw")][marks.UNATTACHED] is None
+
+
+def test_an_unattached_file_no_sweep_saw_within_the_window_is_found_by_full(settings, rucio):
+    t0 = rucio.created[("lst", NAMES[0])]
+    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    later = t0 + timedelta(days=2)
+    assert sweep(settings, rucio, Broker(), Options(dry_run=True), ["lst1-raw"], now=later) == []
+    found = sweep(settings, rucio, Broker(), Options(full=True), ["lst1-raw"], now=later)
+    assert [(f.kind, f.subject) for f in found] == [("not-attached", f"lst:{NAMES[2]}")]
+
+
+def test_a_dry_run_marks_nothing(settings, rucio):
+    archived(rucio, *NAMES)
+    sweep(settings, rucio, Broker(), Options(), ["lst1-raw"])
+    rucio.reap(SRC)
+    for _ in range(2):
+        sweep(settings, rucio, Broker(), Options(grace=LATER, dry_run=True), ["lst1-raw"])
+    assert marks.FINISHED not in rucio.meta.get(("lst", "LST1_20261124_raw"), {})
+
+
+def test_a_stream_that_keeps_its_sources_finishes_a_dataset_once_every_archive_is_verified(rucio):
+    s = parse({"streams": [dict(STREAMS["streams"][0], release_source=False)]})
+    archived(rucio, *NAMES[:2])
+    sweep(s, rucio, Broker(), Options(), ["lst1-raw"])
+    assert rucio.meta.get(("lst", "LST1_20261124_raw"), {}).get(marks.FINISHED) is None
+    archived(rucio, NAMES[2])
+    sweep(s, rucio, Broker(), Options(), ["lst1-raw"])
+    assert rucio.meta[("lst", "LST1_20261124_raw")][marks.FINISHED] == 3 and not rucio.tombstoned
+
+
+def test_a_file_attached_to_a_dataset_finished_within_the_window_opens_it_again(settings, rucio):
+    t0 = rucio.created[("lst", NAMES[0])]
+    finished_night(settings, rucio, t0)
+    late = "/data/lst1/20261124/run09998.fits.fz"
+    rucio.clock = lambda: t0 + timedelta(hours=3)
+    ingest([FileClosed.create(site="ORM", instrument="LST1", path=late, size=9, adler32="00000009",
+                              night="20261124")], rucio, settings)
+    archived(rucio, late)
+    found = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"], now=t0 + timedelta(hours=4))
+    assert [(f.action, f.kind, f.subject) for f in found] == [("done", "release-source", f"lst:{late}")]
