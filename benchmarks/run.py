@@ -71,7 +71,7 @@ class Sizes:
 
 FULL = Sizes(naive=300, ingest=5000, cleanup=2000, paced_rate=200, paced_seconds=60, backlogs=(1000, 100_000),
              memory_seconds=30, open_files=1000, history=(0, 10_000, 100_000))
-QUICK = Sizes(naive=50, ingest=300, cleanup=200, paced_rate=50, paced_seconds=5, backlogs=(100, 1000),
+QUICK = Sizes(naive=50, ingest=300, cleanup=500, paced_rate=50, paced_seconds=5, backlogs=(100, 1000),
               memory_seconds=8, open_files=100, history=(0, 1000, 2000))
 
 
@@ -238,7 +238,13 @@ def cleanup_run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     for part in chunks(events, RUCIO_BULK):
         bench.client.add_replicas(SOURCE, replica_dicts(part, SOURCE, lambda e: {**meta, "injector_path": e.path}))
         bench.client.add_replicas(ARCHIVE, replica_dicts(part, ARCHIVE))
-    gw = ClientGateway(s.rucio)
+    spent: dict[str, dict[str, float]] = {"transfer": {}, "deletion": {}}
+    phase = ["transfer"]
+
+    def observe(op: str, seconds: float, outcome: str) -> None:
+        spent[phase[0]][op] = round(spent[phase[0]].get(op, 0.0) + seconds, 2)
+
+    gw = ClientGateway(s.rucio, observe=observe)
     batch = s.cleanup.batch_size
     done = [RucioEvent(event_type="transfer-done", payload={
         "scope": SCOPE, "name": e.path, "src-rse": SOURCE, "dst-rse": ARCHIVE, "checksum-adler": e.adler32})
@@ -254,11 +260,14 @@ def cleanup_run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     deleted = [RucioEvent(event_type="deletion-done", created_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
                           payload={"scope": SCOPE, "name": e.path, "rse": SOURCE, "url": f"file://localhost{e.path}"})
                for e in events]
+    phase[0] = "deletion"
     t0 = time.perf_counter()
     archived = outcomes(cleanup(part, gw, s) for part in chunks(deleted, batch))
     deletion = time.perf_counter() - t0
-    return {"transfer_done": {**rate(len(done), transfer, "events"), "outcomes": released},
-            "deletion_done": {**rate(len(deleted), deletion, "events"), "outcomes": archived},
+    return {"transfer_done": {**rate(len(done), transfer, "events"), "outcomes": released,
+                              "rucio_seconds": spent["transfer"]},
+            "deletion_done": {**rate(len(deleted), deletion, "events"), "outcomes": archived,
+                              "rucio_seconds": spent["deletion"]},
             "batch_size": batch}
 
 

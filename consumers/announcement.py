@@ -28,23 +28,19 @@ def archived_event(stream: Stream, meta: FileMeta, files: FileReplicas | None, p
         scope=meta.scope, name=meta.name, destinations=destinations, archived_at=archived_at)
 
 
-def decided_archived_at(rucio: RucioGateway, did: Did, proposed: datetime, announced: bool = False) -> datetime:
-    """The file's archive time, decided once and kept on the file in Rucio: whoever announces the file
-    (cleanup, its duplicates, the reconciler) publishes a byte-identical file-archived."""
-    return archive_times(rucio, rucio.marks([did]), proposed, announced).get(did, proposed)
-
-
-def archive_times(rucio: RucioGateway, known: dict[Did, dict[str, Any]], proposed: datetime,
+def archive_times(rucio: RucioGateway, known: dict[Did, dict[str, Any]], proposed: dict[Did, datetime],
                   announced: bool = False) -> dict[Did, datetime]:
-    """`decided_archived_at` for many files whose marks are `known`, in bulk. `announced` also notes
-    (injector_announced) that the caller now owns the announcement: cleanup says so before it emits, because its
-    unacked deletion-done keeps the obligation until the broker confirmed the file-archived."""
+    """Each file's archive time, decided once and kept on the file in Rucio (`injector_archived_at`): whoever
+    announces the file (cleanup, its duplicates, the reconciler) publishes a byte-identical file-archived. `known`:
+    the files' marks as read; `proposed`: the time to decide for a file that has none yet. In bulk. `announced` also
+    notes (injector_announced) that the caller now owns the announcement: cleanup says so before it emits, because
+    its unacked deletion-done keeps the obligation until the broker confirmed the file-archived."""
     out: dict[Did, datetime] = {}
     updates = []
     for did, m in known.items():
         decided = m.get(marks.ARCHIVED_AT)
-        out[did] = clock.parse(str(decided), f"{did[0]}:{did[1]} {marks.ARCHIVED_AT}") if decided else proposed
-        update = {} if decided else {marks.ARCHIVED_AT: proposed.isoformat()}
+        out[did] = clock.parse(str(decided), f"{did[0]}:{did[1]} {marks.ARCHIVED_AT}") if decided else proposed[did]
+        update = {} if decided else {marks.ARCHIVED_AT: proposed[did].isoformat()}
         if announced and not m.get(marks.ANNOUNCED):
             update[marks.ANNOUNCED] = datetime.now(UTC).isoformat()
         if update:

@@ -18,14 +18,15 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from consumers.announcement import archived_event, archived_message, decided_archived_at
+from consumers.announcement import archive_times, archived_event, archived_message
 from consumers.transfer_failures import transfers_failed
 from injector import clock, marks
 from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import Permanent, ReplicaGone, Transient
 from injector.events import RucioEvent
-from injector.gateway import FileReplicas, RucioGateway, chunks, isolate
+from injector.gateway import FileMeta, FileReplicas, RucioGateway, chunks, isolate
 from injector.settle import Outcome
 from injector.streams import DID_NAME
 
@@ -71,8 +72,8 @@ def cleanup(events: Sequence[RucioEvent | Permanent], rucio: RucioGateway, setti
         outcomes[index] = outcome
     for it in work["deletion-failed"]:
         outcomes[it.index] = _deletion_failed(it, settings)
-    for it in work["deletion-done"]:
-        outcomes[it.index] = _deletion_done(it, state.get(it.did), rucio, settings)
+    for index, outcome in _deletions_done(work["deletion-done"], state, rucio, settings).items():
+        outcomes[index] = outcome
     for index, outcome in _transfers_done(work["transfer-done"], state, rucio, settings).items():
         outcomes[index] = outcome
     return outcomes
@@ -275,34 +276,74 @@ def release(rucio: RucioGateway, replicas: Sequence[tuple[str, str, str]]
     return refused
 
 
-def _deletion_done(it: _Item, files: FileReplicas | None, rucio: RucioGateway, settings: Settings) -> Outcome:
-    rse, url = str(it.event.get("rse")), it.event.get("url")
-    stream = _stream_of(settings, it.did[0], rse, url)
-    if stream is None:
-        return _unmanaged(it.label, "deletion-done", f"no configured stream has source RSE {rse} holding {url}")
-    if files is not None and rse in files.states:
-        return Outcome.done("source-still-present", it.label)
+def _deletions_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
+                    settings: Settings) -> dict[int, Outcome]:
+    """deletion-done → file-archived for every file whose source is gone and whose archive is verified: the files'
+    size, adler32 and marks read in bulk, their archive times decided and noted announced in one bulk write."""
+    out, gone = _deleted_sources(items, state, settings)
+    meta: dict[Did, FileMeta] = {}
+    known: dict[Did, dict[str, Any]] = {}
     try:
-        meta = rucio.file_metadata([it.did]).get(it.did)
+        for part in chunks(sorted({it.did for it, _ in gone}), RUCIO_BULK):
+            meta.update(rucio.file_metadata(part))
+            known.update(rucio.marks(part))
     except (Permanent, Transient) as exc:
-        return Outcome.failed(exc, it.label)
-    if meta is None or meta.bytes is None or meta.adler32 is None:
-        return Outcome.failed(Transient(f"{it.label} has no size/adler32 in Rucio"), it.label)
-    try:
-        verdict = verify(stream, files, rucio)
-    except (Permanent, Transient) as exc:
-        return Outcome.failed(exc, it.label)
-    if not verdict.safe:  # the source is gone without a safe copy: never announce that as archived
-        return Outcome.failed(Permanent(f"{it.label}: deleted at {rse} but not safe elsewhere: {verdict}",
-                                        reason="source-lost"), it.label)
-    prefix = stream.pfn_prefix
-    path = url[len(prefix):] if isinstance(url, str) and url.startswith(prefix) else it.did[1]
+        return {**out, **{it.index: Outcome.failed(exc, it.label) for it, _ in gone}}
+    safe: list[tuple[_Item, Stream]] = []
+    proposed: dict[Did, datetime] = {}
+    for it, stream in gone:
+        try:
+            _archive_checked(it, stream, meta.get(it.did), state.get(it.did), rucio)
+            proposed.setdefault(it.did, _created_at(it))  # duplicates in one batch: the first one's time
+        except (Permanent, Transient) as exc:
+            out[it.index] = Outcome.failed(exc, it.label)
+            continue
+        safe.append((it, stream))
     try:  # announced: from here the unacked deletion-done carries the announcement, so the reconciler leaves it
-        archived_at = decided_archived_at(rucio, it.did, _created_at(it), announced=True)
-        archived = archived_event(stream, meta, files, path, archived_at, rucio)
+        times = archive_times(rucio, {did: known.get(did, {}) for did in proposed}, proposed, announced=True)
     except (Permanent, Transient) as exc:
-        return Outcome.failed(exc, it.label)
-    return Outcome.done("archived", it.label, emit=(archived_message(archived, settings),))
+        return {**out, **{it.index: Outcome.failed(exc, it.label) for it, _ in safe}}
+    for it, stream in safe:
+        url = it.event.get("url")
+        path = url[len(stream.pfn_prefix):] if isinstance(url, str) and url.startswith(stream.pfn_prefix) else it.did[1]
+        try:
+            archived = archived_event(stream, meta[it.did], state.get(it.did), path, times[it.did], rucio)
+        except (Permanent, Transient) as exc:
+            out[it.index] = Outcome.failed(exc, it.label)
+            continue
+        out[it.index] = Outcome.done("archived", it.label, emit=(archived_message(archived, settings),))
+    return out
+
+
+def _deleted_sources(items: list[_Item], state: dict[Did, FileReplicas], settings: Settings
+                     ) -> tuple[dict[int, Outcome], list[tuple[_Item, Stream]]]:
+    """Settle the deletion-done events of files no stream here manages, or whose source Rucio still lists; the
+    others, with their stream, go on."""
+    out: dict[int, Outcome] = {}
+    gone: list[tuple[_Item, Stream]] = []
+    for it in items:
+        rse, url = str(it.event.get("rse")), it.event.get("url")
+        stream = _stream_of(settings, it.did[0], rse, url)
+        if stream is None:
+            out[it.index] = _unmanaged(it.label, "deletion-done", f"no configured stream has source RSE {rse} "
+                                       f"holding {url}")
+        elif it.did in state and rse in state[it.did].states:
+            out[it.index] = Outcome.done("source-still-present", it.label)
+        else:
+            gone.append((it, stream))
+    return out, gone
+
+
+def _archive_checked(it: _Item, stream: Stream, meta: FileMeta | None, files: FileReplicas | None,
+                     rucio: RucioGateway) -> None:
+    """Returns when the file, its source gone, may be announced: Rucio holds its size and adler32 and its archive
+    is verified; raises what says why not."""
+    if meta is None or meta.bytes is None or meta.adler32 is None:
+        raise Transient(f"{it.label} has no size/adler32 in Rucio")
+    verdict = verify(stream, files, rucio)
+    if not verdict.safe:  # the source is gone without a safe copy: never announce that as archived
+        raise Permanent(f"{it.label}: deleted at {it.event.get('rse')} but not safe elsewhere: {verdict}",
+                        reason="source-lost")
 
 
 def _created_at(it: _Item) -> datetime:

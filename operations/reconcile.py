@@ -168,7 +168,7 @@ def _announce(stream: Stream, settings: Settings, files: list[FileState], rucio:
     out: list[Finding] = []
     for part in chunks(files, 500):
         meta = rucio.file_metadata([f.did for f in part])
-        times = archive_times(rucio, {f.did: f.marks for f in part}, now)  # stored before publishing
+        times = archive_times(rucio, {f.did: f.marks for f in part}, {f.did: now for f in part})  # before publishing
         sent, messages = [], []
         for f in part:
             m = meta.get(f.did)
