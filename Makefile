@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv setup test unit lint demo clean mutation fuzz faults
+.PHONY: venv setup test unit lint demo clean mutation fuzz faults bench
 
 $(BIN)/pip:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,11 @@ test: setup lint
 demo: $(VENV)/.installed-demo
 	bash .ci/setup-machine --demo
 	$(BIN)/rucio-injector demo $(DEMO_ARGS)
+
+# Every figure of the scale issue in one run on a throw-away Rucio server (~20 min); BENCH_ARGS=--quick: a few
+# hundred files (CI), so the script never rots.
+bench: setup
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # On demand, the long runs (their short versions are in `make test`): 10,000 + 5,000 generated hostile messages
 # through the real consumers; the fault campaign, 10 minutes of 5 files/s, 60 faults (restarts this machine's RabbitMQ).
