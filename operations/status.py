@@ -55,12 +55,13 @@ def stuck_files(datasets: Sequence[Did], rucio: RucioInspector) -> set[Did]:
 
 
 def collect(settings: Settings, rucio: RucioInspector, streams: Sequence[str] = (), night: str | None = None,
-            since: datetime | None = None, full: bool = False, window: timedelta = WINDOW) -> dict[str, Any]:
+            since: datetime | None = None, full: bool = False, window: timedelta = WINDOW,
+            now: datetime | None = None) -> dict[str, Any]:
     """Counts per stream and dataset (the dataset recorded on each file by ingest), and the queues. `night`: only
     datasets whose name holds it; `since`: only datasets created since then; `full`: read every file."""
     out: dict[str, Any] = {"streams": {}}
     dead = dead_lettered(settings)
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     for stream in settings.selected_streams(streams):
         inv = everything(stream, rucio, announced=True) if full else open_work(stream, rucio, now, window,
                                                                                 announced=True)
