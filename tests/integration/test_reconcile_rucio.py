@@ -321,6 +321,10 @@ def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tm
         config = config_file(s, tmp_path / "injector.toml")
         one_night = cli(config, "status", "--json", "--night", "20261125")
         table = cli(config, "status")
+        full = cli(config, "status", "--json", "--full")
+        tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%d")
+        none_since = cli(config, "status", "--json", "--since", tomorrow)
+        bad_since = cli(config, "status", "--since", "last tuesday", expect=2)
     shown = data["streams"]["lst1-raw"]
     assert sorted(shown) == sorted(f"lst:LST1_{lab.tag}_{night}_raw" for night in stage_of)
     for night, stage in stage_of.items():
@@ -334,6 +338,9 @@ def test_status_numbers_equal_what_rucio_shows_with_files_in_every_stage(lab, tm
     assert one_night.returncode == 0, one_night.stderr
     assert json.loads(one_night.stdout)["streams"]["lst1-raw"] == {
         f"lst:LST1_{lab.tag}_20261125_raw": shown[f"lst:LST1_{lab.tag}_20261125_raw"]}
+    assert json.loads(full.stdout)["streams"] == data["streams"], "--full reads every file: the same counts"
+    assert json.loads(none_since.stdout)["streams"]["lst1-raw"] == {}, "no dataset created since tomorrow"
+    assert "'last tuesday' is not a date" in bad_since.stderr
     assert table.returncode == 0 and "source-lost" in table.stdout and s.ingest.queue in table.stdout
     row = next(line for line in table.stdout.splitlines() if f"LST1_{lab.tag}_20261123_raw" in line)
     assert [c.strip() for c in row.split("│")[2:-1]] == [str(shown[f"lst:LST1_{lab.tag}_20261123_raw"][k])
