@@ -404,13 +404,18 @@ def test_status_counts_a_finished_dataset_from_its_mark(settings, rucio, monkeyp
     assert status.collect(settings, rucio, ["lst1-raw"], since=later)["streams"]["lst1-raw"] == {}
 
 
+def late_file(settings, rucio, name, when):
+    """A file of the night ingested at `when`, after the night's dataset was marked finished."""
+    rucio.clock = lambda: when
+    ingest([FileClosed.create(site="ORM", instrument="LST1", path=name, size=9, adler32="00000009",
+                              night="20261124")], rucio, settings)
+
+
 def test_a_late_file_attached_to_a_finished_dataset_opens_it_again_until_it_is_announced(settings, rucio):
     t0 = rucio.created[("lst", NAMES[0])]
     finished_night(settings, rucio, t0)
     late = "/data/lst1/20261124/run09999.fits.fz"
-    rucio.clock = lambda: t0 + timedelta(days=3)
-    ingest([FileClosed.create(site="ORM", instrument="LST1", path=late, size=9, adler32="00000009",
-                              night="20261124")], rucio, settings)
+    late_file(settings, rucio, late, t0 + timedelta(days=3))
     assert rucio.created[("lst", late)] - rucio.created[("lst", "LST1_20261124_raw")] > timedelta(days=2)
     archived(rucio, late)
     found = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"], now=t0 + timedelta(days=3))
@@ -471,9 +476,7 @@ def test_a_file_attached_to_a_dataset_finished_within_the_window_opens_it_again(
     t0 = rucio.created[("lst", NAMES[0])]
     finished_night(settings, rucio, t0)
     late = "/data/lst1/20261124/run09998.fits.fz"
-    rucio.clock = lambda: t0 + timedelta(hours=3)
-    ingest([FileClosed.create(site="ORM", instrument="LST1", path=late, size=9, adler32="00000009",
-                              night="20261124")], rucio, settings)
+    late_file(settings, rucio, late, t0 + timedelta(hours=3))
     archived(rucio, late)
     found = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"], now=t0 + timedelta(hours=4))
     assert [(f.action, f.kind, f.subject) for f in found] == [("done", "release-source", f"lst:{late}")]
