@@ -28,7 +28,7 @@ from injector.errors import Permanent, ReplicaGone, Transient
 from injector.events import RucioEvent
 from injector.gateway import FileMeta, FileReplicas, RucioGateway, chunks, isolate
 from injector.settle import Outcome
-from injector.streams import DID_NAME
+from injector.streams import DID_NAME, owner
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,12 @@ def _gone_or_unmanaged(items: list[_Item], rucio: RucioGateway, settings: Settin
     names = {s.name for s in settings.streams}
     out = {}
     for it in items:
-        owner = known.get(it.did, {}).get(marks.STREAM)
-        out[it.index] = Outcome.done("source-gone", it.label) if owner in names else _unmanaged(
-            it.label, "transfer-done", f"ingested by stream {owner!r}, which this configuration does not have")
+        by_name = owner(settings.streams, *it.did)  # a stream whose names no other stream shares records none
+        who = known.get(it.did, {}).get(marks.STREAM) or (by_name.name if by_name else None)
+        why = (f"ingested by stream {who!r}, which this configuration does not have" if who else
+               "no stream of this configuration has its scope and name")
+        out[it.index] = Outcome.done("source-gone", it.label) if who in names else _unmanaged(
+            it.label, "transfer-done", why)
     return out
 
 

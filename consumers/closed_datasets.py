@@ -1,10 +1,10 @@
 """Closed datasets: where the files of a dataset that ops closed go.
 
-Rucio refuses to attach anything to a closed dataset (UnsupportedOperation), yet registers replicas before it,
-so a file registered while its dataset was being closed is an orphan: a replica in no dataset, under no rule,
-never archived. Ingest checks before registering (`consumers.ingest`); this module holds the suffix rule used
-when a stream says `on_closed_dataset = "next"`. Finding (status) and naming or repairing (reconcile) orphans
-is the operator tools' part: `operations.orphans`.
+Rucio refuses to attach anything to a closed dataset (UnsupportedOperation). Ingest registers and attaches in one
+transaction, so nothing is registered for a closed dataset, and checks before registering (`consumers.ingest`)
+to route such files; this module holds the suffix rule used when a stream says `on_closed_dataset = "next"`.
+Orphans (a replica in no dataset, under no rule, never archived) come only from earlier versions of ingest, which
+registered, then attached: naming and repairing them is the operator tools' part, `operations.orphans`.
 
 Suffix rule: the successors of dataset `<name>` are `<name>.2`, `<name>.3`, ...; files go to the first successor
 that is open or does not exist yet (which is then created with the stream's rules, as any dataset).

@@ -1,10 +1,15 @@
-"""Ingest: register closed files in place at their stream's source RSE, attach them to their
-dataset and make sure the dataset carries the stream's rules — in bulk, idempotently.
+"""Ingest: register closed files in place at their stream's source RSE and attach them to their dataset, in ONE
+Rucio transaction per bulk call, and make sure the dataset carries the stream's rules — in bulk, idempotently.
 
-A closed dataset refuses attachments, while `add_replicas` before it would succeed and leave an orphan (a
-replica in no dataset, under no rule). So every batch first reads whether its datasets are open (one bulk
-call), and a file whose dataset is closed is not registered: it is dead-lettered `dataset-closed`, or with the
-stream's `on_closed_dataset = "next"` goes to the next open dataset (`consumers.closed_datasets`).
+Registration and attachment are one call (Rucio's attach with an RSE, `RucioGateway.register`): the dataset is
+made (with its rules) first, and Rucio refuses the whole call for a closed or missing dataset, or a name it holds
+with another size or adler32. So a file is never registered without its dataset: no orphan, nothing for the
+reconciler to repair. Nothing per file is written besides the replica: a file's stream follows from its dataset
+and its path from its name (`injector.streams.path_of`); only a stream whose names another stream can share
+records `injector_stream`, and one with `did_name = "basename"` records `injector_path` (`_replica`).
+Every batch first reads whether its datasets are open (one bulk call): a file whose dataset is closed is
+dead-lettered `dataset-closed`, or with the stream's `on_closed_dataset = "next"` goes to the next open dataset
+(`consumers.closed_datasets`).
 
 `ingest(events, rucio, settings)` is a plain function returning one Outcome per event, in order.
 It never acks; `consumers.ingest_worker` (the run loop) settles the outcomes.
@@ -20,11 +25,11 @@ from dataclasses import dataclass, field, replace
 from consumers.closed_datasets import next_open
 from injector import marks
 from injector.config import RUCIO_BULK, Settings, Stream
-from injector.errors import ChecksumConflict, DatasetClosed, Permanent, Transient
+from injector.errors import ChecksumConflict, DatasetClosed, Permanent, RucioFailed, Transient
 from injector.events import FileClosed
-from injector.gateway import Attachment, FileMeta, NewReplica, RucioGateway, chunks, isolate
+from injector.gateway import FileMeta, NewReplica, Registration, RucioGateway, chunks, isolate
 from injector.settle import Outcome
-from injector.streams import Placement, place
+from injector.streams import Placement, place, shares_names
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +87,8 @@ def ingest(events: Sequence[FileClosed | Permanent], rucio: RucioGateway, settin
     _check_against_rucio(live, rucio)
     _sources_gone(live, rucio)
     _closed_datasets(live, rucio)
-    _register(live, rucio)
     _ensure_datasets(live, rucio, memo if memo is not None else DatasetMemo())
-    _attach(live, rucio)
+    _register(live, rucio, {s.name for s in settings.streams if shares_names(s, settings.streams)})
     _remark(live, rucio)
     for f in live:
         for i in f.indexes:
@@ -174,10 +178,10 @@ def _closed(scope: str, dataset: str, group: list[_File], rucio: RucioGateway) -
                 f"set on_closed_dataset = \"next\" and replay", event_id=str(f.event.event_id))
 
 
-def _check_against_rucio(files: Sequence[_File], rucio: RucioGateway, *, after_add: bool = False) -> None:
-    """Mark files Rucio already holds; the same name with other size/adler32 is a conflict."""
-    todo = [f for f in _ok(files) if not (after_add and f.existed)]
-    for part in chunks(todo, RUCIO_BULK):
+def _check_against_rucio(files: Sequence[_File], rucio: RucioGateway) -> None:
+    """Mark files Rucio already holds; the same name with other size/adler32 is a conflict (Rucio would refuse the
+    registration too, but this names both contents)."""
+    for part in chunks(_ok(files), RUCIO_BULK):
         meta: dict[Did, FileMeta] = {}
 
         def lookup(fs: Sequence[_File], meta: dict[Did, FileMeta] = meta) -> None:
@@ -187,39 +191,14 @@ def _check_against_rucio(files: Sequence[_File], rucio: RucioGateway, *, after_a
         for f in _ok(part):
             m = meta.get(f.key)
             if m is None:
-                if after_add:
-                    f.error = Transient(f"{f.placement.did} is not in Rucio after add_replicas")
                 continue
             if (m.bytes, (m.adler32 or "").lower()) != (f.event.size, f.event.adler32):
                 f.error = ChecksumConflict(
                     f"{f.placement.did} already in Rucio with size {m.bytes} adler32 {m.adler32}; this event "
                     f"says size {f.event.size} adler32 {f.event.adler32} ({f.event.path}); not overwritten",
                     event_id=str(f.event.event_id))
-            elif not after_add:
+            else:
                 f.existed = True
-
-
-def _register(files: Sequence[_File], rucio: RucioGateway) -> None:
-    by_rse: dict[str, list[_File]] = defaultdict(list)
-    for f in _ok(files):
-        by_rse[f.placement.stream.source_rse].append(f)
-    for rse, group in by_rse.items():
-
-        def add(fs: Sequence[_File], rse: str = rse) -> None:
-            rucio.add_replicas(rse, [_replica(f) for f in fs])
-
-        for part in chunks(group, RUCIO_BULK):
-            _bisect(part, add)
-    # Another ingest process may have registered the same name with other bytes meanwhile:
-    # add_replicas skips existing replicas without comparing, so compare now.
-    _check_against_rucio(files, rucio, after_add=True)
-
-
-def _replica(f: _File) -> NewReplica:
-    ev, p = f.event, f.placement
-    # Recorded on the file in the same call, so the reconciler can repair attachments and name paths.
-    meta = ((marks.PATH, ev.path), (marks.DATASET, f"{p.scope}:{p.dataset}"), (marks.STREAM, p.stream.name))
-    return NewReplica(p.scope, p.name, ev.size, ev.adler32, p.pfn, ev.md5, meta)
 
 
 def _ensure_datasets(files: Sequence[_File], rucio: RucioGateway, memo: DatasetMemo) -> None:
@@ -248,28 +227,52 @@ def _ensure_dataset(scope: str, dataset: str, stream: Stream, rucio: RucioGatewa
             log.info("added missing rule %s x%d to %s:%s", rule.rse_expression, rule.copies, scope, dataset)
 
 
-def _attach(files: Sequence[_File], rucio: RucioGateway) -> None:
-    by_dataset: dict[Did, list[_File]] = defaultdict(list)
+def _register(files: Sequence[_File], rucio: RucioGateway, shared: set[str]) -> None:
+    """Register and attach, one transaction per call: every dataset of the batch in one call while that stays within
+    the bulk limit. A call Rucio refuses changed nothing: a dataset closed since the batch checked it fails its
+    files `dataset-closed`, the rest is bisected down to the file Rucio refuses."""
+    by_dataset: dict[tuple[str, str, str], list[_File]] = defaultdict(list)
     for f in _ok(files):
-        by_dataset[(f.placement.scope, f.placement.dataset)].append(f)
-    work = [(ds, part) for ds, group in by_dataset.items() for part in chunks(group, RUCIO_BULK)]
-    # One call for every dataset of the batch while that stays within the bulk limit.
+        p = f.placement
+        by_dataset[(p.scope, p.dataset, p.stream.source_rse)].append(f)
+    work = [(key, part) for key, group in by_dataset.items() for part in chunks(group, RUCIO_BULK)]
     for batch in _pack(work):
         fs = [f for _, part in batch for f in part]
         try:
-            rucio.attach(_attachments(fs))
+            rucio.register(_registrations(fs, shared))
             continue
+        except RucioFailed:
+            pass  # refused while Rucio answers: bisected below, like a refusal
         except Transient as exc:
             _fail(fs, exc)
             continue
         except Permanent:
             _closed_meanwhile(fs, rucio)
-        _bisect([f for f in fs if f.error is None], lambda part: rucio.attach(_attachments(part)))
+        _bisect([f for f in fs if f.error is None], lambda part: rucio.register(_registrations(part, shared)))
+
+
+def _registrations(files: Sequence[_File], shared: set[str]) -> list[Registration]:
+    grouped: dict[tuple[str, str, str], list[NewReplica]] = defaultdict(list)
+    for f in files:
+        p = f.placement
+        grouped[(p.scope, p.dataset, p.stream.source_rse)].append(_replica(f, shared))
+    return [Registration(scope, ds, rse, tuple(reps)) for (scope, ds, rse), reps in grouped.items()]
+
+
+def _replica(f: _File, shared: set[str]) -> NewReplica:
+    ev, p = f.event, f.placement
+    meta = []
+    if p.stream.name in shared:  # another stream's files can have names like these
+        meta.append((marks.STREAM, p.stream.name))
+    if p.stream.did_name == "basename":  # the name does not hold the path
+        meta.append((marks.PATH, ev.path))
+    # A file Rucio holds already: its md5 (if Rucio has none) must not make the call a mismatch.
+    return NewReplica(p.scope, p.name, ev.size, ev.adler32, p.pfn, None if f.existed else ev.md5, tuple(meta))
 
 
 def _closed_meanwhile(files: Sequence[_File], rucio: RucioGateway) -> None:
-    """Attaching was refused: a dataset closed since this batch checked it leaves its files registered but
-    unattached (orphans). Say so, naming file and dataset; the reconciler names them too."""
+    """Registering was refused: a dataset closed since this batch checked it. Nothing was registered (one
+    transaction); say so, naming file and dataset."""
     try:
         is_open = rucio.datasets_open(list({(f.placement.scope, f.placement.dataset) for f in files}))
     except (Permanent, Transient):
@@ -278,9 +281,9 @@ def _closed_meanwhile(files: Sequence[_File], rucio: RucioGateway) -> None:
         p = f.placement
         if not is_open.get((p.scope, p.dataset), True):
             f.error = DatasetClosed(
-                f"{p.did} is registered at {p.stream.source_rse}, but dataset {p.scope}:{p.dataset} was closed before "
-                f"it could be attached: an orphan (no rule archives it); `rucio-injector reconcile` names it",
-                event_id=str(f.event.event_id))
+                f"{p.did}: dataset {p.scope}:{p.dataset} was closed after this batch checked it, so the file was not "
+                f"registered (stream {p.stream.name!r}). Reopen the dataset and replay, or set on_closed_dataset = "
+                f"\"next\" and replay", event_id=str(f.event.event_id))
 
 
 def _remark(files: Sequence[_File], rucio: RucioGateway) -> None:
@@ -294,8 +297,9 @@ def _remark(files: Sequence[_File], rucio: RucioGateway) -> None:
         _fail(moved, exc)
 
 
-def _pack(work: list[tuple[Did, Sequence[_File]]]) -> list[list[tuple[Did, Sequence[_File]]]]:
-    packs: list[list[tuple[Did, Sequence[_File]]]] = [[]]
+def _pack(work: list[tuple[tuple[str, str, str], Sequence[_File]]]
+          ) -> list[list[tuple[tuple[str, str, str], Sequence[_File]]]]:
+    packs: list[list[tuple[tuple[str, str, str], Sequence[_File]]]] = [[]]
     count = 0
     for ds, part in work:
         if count + len(part) > RUCIO_BULK and packs[-1]:
@@ -304,13 +308,6 @@ def _pack(work: list[tuple[Did, Sequence[_File]]]) -> list[list[tuple[Did, Seque
         packs[-1].append((ds, part))
         count += len(part)
     return [p for p in packs if p]
-
-
-def _attachments(files: Sequence[_File]) -> list[Attachment]:
-    grouped: dict[Did, list[Did]] = defaultdict(list)
-    for f in files:
-        grouped[(f.placement.scope, f.placement.dataset)].append(f.key)
-    return [Attachment(scope, ds, tuple(dids)) for (scope, ds), dids in grouped.items()]
 
 
 def _bisect(files: Sequence[_File], call: Callable[[Sequence[_File]], None]) -> None:

@@ -106,6 +106,16 @@ class NewReplica:
 
 
 @dataclass(frozen=True, slots=True)
+class Registration:
+    """Files to register in place at `rse` and attach to a dataset, in one transaction."""
+
+    scope: str
+    dataset: str
+    rse: str
+    replicas: tuple[NewReplica, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Attachment:
     scope: str
     dataset: str
@@ -121,8 +131,10 @@ class RucioGateway(Protocol):
         """Size and adler32 of those DIDs that exist."""
         ...
 
-    def add_replicas(self, rse: str, replicas: Sequence[NewReplica]) -> None:
-        """Register replicas in place (existing ones are left as they are)."""
+    def register(self, registrations: Sequence[Registration]) -> None:
+        """Register replicas in place at their RSE and attach them to their dataset, all or nothing: a closed or
+        missing dataset, or a name Rucio holds with another size or adler32, refuses the whole call; replicas and
+        attachments that exist are left as they are."""
         ...
 
     def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
@@ -187,6 +199,10 @@ class RucioInspector(RucioGateway, Protocol):
 
     def rules_of(self, scope: str, name: str) -> list[dict[str, Any]]:
         """Full rule records of a DID (id, state, expires_at, locked, child_rule_id, error, ...)."""
+        ...
+
+    def parents(self, scope: str, name: str) -> list[tuple[str, str]]:
+        """The datasets (and containers) a DID is attached to."""
         ...
 
     def rules_for_file(self, scope: str, name: str) -> list[dict[str, Any]]:
@@ -355,9 +371,12 @@ class ClientGateway:
         return {(r["scope"], r["name"]): FileMeta(r["scope"], r["name"], r.get("bytes"), r.get("adler32"))
                 for r in self._metadata(dids)}
 
-    def add_replicas(self, rse: str, replicas: Sequence[NewReplica]) -> None:
-        files = [_replica_dict(r) for r in replicas]
-        self._call("add_replicas", self.client.add_replicas, rse=rse, files=files)
+    def register(self, registrations: Sequence[Registration]) -> None:
+        # Rucio's attach with an RSE (add_files_to_datasets): the replicas are added in the same transaction, and
+        # the sizes and checksums compared with any DID of the same name (FileConsistencyMismatch).
+        body = [{"scope": g.scope, "name": g.dataset, "rse": g.rse, "dids": [_replica_dict(r) for r in g.replicas]}
+                for g in registrations]
+        self._call("add_files_to_datasets", self.client.add_files_to_datasets, body, ignore_duplicate=True)
 
     def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
         def create() -> None:  # the server wants the rule owner spelled out in a rule given with add_dataset
@@ -445,6 +464,10 @@ class ClientGateway:
     def rules_of(self, scope: str, name: str) -> list[dict[str, Any]]:
         """Full rule records of a DID (state, expires_at, locked, child_rule_id, error, ...)."""
         return self._call("list_did_rules", lambda: list(self.client.list_did_rules(scope, name)))
+
+    def parents(self, scope: str, name: str) -> list[tuple[str, str]]:
+        rows = self._call("list_parent_dids", lambda: list(self.client.list_parent_dids(scope, name)))
+        return [(str(r["scope"]), str(r["name"])) for r in rows]
 
     def rules_for_file(self, scope: str, name: str) -> list[dict[str, Any]]:
         """Every rule holding locks on a file (also through its datasets)."""

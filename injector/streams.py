@@ -72,6 +72,47 @@ def did_name(stream: Stream, path: str, event_id: str | None = None) -> str:
     return name
 
 
+def path_of(stream: Stream, name: str) -> str | None:
+    """The file's path from its DID name (`did_name` "path" or "relative"); None for "basename" (the directories are
+    not in the name: ingest records the path on such a file, `injector_path`)."""
+    if stream.did_name == "basename" or not name.startswith(stream.did_prefix):
+        return None
+    rest = name[len(stream.did_prefix):]
+    return rest if stream.did_name == "path" else f"{stream.storage_root.rstrip('/')}/{rest}"
+
+
+def name_pattern(stream: Stream) -> str:
+    """A Rucio name wildcard covering the stream's file names (`prefix*`)."""
+    if stream.did_name == "path":
+        return f"{stream.did_prefix}{stream.storage_root.rstrip('/')}/*"
+    return f"{stream.did_prefix}*"
+
+
+def shares_names(stream: Stream, streams: Sequence[Stream]) -> bool:
+    """Another stream of the config can have files of the same scope and name pattern: the stream cannot be told
+    from the name, so ingest records it on each file (`injector_stream`)."""
+    mine = name_pattern(stream)[:-1]
+    return any(o is not stream and o.scope == stream.scope
+               and (name_pattern(o)[:-1].startswith(mine) or mine.startswith(name_pattern(o)[:-1]))
+               for o in streams)
+
+
+def could_name(stream: Stream, scope: str, name: str) -> bool:
+    """Whether `did_name` could have made this DID for a file of the stream."""
+    if scope != stream.scope or not name.startswith(stream.did_prefix):
+        return False
+    rest = name[len(stream.did_prefix):]
+    if stream.did_name == "path":
+        return rest.startswith(stream.storage_root.rstrip("/") + "/")
+    return bool(rest) and not rest.startswith("/") and (stream.did_name == "relative" or "/" not in rest)
+
+
+def owner(streams: Sequence[Stream], scope: str, name: str) -> Stream | None:
+    """The one stream that could have named this DID; None when none or several could."""
+    found = [s for s in streams if could_name(s, scope, name)]
+    return found[0] if len(found) == 1 else None
+
+
 def relative_path(stream: Stream, path: str, event_id: str | None = None) -> str:
     """The path below the stream's storage root; refuses `..`, `.`, `//` and anything outside it."""
     root = stream.storage_root.rstrip("/")

@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 
 from injector.breaker import Breaker
 from injector.config import Rule
-from injector.errors import PermissionDenied, ReplicaGone, RucioDown, RucioRefused, RucioUnavailable
-from injector.gateway import AccountInfo, Attachment, DatasetState, FileMeta, FileReplicas, NewReplica
+from injector.errors import ChecksumConflict, PermissionDenied, ReplicaGone, RucioDown, RucioRefused, RucioUnavailable
+from injector.gateway import AccountInfo, Attachment, DatasetState, FileMeta, FileReplicas, Registration
 from injector.messages import Delivery, Outgoing
 
 _rule_ids = itertools.count(1)
@@ -102,20 +102,34 @@ class FakeRucio:
         self._enter("file_metadata")
         return {d: self.files[d] for d in dids if d in self.files}
 
-    def add_replicas(self, rse: str, replicas: Sequence[NewReplica]) -> None:
-        self._enter("add_replicas")
-        if rse not in self.prefixes:
-            raise RucioRefused(f"RSENotFound: RSE {rse!r} does not exist")
-        for r in replicas:  # validate the whole call first: Rucio refuses it as a unit
+    def register(self, registrations: Sequence[Registration]) -> None:
+        self._enter("register")
+        for g in registrations:  # validate the whole call first: Rucio refuses it as a unit
+            self._registrable(g)
+        for g in registrations:
+            for r in g.replicas:
+                self.created.setdefault((r.scope, r.name), self.clock())
+                self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, r.adler32))
+                self.pfns.setdefault((g.rse, r.scope, r.name), r.pfn)
+                if r.meta and (r.scope, r.name) not in self.meta:
+                    self.meta[(r.scope, r.name)] = dict(r.meta)
+            self.datasets[(g.scope, g.dataset)].update((r.scope, r.name) for r in g.replicas)
+
+    def _registrable(self, g: Registration) -> None:
+        if g.rse not in self.prefixes:
+            raise RucioRefused(f"RSENotFound: RSE {g.rse!r} does not exist")
+        if (g.scope, g.dataset) not in self.datasets:
+            raise RucioRefused(f"DataIdentifierNotFound: {g.scope}:{g.dataset}")
+        if (g.scope, g.dataset) in self.closed:
+            raise RucioRefused(f"UnsupportedOperation: Data identifier '{g.scope}:{g.dataset}' is closed")
+        for r in g.replicas:
             self._scope(r.scope)
-            if not r.pfn.startswith(self.prefixes[rse]):
-                raise RucioRefused(f"RSEFileNameNotSupported: {r.pfn} is not under {self.prefixes[rse]}")
-        for r in replicas:
-            self.created.setdefault((r.scope, r.name), self.clock())
-            self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, r.adler32))
-            self.pfns.setdefault((rse, r.scope, r.name), r.pfn)
-            if r.meta and (r.scope, r.name) not in self.meta:
-                self.meta[(r.scope, r.name)] = dict(r.meta)
+            if not r.pfn.startswith(self.prefixes[g.rse]):
+                raise RucioRefused(f"RSEFileNameNotSupported: {r.pfn} is not under {self.prefixes[g.rse]}")
+            known = self.files.get((r.scope, r.name))
+            if known is not None and (known.bytes, known.adler32) != (r.bytes, r.adler32):
+                raise ChecksumConflict(f"FileConsistencyMismatch: size/adler32 mismatch for '{r.scope}:{r.name}': "
+                                       f"{r.bytes}/{r.adler32} != {known.bytes}/{known.adler32}")
 
     def add_dataset(self, scope: str, name: str, rules: Sequence[Rule]) -> bool:
         self._enter("add_dataset")
@@ -230,6 +244,10 @@ class FakeRucio:
     def content(self, scope: str, dataset: str) -> set[tuple[str, str]]:
         self._enter("content")
         return set(self.datasets.get((scope, dataset), set()))
+
+    def parents(self, scope: str, name: str) -> list[tuple[str, str]]:
+        self._enter("parents")
+        return sorted(ds for ds, files in self.datasets.items() if (scope, name) in files)
 
     def rules_of(self, scope: str, name: str) -> list[dict[str, Any]]:
         self._enter("rules_of")

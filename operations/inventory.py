@@ -28,6 +28,7 @@ from typing import Any
 from injector import marks
 from injector.config import RUCIO_BULK, Stream
 from injector.gateway import DatasetState, FileReplicas, RucioInspector, chunks
+from injector.streams import name_pattern
 
 Did = tuple[str, str]
 WINDOW = timedelta(hours=24)  # default: files registered this recently are looked at whatever their dataset
@@ -39,6 +40,14 @@ class FileState:
     did: Did
     replicas: FileReplicas  # no replica anywhere, or not read (an announced file): empty states
     marks: dict[str, Any]
+    dataset: Did | None = None  # the stream's dataset it is attached to, as read
+
+    @property
+    def recorded(self) -> Did | None:
+        """The dataset recorded on the file (`injector_dataset`: files registered before ingest attached in the same
+        transaction, and files rolled on from a closed dataset), if any."""
+        scope, sep, name = str(self.marks.get(marks.DATASET) or "").partition(":")
+        return (scope, name) if sep else None
 
     @property
     def label(self) -> str:
@@ -62,18 +71,16 @@ class Inventory:
     open: list[Did] = field(default_factory=list)
     contents: dict[Did, set[Did]] = field(default_factory=dict)
     finished: dict[Did, int] = field(default_factory=dict)
+    where: dict[Did, Did] = field(default_factory=dict)  # file → the stream's dataset whose content holds it
+    parentless: set[Did] = field(default_factory=set)  # files in no dataset at all, none recorded on them
 
     def content(self, dataset: Did, rucio: RucioInspector) -> set[Did]:
         if dataset not in self.contents:
             self.contents[dataset] = rucio.content(*dataset)
+            if dataset in self.datasets:
+                for f in self.contents[dataset]:
+                    self.where.setdefault(f, dataset)
         return self.contents[dataset]
-
-
-def stream_pattern(stream: Stream) -> str:
-    """A Rucio name wildcard covering the stream's file names."""
-    if stream.did_name == "path":
-        return f"{stream.did_prefix}{stream.storage_root.rstrip('/')}/*"
-    return f"{stream.did_prefix}*"
 
 
 def dataset_pattern(stream: Stream) -> str:
@@ -130,17 +137,18 @@ def open_work(stream: Stream, rucio: RucioInspector, now: datetime, window: time
     held = {f for did in inv.open for f in inv.contents[did]}
     listed = held | {f for did in inv.finished if did in inv.contents for f in inv.contents[did]}
     pending = {(stream.scope, n) for ds in inv.datasets.values() for n in ds.unattached}
-    recent = set(rucio.list_files(stream.scope, stream_pattern(stream), since))
+    recent = set(rucio.list_files(stream.scope, name_pattern(stream), since))
     newcomers = sorted({(stream.scope, n) for n in recent} - listed | pending)
     files = {did: None for did in sorted(held)}
     files.update(_late_files(inv, newcomers, rucio))
-    inv.files = list(_states(stream, rucio, list(files), announced))
+    inv.files = list(_states(inv, rucio, list(files), announced))
     return inv
 
 
 def _late_files(inv: Inventory, newcomers: list[Did], rucio: RucioInspector) -> dict[Did, None]:
-    """Recent files no open dataset holds: unattached ones, and late ones in a finished dataset, which opens it
-    again (its content is read and swept). Returns the files to look at."""
+    """Recent files no open dataset holds: late ones in a finished dataset, which opens it again (its content is
+    read and swept), and files in no dataset at all. Their dataset is the one recorded on them or, for a file without
+    marks, its parent (asked per file: such files are rare). Returns the files to look at."""
     out: dict[Did, None] = {}
     for part in chunks(newcomers, RUCIO_BULK):
         meta = rucio.marks(part)
@@ -148,13 +156,22 @@ def _late_files(inv: Inventory, newcomers: list[Did], rucio: RucioInspector) -> 
             m = meta.get(did, {})
             if m.get(marks.STREAM, inv.stream.name) != inv.stream.name or m.get(marks.ANNOUNCED):
                 continue
+            recorded = FileState(did, _none(did), m).recorded
+            if recorded is not None:
+                ds = recorded if did in inv.content(recorded, rucio) else None
+            else:
+                parents = rucio.parents(*did)
+                ours = [p for p in parents if p in inv.datasets]
+                if parents and not ours:
+                    continue  # another stream's file: it is attached to a dataset that is not this stream's
+                if not parents:
+                    inv.parentless.add(did)
+                ds = ours[0] if ours else None
             out[did] = None
-            scope, sep, name = str(m.get(marks.DATASET) or "").partition(":")
-            ds = (scope, name)
-            if sep and ds in inv.finished and did in inv.content(ds, rucio):
+            if ds is not None and ds in inv.finished:
                 del inv.finished[ds]
                 inv.open.append(ds)
-                out.update({f: None for f in sorted(inv.contents[ds])})
+                out.update({f: None for f in sorted(inv.content(ds, rucio))})
     return out
 
 
@@ -163,14 +180,19 @@ def everything(stream: Stream, rucio: RucioInspector, announced: bool = False) -
     an audit that costs what the stream ever ingested."""
     inv = Inventory(stream, dataset_states(stream, rucio))
     inv.open = list(inv.datasets)
-    names = rucio.list_files(stream.scope, stream_pattern(stream))
-    inv.files = list(_states(stream, rucio, [(stream.scope, n) for n in names], announced))
+    for did in inv.open:
+        inv.content(did, rucio)
+    names = rucio.list_files(stream.scope, name_pattern(stream))
+    dids = [(stream.scope, n) for n in names]
+    inv.parentless = {d for d in dids if d not in inv.where}  # or in another stream's dataset: see _states
+    inv.files = list(_states(inv, rucio, dids, announced))
     return inv
 
 
-def _states(stream: Stream, rucio: RucioInspector, dids: Sequence[Did], announced: bool) -> Iterable[FileState]:
-    """The files of this stream among `dids` with their marks; replicas read only for the files not announced
-    (an announced file is finished), which are left out unless `announced`."""
+def _states(inv: Inventory, rucio: RucioInspector, dids: Sequence[Did], announced: bool) -> Iterable[FileState]:
+    """The files of this stream among `dids` with their marks and dataset; replicas read only for the files not
+    announced (an announced file is finished), which are left out unless `announced`."""
+    stream = inv.stream
     for part in chunks(dids, RUCIO_BULK):
         meta = rucio.marks(part)
         ours = [did for did in part if did in meta  # gone from Rucio meanwhile: nothing to look at
@@ -179,9 +201,9 @@ def _states(stream: Stream, rucio: RucioInspector, dids: Sequence[Did], announce
         reps = rucio.replicas(wanted) if wanted else {}
         for did in ours:
             if did in reps or did in wanted:
-                yield FileState(did, reps.get(did) or _none(did), meta[did])
+                yield FileState(did, reps.get(did) or _none(did), meta[did], inv.where.get(did))
             elif announced:
-                yield FileState(did, _none(did), meta[did])
+                yield FileState(did, _none(did), meta[did], inv.where.get(did))
 
 
 def _none(did: Did) -> FileReplicas:

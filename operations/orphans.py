@@ -17,12 +17,6 @@ from operations.inventory import FileState
 Did = tuple[str, str]
 
 
-def recorded_dataset(f: FileState) -> Did | None:
-    """The dataset ingest recorded on the file (`injector_dataset`), if any."""
-    scope, sep, name = str(f.marks.get(marks.DATASET) or "").partition(":")
-    return (scope, name) if sep else None
-
-
 class Orphans:
     """Tells orphans: files not attached to their recorded dataset, which is closed. Reads each dataset's state
     once, and the content of each closed one once."""
@@ -33,7 +27,7 @@ class Orphans:
         self._content: dict[Did, set[Did]] = {}
 
     def is_orphan(self, f: FileState) -> bool:
-        ds = recorded_dataset(f)
+        ds = f.recorded
         if ds is None:
             return False
         if ds not in self._open:

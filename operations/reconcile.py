@@ -38,6 +38,7 @@ from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed, ReplicaGone
 from injector.gateway import Attachment, RucioInspector, chunks
 from injector.messages import Outgoing
+from injector.streams import path_of
 from operations.findings import Finding, SourceDoctor, diagnose_rule, parse_time, span, stuck_files
 from operations.inventory import WINDOW, FileState, Inventory, everything, is_finished, open_work, record
 from operations.orphans import orphan_findings
@@ -106,11 +107,16 @@ def _plan(stream: Stream, rucio: RucioInspector, options: Options, now: datetime
     for f in inv.files:
         if not _place(stream, f, rucio, options, now, plan):
             plan.unfinished.add(f.did)
-        dataset = str(f.marks.get(marks.DATASET) or "")
-        if dataset:
-            scope, _, name = dataset.partition(":")
-            if f.did not in inv.content((scope, name), rucio):
-                plan.unattached.setdefault(dataset, []).append(f)
+        recorded = f.recorded
+        if recorded is not None:
+            if f.did not in inv.content(recorded, rucio):
+                plan.unattached.setdefault(f"{recorded[0]}:{recorded[1]}", []).append(f)
+        elif f.did in inv.parentless:
+            plan.unfinished.add(f.did)
+            plan.findings.append(Finding(stream.name, "not-attached", f.label, f"registered at {stream.source_rse} "
+                                         f"but in none of stream {stream.name}'s datasets, and no dataset is recorded "
+                                         "on it: no rule archives it. Its file-closed event names the dataset: "
+                                         "replay it, or attach the file by hand"))
     return plan
 
 
@@ -175,7 +181,7 @@ def _announce(stream: Stream, settings: Settings, files: list[FileState], rucio:
             if m is None or m.bytes is None or m.adler32 is None:
                 out.append(Finding(stream.name, "announce-archived", f.label, "Rucio holds no size/adler32 for it"))
                 continue
-            path = str(f.marks.get(marks.PATH) or f.did[1])
+            path = str(f.marks.get(marks.PATH) or path_of(stream, f.did[1]) or f.did[1])
             messages.append(archived_message(archived_event(stream, m, f.replicas, path, times[f.did], rucio),
                                              settings))
             sent.append(f)

@@ -105,7 +105,8 @@ def _counts(stream: Stream, inv: Inventory, rucio: RucioInspector, dead: dict[st
     stuck = stuck_files([d for d in inv.open if shown(f"{d[0]}:{d[1]}")], rucio)
     orphans = Orphans(rucio)
     for f in inv.files:
-        dataset = str(f.marks.get(marks.DATASET) or "(no dataset recorded)")
+        ds = f.dataset or f.recorded
+        dataset = f"{ds[0]}:{ds[1]}" if ds else "(in no dataset)"
         if not shown(dataset):
             continue
         if orphans.is_orphan(f):

@@ -129,9 +129,9 @@ class SlowRucio(FakeRucio):
         super().__init__(**kw)
         self.delay = delay
 
-    def add_replicas(self, rse, replicas):  # type: ignore[no-untyped-def]
+    def register(self, registrations):  # type: ignore[no-untyped-def]
         time.sleep(self.delay)
-        super().add_replicas(rse, replicas)
+        super().register(registrations)
 
 
 def test_heartbeats_keep_flowing_during_a_rucio_call_longer_than_the_heartbeat_window():
@@ -144,7 +144,7 @@ def test_heartbeats_keep_flowing_during_a_rucio_call_longer_than_the_heartbeat_w
         with running(worker):
             wait_for(lambda: worker.stats.messages == 1, timeout=30)
         assert worker.stats.reconnects == 0
-        assert rucio.calls["add_replicas"] == 1 and depth(s, s.ingest.queue) == 0
+        assert rucio.calls["register"] == 1 and depth(s, s.ingest.queue) == 0
 
 
 def test_stop_signal_finishes_the_batch_in_flight_then_exits(settings):
@@ -153,7 +153,7 @@ def test_stop_signal_finishes_the_batch_in_flight_then_exits(settings):
         daq.publish([ev(i) for i in range(1, 51)])
     worker = ingest_worker(settings, rucio)
     with running(worker) as stop:
-        wait_for(lambda: rucio.calls["add_replicas"] == 1, what="batch in flight")
+        wait_for(lambda: rucio.calls["register"] == 1, what="batch in flight")
         stop.set()
     assert worker.stats.messages == 50 and len(rucio.pfns) == 50
     assert depth(settings, settings.ingest.queue) == 0

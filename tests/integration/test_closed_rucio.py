@@ -14,7 +14,7 @@ from consumers.services import ingest_worker
 from injector import deadletter, marks, topology
 from injector.config import Settings
 from injector.events import FileClosed
-from injector.gateway import ClientGateway, NewReplica
+from injector.gateway import ClientGateway
 from operations import status
 from producers.publish import DaqPublisher, file_closed
 from tests.integration.conftest import ARCHIVE, SOURCE, Lab
@@ -85,8 +85,8 @@ def test_with_next_a_closed_night_rolls_on_to_dot_2_with_the_rules_and_reconcile
         assert not dead_letters(s)
     assert lab.content(rolled) == sorted(e.path for e in later)
     assert [(r["rse_expression"], r["copies"]) for r in lab.rules(rolled)] == [(ARCHIVE, 1)]
-    assert {n: m[marks.DATASET] for n, m in json_marks(lab, [e.path for e in later]).items()} == {
-        e.path: f"lst:{rolled}" for e in later}, "the recorded dataset is the one the file is attached to"
+    assert not any(marks.DATASET in m for m in json_marks(lab, [e.path for e in later]).values()), \
+        "nothing recorded on the files: the dataset that holds them says where they are"
     counts = status.collect(s, ClientGateway(s.rucio))["streams"]["lst1-raw"]
     assert counts[f"lst:{rolled}"]["registered"] == 2 and counts[f"lst:{dataset(lab)}"]["registered"] == 1
     (extra,) = lab.client.add_replication_rule([{"scope": "lst", "name": rolled}], 1, f"{ARCHIVE}|{SOURCE}")
@@ -96,12 +96,12 @@ def test_with_next_a_closed_night_rolls_on_to_dot_2_with_the_rules_and_reconcile
 
 
 def orphans_as_before(lab: Lab, s: Settings, events: list[FileClosed]) -> None:
-    """What ingest did before it checked: replicas registered (with their marks), the attach refused."""
-    def meta(e: FileClosed) -> tuple[tuple[str, str], ...]:
-        return (marks.PATH, e.path), (marks.DATASET, f"lst:{dataset(lab)}"), (marks.STREAM, s.streams[0].name)
-
-    ClientGateway(s.rucio).add_replicas(SOURCE, [
-        NewReplica("lst", e.path, e.size, e.adler32, f"file://localhost{e.path}", None, meta(e)) for e in events])
+    """What ingest did before registering and attaching were one call: replicas registered (with their marks),
+    the attach refused."""
+    lab.client.add_replicas(SOURCE, [
+        {"scope": "lst", "name": e.path, "bytes": e.size, "adler32": e.adler32, "pfn": f"file://localhost{e.path}",
+         "meta": {marks.PATH: e.path, marks.DATASET: f"lst:{dataset(lab)}", marks.STREAM: s.streams[0].name}}
+        for e in events])
 
 
 def test_existing_orphans_are_named_by_reconcile_and_status_and_attached_onwards_by_fix_with_next(lab, tmp_path):
@@ -130,18 +130,22 @@ def test_existing_orphans_are_named_by_reconcile_and_status_and_attached_onwards
 
 
 class ClosingGateway(ClientGateway):
-    """Ops close the dataset right after the batch registered its files (after ingest's open check)."""
+    """Ops close the dataset right after ingest's open check, before it registers the batch."""
 
     def __init__(self, s: Settings, lab: Lab) -> None:
         super().__init__(s.rucio)
         self.lab = lab
+        self.closed = False
 
-    def add_replicas(self, rse: str, replicas: Sequence[NewReplica]) -> None:
-        super().add_replicas(rse, replicas)
-        self.lab.client.set_status("lst", dataset(self.lab), open=False)
+    def datasets_open(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+        answer = super().datasets_open(dids)
+        if not self.closed:
+            self.lab.client.set_status("lst", dataset(self.lab), open=False)
+            self.closed = True
+        return answer
 
 
-def test_a_dataset_closed_between_the_check_and_the_attach_is_dead_lettered_and_reconcile_names_the_orphans(lab):
+def test_a_dataset_closed_between_the_check_and_the_registration_registers_nothing_and_dead_letters(lab):
     s = settings_for(lab)
     first, caught = night_files(lab, 0, 1), night_files(lab, 1, 2)
     with declared(s):
@@ -151,6 +155,7 @@ def test_a_dataset_closed_between_the_check_and_the_attach_is_dead_lettered_and_
         found = sweep(s)
     assert [h[deadletter.REASON] for h in dead] == ["dataset-closed"] * 2
     for h, e in zip(sorted(dead, key=lambda h: h[deadletter.ERROR]), caught, strict=True):
-        assert h[deadletter.ERROR].startswith(f"lst:{e.path} is registered at {SOURCE}, but dataset "
-                                              f"lst:{dataset(lab)} was closed")
-    assert sorted((f.kind, f.subject) for f in found) == [("orphaned", f"lst:{e.path}") for e in caught]
+        assert h[deadletter.ERROR].startswith(f"lst:{e.path}: dataset lst:{dataset(lab)} was closed after this "
+                                              "batch checked it, so the file was not registered")
+    assert registered(lab) == [first[0].path], "one transaction: Rucio refused it whole, no orphan"
+    assert found == []

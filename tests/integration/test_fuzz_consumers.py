@@ -123,7 +123,7 @@ def test_generated_file_closed_messages_are_each_processed_or_dead_lettered_and_
     assert [c for c in cases if c.kind.startswith("symlink")] and all(
         e.path not in {str(lab.root / "escape" / "run.fits"), str(lab.root / "alias" / "run.fits")}
         for e in registered), "a path through a symlink was registered"
-    replicas = [r for name, args in rucio.calls if name == "add_replicas" for r in args[1]]
+    replicas = [r for name, args in rucio.calls if name == "register" for g in args[0] for r in g.replicas]
     for r in replicas:
         path = r.pfn.removeprefix("file://localhost")
         assert DID_NAME.fullmatch(r.name) and r.pfn.startswith("file://localhost/"), r

@@ -168,19 +168,19 @@ def test_same_name_with_other_checksum_is_dead_lettered_and_rucio_keeps_the_orig
     assert lab.replicas([first.path])[first.path]["adler32"] == first.adler32
 
 
-def test_a_rival_registering_other_bytes_between_the_check_and_the_add_is_caught_after_the_add(lab, monkeypatch):
-    # add_replicas leaves an existing replica as it is without comparing: the check after it is what sees that
-    # another process registered the same name with other content between this batch's first check and its add.
+def test_a_rival_registering_other_bytes_between_the_check_and_the_registration_is_refused_whole(lab, monkeypatch):
+    # Another process registers the same name with other content between this batch's check and its registration:
+    # Rucio compares the sizes and checksums in the same transaction (FileConsistencyMismatch) and adds nothing.
     s = settings_for(lab)
     (event,) = files(lab, 1)
-    real = ClientGateway.add_replicas
+    real = ClientGateway.register
 
-    def rival_first(self: ClientGateway, rse: str, replicas: Any) -> None:
-        lab.client.add_replicas(rse=rse, files=[{"scope": "lst", "name": event.path, "bytes": event.size,
-                                                 "adler32": "0badc0de", "pfn": f"file://localhost{event.path}"}])
-        real(self, rse, replicas)
+    def rival_first(self: ClientGateway, registrations: Any) -> None:
+        lab.client.add_replicas(rse=SOURCE, files=[{"scope": "lst", "name": event.path, "bytes": event.size,
+                                                    "adler32": "0badc0de", "pfn": f"file://localhost{event.path}"}])
+        real(self, registrations)
 
-    monkeypatch.setattr(ClientGateway, "add_replicas", rival_first)
+    monkeypatch.setattr(ClientGateway, "register", rival_first)
     with declared(s):
         with DaqPublisher(s.broker) as daq:
             daq.publish([event])
@@ -229,13 +229,13 @@ def test_one_refused_file_in_a_batch_of_1000_is_found_by_bisection_not_one_call_
     bad = file_closed(outside / "run.fits.fz", site="ORM", instrument="LST2", night="20261124")
     good = files(lab, 999)
     calls: list[int] = []
-    real = ClientGateway.add_replicas
+    real = ClientGateway.register
 
-    def counted(self: ClientGateway, rse: str, replicas: Any) -> None:
-        calls.append(len(replicas))
-        real(self, rse, replicas)
+    def counted(self: ClientGateway, registrations: Any) -> None:
+        calls.append(sum(len(g.replicas) for g in registrations))
+        real(self, registrations)
 
-    monkeypatch.setattr(ClientGateway, "add_replicas", counted)
+    monkeypatch.setattr(ClientGateway, "register", counted)
     with declared(s):
         with DaqPublisher(s.broker) as daq:
             daq.publish(good[:500] + [bad] + good[500:])
@@ -245,7 +245,7 @@ def test_one_refused_file_in_a_batch_of_1000_is_found_by_bisection_not_one_call_
         assert len(get_all(s, topology.dead_letter_queue(s.ingest.queue))) == 1
     assert worker.stats.batches == 1 and calls[0] == 1000
     # Halving: each level retries both halves once, so ≤ 1 + 2·⌈log2 1000⌉ = 21 calls, not 1 + 1000.
-    assert len(calls) <= 21, f"{len(calls)} add_replicas calls for one bad file in 1000"
+    assert len(calls) <= 21, f"{len(calls)} registration calls for one bad file in 1000"
     assert len(lab.content(f"LST1_{lab.tag}_20261124_raw")) == 999
 
 

@@ -106,12 +106,12 @@ def _unspent(messages: list) -> list:
                                             or 0)]
 
 
-def test_sigterm_during_a_slow_add_replicas_finishes_that_batch_in_rucio_and_takes_nothing_else(own_lab, tmp_path):
+def test_sigterm_during_a_slow_registration_finishes_that_batch_in_rucio_and_takes_nothing_else(own_lab, tmp_path):
     lab = own_lab  # files without bytes under rules: kept off the session server, whose daemons transfer for real
     s = settings_for(lab, ingest={"batch_size": 100})
     events = backlog(lab, 300)
     proxy = RucioProxy(lab.server.url)
-    proxy.slow = ("POST", "/replicas", 3.0)  # add_replicas
+    proxy.slow = ("POST", "/dids/attachments", 3.0)  # the registration (attach with an RSE)
     config = write_config(s, tmp_path / "injector.toml", stream_toml(lab), ingest="batch_size = 100\n")
     env = {**os.environ, "RUCIO_INJECTOR_CONFIG": str(config),
            "RUCIO_CONFIG": str(proxy.client_config(lab.server.client_config, tmp_path / "rucio.cfg"))}

@@ -15,7 +15,7 @@ from injector.breaker import Breaker
 from injector.config import RucioSettings
 from injector.errors import RucioDown, RucioFailed
 from injector.events import FileClosed, encode
-from injector.gateway import ClientGateway, NewReplica, isolate
+from injector.gateway import ClientGateway, NewReplica, Registration, isolate
 from injector.messages import Delivery
 from injector.metrics import Metrics
 from injector.settle import Outcome, Route
@@ -74,11 +74,11 @@ class StubClient:
             raise rx.ServerConnectionException("Cannot connect to the Rucio server.")
         return {"account": "root"}
 
-    def add_replicas(self, rse: str, files: list[dict[str, Any]]) -> None:
+    def add_files_to_datasets(self, attachments: list[dict[str, Any]], ignore_duplicate: bool = False) -> None:
         self.calls += 1
         if not self.healthy:
             raise rx.ServerConnectionException("Cannot connect to the Rucio server.")
-        if any(f["name"] == "bad" for f in files):
+        if any(f["name"] == "bad" for a in attachments for f in a["dids"]):
             raise rx.RucioException("no error information passed (http status code: 500)")
 
 
@@ -86,11 +86,15 @@ def replica(name: str) -> NewReplica:
     return NewReplica("lst", name, 1, "00000001", f"file://localhost/data/{name}")
 
 
+def register(gw: ClientGateway, part: Any) -> None:
+    gw.register([Registration("lst", "LST1_20261124_raw", "SRC", tuple(part))])
+
+
 def test_a_server_error_while_rucio_is_healthy_is_bisected_to_the_one_item_and_the_breaker_stays_closed():
     client = StubClient()
     gw = ClientGateway(RucioSettings(), client=client)
     items = [replica(f"f{i}") for i in range(7)] + [replica("bad")] + [replica(f"g{i}") for i in range(8)]
-    failed = isolate(items, lambda part: gw.add_replicas("SRC", part))
+    failed = isolate(items, lambda part: register(gw, part))
     assert [(r.name, type(e)) for r, e in failed] == [("bad", RucioFailed)]
     assert not gw.breaker.open and "500" in str(failed[0][1])
 
@@ -99,11 +103,11 @@ def test_an_unanswered_call_with_a_failing_probe_is_an_outage_and_later_calls_fa
     client = StubClient()
     gw = ClientGateway(RucioSettings(), client=client)
     client.healthy = False
-    failed = isolate([replica("a"), replica("b")], lambda part: gw.add_replicas("SRC", part))
+    failed = isolate([replica("a"), replica("b")], lambda part: register(gw, part))
     assert [type(e) for _, e in failed] == [RucioDown, RucioDown]
     assert gw.breaker.open and client.calls == 1, "no bisection and no second call during an outage"
     with pytest.raises(RucioDown):
-        gw.add_replicas("SRC", [replica("c")])
+        register(gw, [replica("c")])
     assert client.calls == 1
 
 
@@ -111,14 +115,14 @@ def test_a_bare_500_with_rucio_answering_dead_letters_only_the_bad_event_at_the_
     rucio = FakeRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
     events = [FileClosed.create(site="ORM", instrument="LST1", path=f"/data/lst1/r{i}.fits", size=i + 1,
                                 adler32=f"{i + 1:08x}", night="20261124") for i in range(5)]
-    original = rucio.add_replicas
+    original = rucio.register
 
-    def add(rse: str, replicas: Any) -> None:
-        if any(r.name.endswith("r2.fits") for r in replicas):
+    def add(registrations: Any) -> None:
+        if any(r.name.endswith("r2.fits") for g in registrations for r in g.replicas):
             raise RucioFailed("RucioException: no error information passed (http status code: 500)")
-        original(rse, replicas)
+        original(registrations)
 
-    rucio.add_replicas = add  # type: ignore[method-assign]
+    rucio.register = add  # type: ignore[method-assign]
     out = ingest(events, rucio, settings)
     assert [o.kind for o in out] == ["done", "done", "retry", "done", "done"]
     assert out[2].reason == "rucio-unavailable" and "500" in (out[2].error or "")

@@ -39,13 +39,14 @@ def test_new_file_is_registered_in_place_attached_and_its_dataset_gets_the_rules
 
 def test_a_batch_makes_one_bulk_call_per_step(settings, rucio):
     ingest([ev(i) for i in range(1, 501)], rucio, settings)
-    assert rucio.calls["add_replicas"] == 1 and rucio.calls["attach"] == 1 and rucio.calls["add_dataset"] == 1
+    assert rucio.calls["register"] == 1 and rucio.calls["add_dataset"] == 1 and rucio.calls["file_metadata"] == 1
+    assert rucio.calls["attach"] == rucio.calls["mark"] == 0, "registered and attached in one call, nothing after"
     assert len(rucio.pfns) == 500
 
 
 def test_more_than_a_thousand_files_are_split_into_bulk_calls_of_at_most_a_thousand(settings, rucio):
     ingest([ev(i) for i in range(1, 2502)], rucio, settings)
-    assert rucio.calls["add_replicas"] == 3 and rucio.calls["attach"] == 3
+    assert rucio.calls["register"] == 3
     assert len(rucio.datasets[("lst", "LST1_20261124_raw")]) == 2501
 
 
@@ -124,13 +125,14 @@ def test_rucio_outage_asks_for_a_retry_and_leaves_other_datasets_alone(settings,
     rucio.fail("add_dataset", Unavailable("503"), times=1)
     out = ingest([ev(1, night="20261124"), ev(2, night="20261125")], rucio, settings)
     assert [o.kind for o in out] == ["retry", "done"]
-    # the retried event completes later without a second replica or rule
-    assert kinds(ingest([ev(1, night="20261124")], rucio, settings)) == [("done", "already-registered")]
+    # nothing was registered without its dataset; the retried event completes later, without a second rule
+    assert ("lst", "/data/lst1/run00001.fits.fz") not in rucio.files
+    assert kinds(ingest([ev(1, night="20261124")], rucio, settings)) == [("done", "registered")]
     assert len(rucio.rules) == 2
 
 
 def test_rucio_unavailable_during_registration_retries_the_whole_batch(settings, rucio):
-    rucio.fail("add_replicas", Unavailable("connection refused"))
+    rucio.fail("register", Unavailable("connection refused"))
     assert [o.kind for o in ingest([ev(1), ev(2)], rucio, settings)] == ["retry", "retry"]
 
 
@@ -155,7 +157,7 @@ def test_a_closed_dataset_dead_letters_its_new_files_as_dataset_closed_and_regis
     out = ingest([ev(2), ev(3)], rucio, settings)
     assert kinds(out) == [("dead-letter", "dataset-closed")] * 2
     assert "lst:/data/lst1/run00002.fits.fz" in out[0].error and "lst:LST1_20261124_raw is closed" in out[0].error
-    assert ("lst", "/data/lst1/run00002.fits.fz") not in rucio.files and rucio.calls["add_replicas"] == 1
+    assert ("lst", "/data/lst1/run00002.fits.fz") not in rucio.files and rucio.calls["register"] == 1
 
 
 def test_datasets_are_checked_once_per_batch_not_per_file_and_again_every_batch(settings, rucio):
@@ -172,7 +174,7 @@ def test_a_redelivered_file_already_attached_to_its_closed_dataset_is_done_not_d
     ingest([e], rucio, settings)
     rucio.closed.add(DS)
     assert kinds(ingest([e], rucio, settings)) == [("done", "already-registered")]
-    assert rucio.calls["attach"] == 1
+    assert rucio.calls["register"] == 1
 
 
 def test_a_registered_file_never_attached_to_its_now_closed_dataset_is_dead_lettered(settings, rucio):
@@ -193,8 +195,7 @@ def test_with_next_files_go_to_the_first_open_or_absent_successor_created_with_t
     assert rucio.datasets[("lst", "LST1_20261124_raw.3")] == {("lst", "/data/lst1/run00002.fits.fz"),
                                                                ("lst", "/data/lst1/run00003.fits.fz")}
     assert ("LST1_20261124_raw.3", "PIC-ARCHIVE") in [(r.name, r.rse_expression) for r in rucio.rules]
-    assert rucio.meta[("lst", "/data/lst1/run00002.fits.fz")][marks.DATASET] == "lst:LST1_20261124_raw.3"
-    assert rucio.calls["mark"] == 0, "new files carry their dataset from add_replicas: no second write"
+    assert rucio.calls["mark"] == 0, "new files need no mark: their dataset holds them"
 
 
 def test_with_next_a_file_already_attached_along_the_chain_is_not_attached_again(settings, rucio):
@@ -219,20 +220,22 @@ def test_with_next_an_earlier_orphan_rolls_on_and_its_recorded_dataset_follows(s
 
 
 class ClosingRucio(FakeRucio):
-    """Ops close the dataset while the batch is being registered (after the open check)."""
+    """Ops close the dataset after the batch checked it, before it registers."""
 
-    def add_replicas(self, rse, replicas):
-        super().add_replicas(rse, replicas)
+    def add_dataset(self, scope, name, rules):  # type: ignore[no-untyped-def]
+        created = super().add_dataset(scope, name, rules)
         self.closed.add(DS)
+        return created
 
 
-def test_a_dataset_closed_between_the_check_and_the_attach_dead_letters_naming_file_and_dataset(settings):
+def test_a_dataset_closed_between_the_check_and_the_registration_registers_nothing_and_names_file_and_dataset(
+        settings):
     rucio = ClosingRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
     out = ingest([ev(1), ev(2, night="20261125")], rucio, settings)
     assert kinds(out) == [("dead-letter", "dataset-closed"), ("done", "registered")]
-    assert "lst:/data/lst1/run00001.fits.fz is registered at ORM-BUFFER" in out[0].error
-    assert "lst:LST1_20261124_raw was closed" in out[0].error and "reconcile" in out[0].error
-    assert rucio.calls["attach"] <= 3, "the closed dataset is recognised, not bisected file by file"
+    assert "lst:/data/lst1/run00001.fits.fz: dataset lst:LST1_20261124_raw was closed" in out[0].error
+    assert "not registered" in out[0].error and ("lst", "/data/lst1/run00001.fits.fz") not in rucio.files
+    assert rucio.calls["register"] <= 3, "the closed dataset is recognised, not bisected file by file"
 
 
 def test_dataset_memo_saves_the_dataset_call_on_later_batches(settings, rucio):
@@ -267,38 +270,27 @@ def test_every_outcome_names_the_did_of_its_file(settings, rucio):
 
 
 class RivalRucio(FakeRucio):
-    """Another ingest process registers the same names with other bytes just before this one's add_replicas."""
+    """Another ingest process registers the same names with other bytes just before this one registers."""
 
-    def add_replicas(self, rse, replicas):  # type: ignore[no-untyped-def]
-        for r in replicas:
+    def register(self, registrations):  # type: ignore[no-untyped-def]
+        for r in (r for g in registrations for r in g.replicas):
             self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, "0badc0de"))
-        super().add_replicas(rse, replicas)
+        super().register(registrations)
 
 
-def test_other_bytes_registered_by_a_rival_between_the_check_and_the_add_are_a_conflict(settings):
+def test_other_bytes_registered_by_a_rival_between_the_check_and_the_registration_are_a_conflict(settings):
     rucio = RivalRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
     (out,) = ingest([ev(1)], rucio, settings)
     assert (out.kind, out.label, out.did) == ("dead-letter", "checksum-conflict", NAME)
     assert "0badc0de" in out.error and rucio.datasets.get(("lst", "LST1_20261124_raw"), set()) == set()
-
-
-class ForgetfulRucio(FakeRucio):
-    """add_replicas answers OK but keeps nothing (a server that lost the write)."""
-
-    def add_replicas(self, rse, replicas):  # type: ignore[no-untyped-def]
-        self._enter("add_replicas")
-
-
-def test_a_file_absent_after_add_replicas_is_retried_not_reported_registered(settings):
-    (out,) = ingest([ev(1)], ForgetfulRucio(rses={"ORM-BUFFER": "file://localhost/data/"}), settings)
-    assert (out.kind, out.did) == ("retry", NAME) and f"{NAME} is not in Rucio after add_replicas" in out.error
+    assert ("ORM-BUFFER", "lst", "/data/lst1/run00001.fits.fz") not in rucio.pfns, "one transaction: nothing added"
 
 
 def test_when_rucio_cannot_say_whether_datasets_are_open_nothing_is_registered_and_all_retry(settings, rucio):
     rucio.fail("datasets_open", Unavailable("503"))
     out = ingest([ev(1), ev(2, night="20261125")], rucio, settings)
     assert [o.kind for o in out] == ["retry", "retry"] and all("503" in o.error for o in out)
-    assert rucio.calls["add_replicas"] == 0
+    assert rucio.calls["register"] == 0
 
 
 def test_a_dataset_that_already_has_its_rule_gets_no_second_one(settings, rucio):
@@ -307,25 +299,48 @@ def test_a_dataset_that_already_has_its_rule_gets_no_second_one(settings, rucio)
     assert rucio.calls["dataset_rules"] == 1 and rucio.calls["add_rule"] == 0 and len(rucio.rules) == 1
 
 
-def test_a_transient_attach_failure_retries_every_file_of_the_call(settings, rucio):
-    rucio.fail("attach", Unavailable("connection reset"))
+def test_a_transient_registration_failure_retries_every_file_of_the_call(settings, rucio):
+    rucio.fail("register", Unavailable("connection reset"))
     out = ingest([ev(1), ev(2), ev(3, night="20261125")], rucio, settings)
-    assert [o.kind for o in out] == ["retry"] * 3 and rucio.calls["attach"] == 1
+    assert [o.kind for o in out] == ["retry"] * 3 and rucio.calls["register"] == 1
 
 
 class RecordingRucio(FakeRucio):
-    def add_replicas(self, rse, replicas):  # type: ignore[no-untyped-def]
-        self.sent = list(replicas)
-        super().add_replicas(rse, replicas)
+    def register(self, registrations):  # type: ignore[no-untyped-def]
+        self.sent = [r for g in registrations for r in g.replicas]
+        super().register(registrations)
 
 
-def test_the_replica_is_registered_with_the_events_md5_and_the_marks_reconcile_reads(settings):
+def test_the_replica_is_registered_with_the_events_md5_and_no_per_file_metadata(settings):
     rucio = RecordingRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
     ingest([ev(1, md5="0123456789abcdef0123456789abcdef")], rucio, settings)
     (r,) = rucio.sent
-    assert r.md5 == "0123456789abcdef0123456789abcdef"
-    assert dict(r.meta) == {marks.PATH: "/data/lst1/run00001.fits.fz", marks.DATASET: "lst:LST1_20261124_raw",
-                            marks.STREAM: "lst1-raw"}
+    assert r.md5 == "0123456789abcdef0123456789abcdef" and r.meta == ()
+    assert rucio.meta == {}, "the stream follows from the dataset, the path from the name"
+
+
+def test_only_what_the_name_cannot_tell_is_recorded_on_the_file(settings):
+    """A stream whose names another stream can share records its name; a basename stream records the path."""
+    twin = dict(STREAMS["streams"][0], name="lst1-dl1", datatype="dl1")
+    raw = dict(STREAMS["streams"][0], datatype="raw")
+    base = dict(STREAMS["streams"][1], did_name="basename")
+    s = parse({"streams": [raw, twin, base]})
+    rucio = RecordingRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
+    ingest([ev(1, datatype="raw")], rucio, s)
+    assert dict(rucio.sent[0].meta) == {marks.STREAM: "lst1-raw"}
+    ingest([ev(2, instrument="MAGIC", path="/data/magic/x/M1_0002.root", datatype="raw")],
+           rucio, s)
+    assert dict(rucio.sent[0].meta) == {marks.PATH: "/data/magic/x/M1_0002.root"}
+
+
+def test_a_file_rucio_holds_already_is_registered_without_its_md5(settings, rucio):
+    """Rucio compares an md5 sent with the one it holds (none, for a file registered without one)."""
+    ingest([ev(1)], rucio, settings)
+    rucio.datasets[DS].clear()
+    recording = RecordingRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
+    recording.files, recording.datasets, recording.pfns = rucio.files, rucio.datasets, rucio.pfns
+    ingest([ev(1, md5="0123456789abcdef0123456789abcdef")], recording, settings, DatasetMemo())
+    assert recording.sent[0].md5 is None and ("lst", "/data/lst1/run00001.fits.fz") in rucio.datasets[DS]
 
 
 def test_the_dataset_memo_forgets_the_oldest_beyond_its_limit():
@@ -336,16 +351,16 @@ def test_the_dataset_memo_forgets_the_oldest_beyond_its_limit():
 
 
 class RefusingAttach(FakeRucio):
-    """Rucio refuses to attach one particular file (its whole bulk call fails)."""
+    """Rucio refuses to register one particular file (its whole bulk call fails)."""
 
-    def attach(self, attachments):  # type: ignore[no-untyped-def]
-        if any(("lst", "/data/lst1/run00002.fits.fz") in a.files for a in attachments):
-            self._enter("attach")
+    def register(self, registrations):  # type: ignore[no-untyped-def]
+        if any(r.name == "/data/lst1/run00002.fits.fz" for g in registrations for r in g.replicas):
+            self._enter("register")
             raise RucioRefused("UnsupportedOperation: that file cannot be attached (test)")
-        super().attach(attachments)
+        super().register(registrations)
 
 
-def test_a_file_rucio_refuses_to_attach_is_isolated_and_its_neighbours_are_attached(settings):
+def test_a_file_rucio_refuses_is_isolated_and_its_neighbours_are_registered(settings):
     rucio = RefusingAttach(rses={"ORM-BUFFER": "file://localhost/data/"})
     out = ingest([ev(1), ev(2), ev(3)], rucio, settings)
     assert kinds(out) == [("done", "registered"), ("dead-letter", "rucio-refused"), ("done", "registered")]
@@ -354,10 +369,10 @@ def test_a_file_rucio_refuses_to_attach_is_isolated_and_its_neighbours_are_attac
 
 
 @pytest.mark.parametrize(("first", "second", "calls"), [(500, 500, 1), (600, 500, 2), (1000, 1, 2)])
-def test_attachments_of_several_datasets_share_a_call_up_to_the_bulk_limit(settings, rucio, first, second, calls):
+def test_files_of_several_datasets_share_a_call_up_to_the_bulk_limit(settings, rucio, first, second, calls):
     events = [ev(i) for i in range(first)] + [ev(5000 + i, night="20261125") for i in range(second)]
     ingest(events, rucio, settings)
-    assert rucio.calls["attach"] == calls
+    assert rucio.calls["register"] == calls
     assert len(rucio.datasets[("lst", "LST1_20261124_raw")]) == first
 
 

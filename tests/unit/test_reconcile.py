@@ -11,10 +11,11 @@ from injector import marks
 from injector.config import parse
 from injector.errors import ConfigError, PublishFailed
 from injector.events import FileClosed, RucioEvent, archived_event_id, decode_file_archived
+from injector.streams import name_pattern
 from injector.testing import FakeRucio, Unavailable
 from operations import status
 from operations.findings import diagnose_rule
-from operations.inventory import dataset_pattern, dataset_regex, stream_pattern
+from operations.inventory import dataset_pattern, dataset_regex
 from operations.reconcile import Options, sweep
 from tests.conftest import STREAMS
 
@@ -160,8 +161,16 @@ def test_a_source_gone_without_a_verified_archive_is_reported_as_lost(settings, 
     assert run(settings, rucio, broker) == [("report", "source-lost", NAMES[0])] and broker.messages == []
 
 
+def legacy(rucio, name):
+    """A file as ingest registered it before registration and attachment were one call: its dataset recorded on
+    it, and (a crash between the two calls, the event lost) not attached."""
+    rucio.meta[("lst", name)] = {marks.DATASET: "lst:LST1_20261124_raw", marks.STREAM: "lst1-raw",
+                                 marks.PATH: name}
+    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", name))
+
+
 def test_a_file_not_attached_to_its_dataset_is_reported_and_attached_with_fix(settings, rucio):
-    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    legacy(rucio, NAMES[2])
     assert run(settings, rucio) == [("report", "not-attached", NAMES[2])]
     assert run(settings, rucio, fix=True, dry_run=True) == [("would", "not-attached", NAMES[2])]
     assert run(settings, rucio, fix=True) == [("done", "not-attached", NAMES[2])]
@@ -170,8 +179,8 @@ def test_a_file_not_attached_to_its_dataset_is_reported_and_attached_with_fix(se
 
 
 def orphan(rucio):
-    """NAMES[2] registered, never attached, then ops closed its dataset."""
-    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    """NAMES[2] registered, never attached (a file of the earlier ingest), then ops closed its dataset."""
+    legacy(rucio, NAMES[2])
     rucio.closed.add(("lst", "LST1_20261124_raw"))
 
 
@@ -305,8 +314,8 @@ def rule(**over):
 
 
 def test_patterns_cover_the_stream():
-    assert stream_pattern(stream()) == "/fefs/lst1/*"
-    assert stream_pattern(stream(did_name="relative", did_prefix="lst1/")) == "lst1/*"
+    assert name_pattern(stream()) == "/fefs/lst1/*"
+    assert name_pattern(stream(did_name="relative", did_prefix="lst1/")) == "lst1/*"
     assert dataset_pattern(stream()) == "LST1_*_*_raw*"  # also the successors of closed datasets: ...raw.2
     assert dataset_regex(stream()).fullmatch("LST1_20261124_calib_raw.2")
     assert not dataset_regex(stream()).fullmatch("LST1_20261124_calib_rawdata")
@@ -429,7 +438,7 @@ def test_a_late_file_attached_to_a_finished_dataset_opens_it_again_until_it_is_a
 
 def test_an_unattached_file_stays_in_view_after_the_window_and_blocks_its_dataset(settings, rucio):
     t0 = rucio.created[("lst", NAMES[0])]
-    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    legacy(rucio, NAMES[2])
     archived(rucio, *NAMES[:2])
     assert ("report", "not-attached", NAMES[2]) in run(settings, rucio)
     assert rucio.meta[("lst", "LST1_20261124_raw")][marks.UNATTACHED] == [NAMES[2]]
@@ -446,7 +455,7 @@ def test_an_unattached_file_stays_in_view_after_the_window_and_blocks_its_datase
 
 def test_an_unattached_file_no_sweep_saw_within_the_window_is_found_by_full(settings, rucio):
     t0 = rucio.created[("lst", NAMES[0])]
-    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    legacy(rucio, NAMES[2])
     later = t0 + timedelta(days=2)
     assert sweep(settings, rucio, Broker(), Options(dry_run=True), ["lst1-raw"], now=later) == []
     found = sweep(settings, rucio, Broker(), Options(full=True), ["lst1-raw"], now=later)
@@ -480,3 +489,24 @@ def test_a_file_attached_to_a_dataset_finished_within_the_window_opens_it_again(
     archived(rucio, late)
     found = sweep(settings, rucio, Broker(), Options(), ["lst1-raw"], now=t0 + timedelta(hours=4))
     assert [(f.action, f.kind, f.subject) for f in found] == [("done", "release-source", f"lst:{late}")]
+
+
+def test_a_file_in_no_dataset_with_nothing_recorded_on_it_is_named_and_left_to_a_person(settings, rucio):
+    """Ingest never leaves one (registration and attachment are one call); someone else may have."""
+    rucio.datasets[("lst", "LST1_20261124_raw")].discard(("lst", NAMES[2]))
+    for options in (Options(fix=True), Options(fix=True, full=True)):
+        found = sweep(settings, rucio, Broker(), options, ["lst1-raw"])
+        (f,) = [f for f in found if f.subject == f"lst:{NAMES[2]}"]
+        assert (f.kind, f.action) == ("not-attached", "report") and "replay it" in f.detail
+    assert ("lst", NAMES[2]) not in rucio.datasets[("lst", "LST1_20261124_raw")]
+    assert rucio.meta.get(("lst", "LST1_20261124_raw"), {}).get(marks.FINISHED) is None
+
+
+def test_files_without_marks_are_announced_with_the_path_their_name_holds(settings, rucio):
+    archived(rucio, NAMES[0])
+    sweep(settings, rucio, Broker(), Options(), ["lst1-raw"])
+    rucio.reap(SRC)
+    broker = Broker()
+    sweep(settings, rucio, broker, Options(grace=LATER), ["lst1-raw"], now=datetime.now(UTC) + timedelta(hours=2))
+    (msg,) = broker.messages
+    assert decode_file_archived(msg.body).path == NAMES[0] and marks.PATH not in rucio.meta[("lst", NAMES[0])]

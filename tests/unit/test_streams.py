@@ -5,7 +5,7 @@ import pytest
 from injector.config import parse
 from injector.errors import NoStream, PathNotCanonical, PathOutsideRoot, RucioRefused, TemplateFieldMissing
 from injector.events import FileClosed
-from injector.streams import canonical_path, place
+from injector.streams import canonical_path, could_name, owner, path_of, place, shares_names
 from tests.conftest import STREAMS
 
 
@@ -120,3 +120,18 @@ def test_a_refused_name_says_whether_it_is_the_did_or_the_dataset_name(settings)
     spaced = parse({"streams": [{**STREAMS["streams"][0], "dataset": "LST1 {night}"}]}).streams
     with pytest.raises(RucioRefused, match=r"^dataset name \(template 'LST1 \{night\}'\) 'LST1 20261124'"):
         place(spaced, ev())
+
+
+def test_the_path_follows_from_the_name_unless_the_name_is_a_basename():
+    raw = parse(STREAMS).streams
+    lst, magic = raw
+    assert path_of(lst, "/data/lst1/20261124/run1.fits") == "/data/lst1/20261124/run1.fits"
+    assert path_of(magic, "x/M1.root") == "/data/magic/x/M1.root"
+    base = parse({"streams": [dict(STREAMS["streams"][1], did_name="basename", did_prefix="m/")]}).streams[0]
+    assert path_of(base, "m/M1.root") is None and could_name(base, "magic", "m/M1.root")
+    assert not could_name(base, "magic", "m/x/M1.root") and not could_name(magic, "magic", "/data/lst1/a")
+    assert owner(raw, "lst", "/data/lst1/a") is lst and owner(raw, "lst", "/data/magic/a") is None
+    assert not shares_names(lst, raw) and not shares_names(magic, raw)
+    twins = parse({"streams": [dict(STREAMS["streams"][0], datatype="raw"),
+                               dict(STREAMS["streams"][0], name="lst1-dl1", datatype="dl1")]}).streams
+    assert all(shares_names(s, twins) for s in twins) and owner(twins, "lst", "/data/lst1/a") is None
