@@ -10,6 +10,8 @@ One sweep, per stream, reads Rucio (the source of truth) and:
   * diagnoses sources released longer than the grace period ago that the reaper has not deleted, sources
     gone without a verified archive, and rules that are STUCK, SUSPENDED or past their lifetime.
 Nothing is released without the verification; --dry-run changes nothing and publishes nothing.
+A sweep reads the stream's open work, not its history (`operations.inventory.open_work`); after it, the datasets
+whose every file is finished are marked so later sweeps skip them (`operations.inventory.record`).
 
 "Never announced", without a database: Rucio keeps the answer on the file (DID metadata
 `injector_announced`). The reconciler sets it only after the broker confirmed the file-archived; cleanup sets
