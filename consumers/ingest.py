@@ -252,10 +252,13 @@ def _register(files: Sequence[_File], rucio: RucioGateway, shared: set[str]) -> 
 
 
 def _registrations(files: Sequence[_File], shared: set[str]) -> list[Registration]:
-    grouped: dict[tuple[str, str, str], list[NewReplica]] = defaultdict(list)
+    """New files: registered at their source RSE and attached. Files Rucio held before the batch: attached only,
+    never registered again (if the reaper deleted the released source since `_sources_gone` looked, adding the
+    replica again would put it back over deleted bytes)."""
+    grouped: dict[tuple[str, str, str | None], list[NewReplica]] = defaultdict(list)
     for f in files:
         p = f.placement
-        grouped[(p.scope, p.dataset, p.stream.source_rse)].append(_replica(f, shared))
+        grouped[(p.scope, p.dataset, None if f.existed else p.stream.source_rse)].append(_replica(f, shared))
     return [Registration(scope, ds, rse, tuple(reps)) for (scope, ds, rse), reps in grouped.items()]
 
 

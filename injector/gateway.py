@@ -107,11 +107,12 @@ class NewReplica:
 
 @dataclass(frozen=True, slots=True)
 class Registration:
-    """Files to register in place at `rse` and attach to a dataset, in one transaction."""
+    """Files to register in place at `rse` and attach to a dataset, in one transaction. `rse` None: files Rucio
+    holds already, only attached (their replicas are never added again: one reaped stays gone)."""
 
     scope: str
     dataset: str
-    rse: str
+    rse: str | None
     replicas: tuple[NewReplica, ...]
 
 
@@ -375,6 +376,8 @@ class ClientGateway:
         # Rucio's attach with an RSE (add_files_to_datasets): the replicas are added in the same transaction, and
         # the sizes and checksums compared with any DID of the same name (FileConsistencyMismatch).
         body = [{"scope": g.scope, "name": g.dataset, "rse": g.rse, "dids": [_replica_dict(r) for r in g.replicas]}
+                if g.rse else {"scope": g.scope, "name": g.dataset,
+                               "dids": [{"scope": r.scope, "name": r.name} for r in g.replicas]}
                 for g in registrations]
         self._call("add_files_to_datasets", self.client.add_files_to_datasets, body, ignore_duplicate=True)
 

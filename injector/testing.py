@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from injector.breaker import Breaker
 from injector.config import Rule
 from injector.errors import ChecksumConflict, PermissionDenied, ReplicaGone, RucioDown, RucioRefused, RucioUnavailable
-from injector.gateway import AccountInfo, Attachment, DatasetState, FileMeta, FileReplicas, Registration
+from injector.gateway import AccountInfo, Attachment, DatasetState, FileMeta, FileReplicas, NewReplica, Registration
 from injector.messages import Delivery, Outgoing
 
 _rule_ids = itertools.count(1)
@@ -107,15 +107,24 @@ class FakeRucio:
         for g in registrations:  # validate the whole call first: Rucio refuses it as a unit
             self._registrable(g)
         for g in registrations:
-            for r in g.replicas:
-                self.created.setdefault((r.scope, r.name), self.clock())
-                self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, r.adler32))
-                self.pfns.setdefault((g.rse, r.scope, r.name), r.pfn)
-                if r.meta and (r.scope, r.name) not in self.meta:
-                    self.meta[(r.scope, r.name)] = dict(r.meta)
+            if g.rse is not None:  # else: attach only
+                self._add(g.rse, g.replicas)
             self.datasets[(g.scope, g.dataset)].update((r.scope, r.name) for r in g.replicas)
 
+    def _add(self, rse: str, replicas: Sequence[NewReplica]) -> None:
+        for r in replicas:
+            self.created.setdefault((r.scope, r.name), self.clock())
+            self.files.setdefault((r.scope, r.name), FileMeta(r.scope, r.name, r.bytes, r.adler32))
+            self.pfns.setdefault((rse, r.scope, r.name), r.pfn)
+            if r.meta and (r.scope, r.name) not in self.meta:
+                self.meta[(r.scope, r.name)] = dict(r.meta)
+
     def _registrable(self, g: Registration) -> None:
+        if g.rse is None:  # attach only
+            for r in g.replicas:
+                if (r.scope, r.name) not in self.files:
+                    raise RucioRefused(f"DataIdentifierNotFound: {r.scope}:{r.name}")
+            g = Registration(g.scope, g.dataset, next(iter(self.prefixes), ""), ())
         if g.rse not in self.prefixes:
             raise RucioRefused(f"RSENotFound: RSE {g.rse!r} does not exist")
         if (g.scope, g.dataset) not in self.datasets:

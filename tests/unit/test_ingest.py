@@ -387,3 +387,22 @@ def test_a_late_duplicate_of_a_file_whose_source_was_released_and_reaped_never_r
     assert kinds(ingest([e, FileClosed.create(**e.model_dump(exclude={"event_id", "schema_"}))], rucio,
                         settings)) == [("done", "source-gone")] * 2
     assert source not in rucio.pfns, "a source replica over deleted bytes"
+
+
+class ReapingRucio(FakeRucio):
+    """The reaper deletes the released source right after ingest looked for it (before the registration)."""
+
+    def datasets_open(self, dids):  # type: ignore[no-untyped-def]
+        self.reap("ORM-BUFFER")
+        return super().datasets_open(dids)
+
+
+def test_a_duplicate_racing_the_reaper_never_puts_the_deleted_source_back(settings):
+    rucio = ReapingRucio(rses={"ORM-BUFFER": "file://localhost/data/"})
+    e = ev(4)
+    source = ("ORM-BUFFER", "lst", e.path)
+    ingest([e], rucio, settings)
+    rucio.add_replica("PIC-ARCHIVE", "lst", e.path)
+    rucio.tombstoned.add(source)  # released; the reaper deletes it while the duplicate is in flight
+    assert kinds(ingest([e], rucio, settings, DatasetMemo())) == [("done", "already-registered")]
+    assert source not in rucio.pfns, "a file Rucio held is attached only, never registered again"
