@@ -224,8 +224,9 @@ def record(rucio: RucioInspector, inv: Inventory, unfinished: set[Did], unattach
         content = inv.contents.get(did)
         if did in inv.open and content is not None:
             if content and not content & unfinished and not loose:
-                update[marks.FINISHED] = len(content)
-                done.append(did)
+                if ds.finished != len(content):  # marked already (a --full sweep reads finished ones too)
+                    update[marks.FINISHED] = len(content)
+                    done.append(did)
             elif ds.finished is not None:
                 update[marks.FINISHED] = None
         if update:

@@ -174,7 +174,8 @@ def test_lost_transfer_done_and_deletion_done_are_finished_by_reconcile_announci
     assert calls == {"list_dids": 2, "get_metadata_bulk": 1}, "datasets, their states, recent files: no file read"
     calls.clear()
     assert kinds(reconcile.sweep(s, gw, lambda m: None, reconcile.Options(full=True), now=later)) == {}
-    assert calls == {"list_dids": 2, "get_metadata_bulk": 2, "list_did_rules": 1}, "--full: every file's marks"
+    assert calls == {"list_dids": 2, "get_metadata_bulk": 2, "list_content": 1, "list_did_rules": 1}, \
+        "--full: every dataset's content and every file's marks; nothing written"
 
 
 def test_the_dataset_marks_round_trip_through_rucio(lab):
