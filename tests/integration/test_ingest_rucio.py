@@ -224,7 +224,8 @@ def test_one_refused_file_in_a_batch_of_1000_is_found_by_bisection_not_one_call_
     # Rules kept at the source: 999 transfers would hold up the session server's conveyor for the tests after.
     at_source = [{"rse_expression": SOURCE, "copies": 1}]
     bad_stream = lab.stream(name="lst2-raw", instrument="LST2", storage_root=str(outside), rules=at_source)
-    s = settings_for(lab, lab.stream(rules=at_source), bad_stream)
+    # A window long enough for the 1000 queued events to fill one batch on a busy machine (it closes at 1000).
+    s = settings_for(lab, lab.stream(rules=at_source), bad_stream, ingest={"batch_window": 5.0})
     (outside / "run.fits.fz").write_bytes(b"x")
     bad = file_closed(outside / "run.fits.fz", site="ORM", instrument="LST2", night="20261124")
     good = files(lab, 999)
