@@ -19,6 +19,7 @@ import requests
 from rucio.common import exception as rx
 from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from injector import clock
 from injector import marks as _marks
 from injector.breaker import Breaker
 from injector.config import RucioSettings, Rule
@@ -568,14 +569,10 @@ def _created(exists: type[Exception], create: Callable[[], object]) -> bool:
 
 def _dataset_state(row: dict[str, Any]) -> DatasetState:
     """get_metadata_bulk(plugin=ALL) of a dataset: the DID columns and the JSON metadata in one record."""
-    created = row.get("created_at")
-    if isinstance(created, str):
-        created = datetime.fromisoformat(created.replace("Z", "+00:00"))
-    if isinstance(created, datetime) and created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)  # Rucio's times are naive UTC
+    created = row.get("created_at")  # Rucio's times are naive UTC
     finished, unattached = row.get(_marks.FINISHED), row.get(_marks.UNATTACHED)
     return DatasetState(row["scope"], row["name"], bool(row.get("is_open", True)),
-                        created if isinstance(created, datetime) else None,
+                        clock.parse(created, f"{row['scope']}:{row['name']} created_at") if created else None,
                         finished if isinstance(finished, int) and not isinstance(finished, bool) else None,
                         tuple(str(n) for n in unattached) if isinstance(unattached, list) else ())
 

@@ -120,17 +120,17 @@ class FakeRucio:
                 self.meta[(r.scope, r.name)] = dict(r.meta)
 
     def _registrable(self, g: Registration) -> None:
-        if g.rse is None:  # attach only
-            for r in g.replicas:
-                if (r.scope, r.name) not in self.files:
-                    raise RucioRefused(f"DataIdentifierNotFound: {r.scope}:{r.name}")
-            g = Registration(g.scope, g.dataset, next(iter(self.prefixes), ""), ())
-        if g.rse not in self.prefixes:
+        if g.rse is not None and g.rse not in self.prefixes:
             raise RucioRefused(f"RSENotFound: RSE {g.rse!r} does not exist")
         if (g.scope, g.dataset) not in self.datasets:
             raise RucioRefused(f"DataIdentifierNotFound: {g.scope}:{g.dataset}")
         if (g.scope, g.dataset) in self.closed:
             raise RucioRefused(f"UnsupportedOperation: Data identifier '{g.scope}:{g.dataset}' is closed")
+        if g.rse is None:  # attach only: the files must exist
+            for r in g.replicas:
+                if (r.scope, r.name) not in self.files:
+                    raise RucioRefused(f"DataIdentifierNotFound: {r.scope}:{r.name}")
+            return
         for r in g.replicas:
             self._scope(r.scope)
             if not r.pfn.startswith(self.prefixes[g.rse]):

@@ -35,6 +35,13 @@ WINDOW = timedelta(hours=24)  # default: files registered this recently are look
 SLACK = timedelta(hours=1)  # a dataset created this long before the window may still gain files within it
 
 
+def recorded_dataset(file_marks: dict[str, Any]) -> Did | None:
+    """The dataset recorded on a file (`injector_dataset`: files registered before ingest attached in the same
+    transaction, and files rolled on from a closed dataset), if any."""
+    scope, sep, name = str(file_marks.get(marks.DATASET) or "").partition(":")
+    return (scope, name) if sep else None
+
+
 @dataclass
 class FileState:
     did: Did
@@ -44,10 +51,7 @@ class FileState:
 
     @property
     def recorded(self) -> Did | None:
-        """The dataset recorded on the file (`injector_dataset`: files registered before ingest attached in the same
-        transaction, and files rolled on from a closed dataset), if any."""
-        scope, sep, name = str(self.marks.get(marks.DATASET) or "").partition(":")
-        return (scope, name) if sep else None
+        return recorded_dataset(self.marks)
 
     @property
     def label(self) -> str:
@@ -156,7 +160,7 @@ def _late_files(inv: Inventory, newcomers: list[Did], rucio: RucioInspector) -> 
             m = meta.get(did, {})
             if m.get(marks.STREAM, inv.stream.name) != inv.stream.name or m.get(marks.ANNOUNCED):
                 continue
-            recorded = FileState(did, _none(did), m).recorded
+            recorded = recorded_dataset(m)
             if recorded is not None:
                 ds = recorded if did in inv.content(recorded, rucio) else None
             else:
