@@ -231,32 +231,37 @@ def ingest(bench: Bench, sizes: Sizes) -> dict[str, Any]:
 def cleanup_run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     """Files registered at the source with their archive replica AVAILABLE (as a finished transfer leaves it);
     their transfer-done events through `cleanup` in the consumer's batches (verified release), then the sources
-    deleted and their deletion-done events (file-archived built and marked). Rucio work only: the transport's
-    own ceiling is benchmarks/cleanup_rate.py."""
-    s = bench.settings("cleanup", "LST1_{night}_cleanup")
+    deleted by the real reaper and their deletion-done events (file-archived built and marked). Once with one
+    consumer, once with two side by side (competing consumers, each its own Rucio session), fresh files each time.
+    Rucio work only: the transport's own ceiling is benchmarks/cleanup_rate.py."""
+    return {str(n): cleanup_with(bench, sizes, n) for n in (1, 2)}
+
+
+def cleanup_with(bench: Bench, sizes: Sizes, consumers: int) -> dict[str, Any]:
+    s = bench.settings(f"cleanup{consumers}", "LST1_{night}_cleanup")
     night = "20261103"
-    events = fake_events(bench, "cleanup", night, sizes.cleanup)
+    events = fake_events(bench, f"cleanup{consumers}", night, sizes.cleanup)
     Path(events[0].path).parent.mkdir(parents=True, exist_ok=True)
     for e in events:  # on disk, for the reaper to delete
         Path(e.path).touch()
-    meta = {"injector_stream": "cleanup", "injector_dataset": f"{SCOPE}:LST1_{night}_cleanup"}
+    meta = {"injector_stream": s.streams[0].name, "injector_dataset": f"{SCOPE}:LST1_{night}_cleanup"}
     for part in chunks(events, RUCIO_BULK):
         bench.client.add_replicas(SOURCE, replica_dicts(part, SOURCE, lambda e: {**meta, "injector_path": e.path}))
         bench.client.add_replicas(ARCHIVE, replica_dicts(part, ARCHIVE))
     spent: dict[str, dict[str, float]] = {"transfer": {}, "deletion": {}}
     phase = ["transfer"]
+    lock = threading.Lock()
 
     def observe(op: str, seconds: float, outcome: str) -> None:
-        spent[phase[0]][op] = round(spent[phase[0]].get(op, 0.0) + seconds, 2)
+        with lock:
+            spent[phase[0]][op] = round(spent[phase[0]].get(op, 0.0) + seconds, 2)
 
-    gw = ClientGateway(s.rucio, observe=observe)
-    batch = s.cleanup.batch_size
+    gateways = [ClientGateway(s.rucio, observe=observe) for _ in range(consumers)]
+
     done = [RucioEvent(event_type="transfer-done", payload={
         "scope": SCOPE, "name": e.path, "src-rse": SOURCE, "dst-rse": ARCHIVE, "checksum-adler": e.adler32})
         for e in events]
-    t0 = time.perf_counter()
-    released = outcomes(cleanup(part, gw, s) for part in chunks(done, batch))
-    transfer = time.perf_counter() - t0
+    transfer, released = shared_out(done, gateways, s)
     for _ in range(10):  # the reaper deletes the released sources, a limited number per pass
         bench.server.run_daemons("reaper", rses=[SOURCE], timeout=1800)
         if not any(Path(e.path).exists() for e in events):
@@ -265,14 +270,40 @@ def cleanup_run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
                           payload={"scope": SCOPE, "name": e.path, "rse": SOURCE, "url": f"file://localhost{e.path}"})
                for e in events]
     phase[0] = "deletion"
-    t0 = time.perf_counter()
-    archived = outcomes(cleanup(part, gw, s) for part in chunks(deleted, batch))
-    deletion = time.perf_counter() - t0
+    deletion, archived = shared_out(deleted, gateways, s)
     return {"transfer_done": {**rate(len(done), transfer, "events"), "outcomes": released,
                               "rucio_seconds": spent["transfer"]},
             "deletion_done": {**rate(len(deleted), deletion, "events"), "outcomes": archived,
                               "rucio_seconds": spent["deletion"]},
-            "batch_size": batch}
+            "batch_size": s.cleanup.batch_size, "consumers": consumers}
+
+
+def shared_out(events: list[RucioEvent], gateways: list[ClientGateway], s: Settings) -> tuple[float, dict[str, int]]:
+    """The events shared out among consumers, one per gateway, each in its own thread and batches as the
+    consumer makes them; (seconds until all are done, outcomes)."""
+    shares = [events[i::len(gateways)] for i in range(len(gateways))]
+    results: list[dict[str, int]] = [{} for _ in gateways]
+    failed: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = outcomes(cleanup(part, gateways[i], s) for part in chunks(shares[i], s.cleanup.batch_size))
+        except BaseException as exc:  # re-raised by the caller's thread
+            failed.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(gateways))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise failed[0]
+    merged: dict[str, int] = {}
+    for r in results:
+        for k, v in r.items():
+            merged[k] = merged.get(k, 0) + v
+    return time.perf_counter() - t0, merged
 
 
 def paced(bench: Bench, sizes: Sizes) -> dict[str, Any]:
@@ -523,7 +554,7 @@ def table(r: dict[str, Any]) -> None:
     quick = " (--quick)" if r.get("quick") else ""
     print(f"\nrucio-injector benchmark {m.get('date')}: {m.get('cores')} cores, Rucio server {m.get('rucio_server')} "
           f"on {m.get('database')}, {m.get('broker')}, Python {m.get('python')}{quick}")
-    line = "{:<48} {:>20}  {}"
+    line = "{:<58} {:>20}  {}"
     print(line.format("measure", "figure", "ratio / note"))
 
     def get(*path: str) -> Any:
@@ -540,8 +571,11 @@ def table(r: dict[str, Any]) -> None:
         ratios = ([f"{ing / nv:.1f}x naive"] if nv else []) + ([f"{ing / cl:.0%} of the ceiling"] if cl else [])
         rows.append(("ingest from a full queue (files/s)", ing, ", ".join(ratios)))
     rows.append(("DAQ publish, outbox + confirms (events/s)", get("ingest", "publish_per_s"), ""))
-    rows += [("cleanup transfer-done → release (events/s)", get("cleanup", "transfer_done", "per_s"), ""),
-             ("cleanup deletion-done → archived (events/s)", get("cleanup", "deletion_done", "per_s"), "")]
+    for n, what in (("1", "one consumer"), ("2", "two consumers")):
+        rows += [(f"cleanup transfer-done → release, {what} (events/s)",
+                  get("cleanup", n, "transfer_done", "per_s"), ""),
+                 (f"cleanup deletion-done → archived, {what} (events/s)",
+                  get("cleanup", n, "deletion_done", "per_s"), "")]
     for p in (r.get("paced") or {}).values():
         rows.append((f"paced {p['rate']:g} files/s for {p['seconds']:g} s: p50 / p99 (ms)",
                      f"{p['p50_ms']} / {p['p99_ms']}", f"max {p['max_ms']} ms, offered {p['offered_per_s']}/s"))

@@ -10,22 +10,22 @@ from injector import clock, marks
 from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import Transient
 from injector.events import FileArchived, encode
-from injector.gateway import FileMeta, FileReplicas, RucioGateway, chunks
+from injector.gateway import FileReplicas, RucioGateway, chunks
 from injector.messages import Outgoing
 
 Did = tuple[str, str]
 
 
-def archived_event(stream: Stream, meta: FileMeta, files: FileReplicas | None, path: str, archived_at: datetime,
+def archived_event(stream: Stream, files: FileReplicas, path: str, archived_at: datetime,
                    rucio: RucioGateway) -> FileArchived:
-    """A file's file-archived, built only here: cleanup and the reconciler announce a file identically."""
-    if meta.bytes is None or meta.adler32 is None:
-        raise Transient(f"{meta.scope}:{meta.name} has no size/adler32 in Rucio")
-    destinations = sorted(r for rule in stream.rules for r in rucio.rses(rule.rse_expression)
-                          if files is not None and files.available(r))
+    """A file's file-archived, built only here: cleanup and the reconciler announce a file identically. Size and
+    adler32 are the ones Rucio holds (list_replicas gives them with the replicas' states)."""
+    if files.bytes is None or files.adler32 is None:
+        raise Transient(f"{files.scope}:{files.name} has no size/adler32 in Rucio")
+    destinations = sorted(r for rule in stream.rules for r in rucio.rses(rule.rse_expression) if files.available(r))
     return FileArchived.create(
-        site=stream.site, instrument=stream.instrument, path=path, size=meta.bytes, adler32=meta.adler32,
-        scope=meta.scope, name=meta.name, destinations=destinations, archived_at=archived_at)
+        site=stream.site, instrument=stream.instrument, path=path, size=files.bytes, adler32=files.adler32,
+        scope=files.scope, name=files.name, destinations=destinations, archived_at=archived_at)
 
 
 def archive_times(rucio: RucioGateway, known: dict[Did, dict[str, Any]], proposed: dict[Did, datetime],

@@ -26,7 +26,7 @@ from injector import clock, marks
 from injector.config import RUCIO_BULK, Settings, Stream
 from injector.errors import Permanent, ReplicaGone, Transient
 from injector.events import RucioEvent
-from injector.gateway import FileMeta, FileReplicas, RucioGateway, chunks, isolate
+from injector.gateway import FileReplicas, RucioGateway, chunks, isolate
 from injector.settle import Outcome
 from injector.streams import DID_NAME, owner
 
@@ -282,38 +282,33 @@ def release(rucio: RucioGateway, replicas: Sequence[tuple[str, str, str]]
 def _deletions_done(items: list[_Item], state: dict[Did, FileReplicas], rucio: RucioGateway,
                     settings: Settings) -> dict[int, Outcome]:
     """deletion-done → file-archived for every file whose source is gone and whose archive is verified: the files'
-    size, adler32 and marks read in bulk, their archive times decided and noted announced in one bulk write."""
+    marks read in bulk (size and adler32 came with the replicas), their archive times decided and noted announced
+    in one bulk write."""
     out, gone = _deleted_sources(items, state, settings)
-    meta: dict[Did, FileMeta] = {}
     known: dict[Did, dict[str, Any]] = {}
     try:
         for part in chunks(sorted({it.did for it, _ in gone}), RUCIO_BULK):
-            meta.update(rucio.file_metadata(part))
             known.update(rucio.marks(part))
     except (Permanent, Transient) as exc:
         return {**out, **{it.index: Outcome.failed(exc, it.label) for it, _ in gone}}
-    safe: list[tuple[_Item, Stream]] = []
+    safe: list[tuple[_Item, Stream, FileReplicas]] = []
     proposed: dict[Did, datetime] = {}
     for it, stream in gone:
         try:
-            _archive_checked(it, stream, meta.get(it.did), state.get(it.did), rucio)
+            files = _archive_checked(it, stream, state.get(it.did), rucio)
             proposed.setdefault(it.did, _created_at(it))  # duplicates in one batch: the first one's time
         except (Permanent, Transient) as exc:
             out[it.index] = Outcome.failed(exc, it.label)
             continue
-        safe.append((it, stream))
+        safe.append((it, stream, files))
     try:  # announced: from here the unacked deletion-done carries the announcement, so the reconciler leaves it
         times = archive_times(rucio, {did: known.get(did, {}) for did in proposed}, proposed, announced=True)
     except (Permanent, Transient) as exc:
-        return {**out, **{it.index: Outcome.failed(exc, it.label) for it, _ in safe}}
-    for it, stream in safe:
+        return {**out, **{it.index: Outcome.failed(exc, it.label) for it, _, _ in safe}}
+    for it, stream, files in safe:
         url = it.event.get("url")
         path = url[len(stream.pfn_prefix):] if isinstance(url, str) and url.startswith(stream.pfn_prefix) else it.did[1]
-        try:
-            archived = archived_event(stream, meta[it.did], state.get(it.did), path, times[it.did], rucio)
-        except (Permanent, Transient) as exc:
-            out[it.index] = Outcome.failed(exc, it.label)
-            continue
+        archived = archived_event(stream, files, path, times[it.did], rucio)
         out[it.index] = Outcome.done("archived", it.label, emit=(archived_message(archived, settings),))
     return out
 
@@ -337,16 +332,16 @@ def _deleted_sources(items: list[_Item], state: dict[Did, FileReplicas], setting
     return out, gone
 
 
-def _archive_checked(it: _Item, stream: Stream, meta: FileMeta | None, files: FileReplicas | None,
-                     rucio: RucioGateway) -> None:
-    """Returns when the file, its source gone, may be announced: Rucio holds its size and adler32 and its archive
-    is verified; raises what says why not."""
-    if meta is None or meta.bytes is None or meta.adler32 is None:
+def _archive_checked(it: _Item, stream: Stream, files: FileReplicas | None, rucio: RucioGateway) -> FileReplicas:
+    """The file's replicas when the file, its source gone, may be announced: Rucio holds its size and adler32 and
+    its archive is verified; raises what says why not."""
+    if files is None or files.bytes is None or files.adler32 is None:
         raise Transient(f"{it.label} has no size/adler32 in Rucio")
     verdict = verify(stream, files, rucio)
     if not verdict.safe:  # the source is gone without a safe copy: never announce that as archived
         raise Permanent(f"{it.label}: deleted at {it.event.get('rse')} but not safe elsewhere: {verdict}",
                         reason="source-lost")
+    return files
 
 
 def _created_at(it: _Item) -> datetime:

@@ -175,16 +175,14 @@ def _announce(stream: Stream, settings: Settings, files: list[FileState], rucio:
                         "file-archived", "would") for f in files]
     out: list[Finding] = []
     for part in chunks(files, 500):
-        meta = rucio.file_metadata([f.did for f in part])
         times = archive_times(rucio, {f.did: f.marks for f in part}, {f.did: now for f in part})  # before publishing
         sent, messages = [], []
         for f in part:
-            m = meta.get(f.did)
-            if m is None or m.bytes is None or m.adler32 is None:
+            if f.replicas.bytes is None or f.replicas.adler32 is None:
                 out.append(Finding(stream.name, "announce-archived", f.label, "Rucio holds no size/adler32 for it"))
                 continue
             path = str(f.marks.get(marks.PATH) or path_of(stream, f.did[1]) or f.did[1])
-            messages.append(archived_message(archived_event(stream, m, f.replicas, path, times[f.did], rucio),
+            messages.append(archived_message(archived_event(stream, f.replicas, path, times[f.did], rucio),
                                              settings))
             sent.append(f)
         try:

@@ -4,6 +4,12 @@ Only the standard library is imported here: the server and its daemons run as su
 their own venv with their own config (a process with a [database] section is a server; server
 and client configs must never share a process). PostgreSQL when reachable, else SQLite.
 
+Like every production Rucio (its Helm charts and containers run one), the server and its daemons share a
+memcached: without one Rucio reads every RSE setting, attribute and config value from the database on each
+use (list_replicas: several queries per replica). Each testbed has its own memcached on its own port, so two
+testbeds (two databases, the same RSE names) never read each other's cache; with no `memcached` on the
+machine Rucio runs uncached (slower, the same answers).
+
     python -m injector.testbed.rucio --ensure-venv    # create the server venv (idempotent)
 """
 
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,7 +102,9 @@ class RucioServer:
     client_config: Path
     venv_python: Path
     database: str
+    cache_port: int
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    cache: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     daemons: set[subprocess.Popen[str]] = field(default_factory=set, repr=False)  # passes running now
 
     def env(self) -> dict[str, str]:
@@ -109,7 +118,7 @@ class RucioServer:
         config = self.server_config
         if hermes is not None:
             config = self.base_dir / f"rucio-hermes-{hermes.port}.cfg"
-            config.write_text(_server_config(self.base_dir, self.database, hermes))
+            config.write_text(_server_config(self, hermes))
         cmd = [str(self.venv_python), "-P", str(DAEMONS), "--rses", ",".join(rses or []), *names]
         env = {**os.environ, "RUCIO_CONFIG": str(config), "PYTHONPATH": ""}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -123,6 +132,16 @@ class RucioServer:
         if proc.returncode != 0 and not (stop is not None and stop.is_set()) and self.process is not None:
             raise TestbedError(f"rucio daemons {names} failed (exit {proc.returncode}):\n{out[-4000:]}")
         return out
+
+    def forget_cache(self) -> None:
+        """Empty this server's memcached, as if its entries had expired: Rucio keeps an RSE's protocols cached
+        (15 minutes) even after they are changed through its API, as production servers do."""
+        if self.cache is None:
+            return
+        with socket.create_connection(("127.0.0.1", self.cache_port), timeout=5) as c:
+            c.sendall(b"flush_all\r\n")
+            if not c.recv(64).startswith(b"OK"):
+                raise TestbedError(f"memcached on port {self.cache_port} did not flush")
 
     def serve(self) -> None:
         """Start the REST API again (after `halt`) on the same port and database; returns once it answers."""
@@ -139,6 +158,8 @@ class RucioServer:
         for proc in list(self.daemons):
             proc.kill()
         stop_group(process, grace=15)
+        cache, self.cache = self.cache, None
+        stop_group(cache, grace=5)
         if self.database.startswith("rucio_testbed_"):
             _server_python(self.venv_python, _DROP_DB.format(db=self.database), self.base_dir, check=False)
 
@@ -159,8 +180,9 @@ def start_server(base_dir: Path, *, venv_python: Path, database: str = "auto",
         database = "postgresql" if postgres_available() else "sqlite"
     db = f"rucio_testbed_{secrets.token_hex(4)}" if database == "postgresql" else str(base_dir / "rucio.db")
     server = RucioServer(base_dir, f"http://127.0.0.1:{free_port()}", base_dir / "rucio-server.cfg",
-                         base_dir / "rucio-client.cfg", venv_python, db)
+                         base_dir / "rucio-client.cfg", venv_python, db, free_port())
     try:  # from here on, server.stop() undoes whatever part was done
+        server.cache = _memcached(server.cache_port)
         _bootstrap(server, hermes or HermesBroker())
         _serve(server)
     except BaseException:
@@ -169,11 +191,30 @@ def start_server(base_dir: Path, *, venv_python: Path, database: str = "auto",
     return server
 
 
+def _memcached(port: int) -> subprocess.Popen[bytes] | None:
+    """This testbed's own memcached on 127.0.0.1:`port`; None (Rucio runs uncached) when the machine has none."""
+    binary = shutil.which("memcached")
+    if binary is None:
+        return None
+    user = ["-u", "root"] if os.geteuid() == 0 else []  # memcached refuses root unless told which user to be
+    proc = subprocess.Popen([binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64", "-t", "1", *user],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    stop_group(proc, grace=2)
+    raise TestbedError(f"memcached did not start on 127.0.0.1:{port} (exit {proc.poll()})")
+
+
 def _bootstrap(server: RucioServer, hermes: HermesBroker) -> None:
     base, db, python = server.base_dir, server.database, server.venv_python
     if db.startswith("rucio_testbed_"):
         _server_python(python, _CREATE_DB.format(db=db), base)
-    server.server_config.write_text(_server_config(base, db, hermes))
+    server.server_config.write_text(_server_config(server, hermes))
     (base / "alembic.ini").write_text(_ALEMBIC.format(
         script_location=_site_packages(python) / "rucio" / "db" / "sqla" / "migrate_repo", db_url=_db_url(db)))
     _server_python(python, _BOOTSTRAP, base, {"RUCIO_CONFIG": str(server.server_config)})
@@ -244,8 +285,9 @@ def _db_url(db: str) -> str:
     return f"sqlite:///{db}" if db.startswith("/") else PG_URL.format(db=db)
 
 
-def _server_config(base: Path, db: str, hermes: HermesBroker) -> str:
-    return _SERVER.format(base=base, db_url=_db_url(db), user=USERNAME, password=PASSWORD, h=hermes)
+def _server_config(server: RucioServer, hermes: HermesBroker) -> str:
+    return _SERVER.format(base=server.base_dir, db_url=_db_url(server.database), user=USERNAME, password=PASSWORD,
+                          h=hermes, cache_port=server.cache_port)
 
 
 # Rucio stores custom DID metadata (our injector_* marks) with its JSON plugin, whose code has SQLite
@@ -286,6 +328,8 @@ loglevel = INFO
 [database]
 default = {db_url}
 pool_size = 10
+[cache]
+url = 127.0.0.1:{cache_port}
 [bootstrap]
 userpass_identity = {user}
 userpass_pwd = {password}
