@@ -13,12 +13,13 @@ from consumers.cleanup import cleanup
 from consumers.ingest import DatasetMemo, ingest
 from injector import preflight
 from injector.config import Settings
-from injector.errors import ConfigError, InvalidEvent, RucioDown, Transient
-from injector.events import decode_file_closed, decode_rucio_event
+from injector.errors import ConfigError, Permanent, RucioDown, Transient
+from injector.events import FileClosed, RucioEvent, decode_file_closed, decode_rucio_event
 from injector.gateway import ClientGateway, RucioGateway, RucioPreflight
 from injector.messages import Delivery
 from injector.metrics import Metrics, serve
 from injector.settle import Outcome, Route
+from injector.signing import Keyring
 from injector.transport import Connect, plugin
 from injector.worker import Batching, BatchWorker
 
@@ -27,26 +28,43 @@ T = TypeVar("T")
 STARTUP_PAUSE = 10.0  # seconds between start-up checks while Rucio does not answer
 
 
-def decode_each(deliveries: Sequence[Delivery], decode: Callable[[bytes], T]) -> list[T | InvalidEvent]:
-    """Every delivery's event, or the InvalidEvent saying why it is not one (the handler dead-letters it)."""
-    out: list[T | InvalidEvent] = []
+def decode_each(deliveries: Sequence[Delivery], decode: Callable[[Delivery], T]) -> list[T | Permanent]:
+    """Every delivery's event, or the Permanent error saying why it is not one we take (the handler dead-letters
+    it): not an event of its contract (InvalidEvent), or not signed as it must be (BadSignature)."""
+    out: list[T | Permanent] = []
     for d in deliveries:
         try:
-            out.append(decode(d.body))
-        except InvalidEvent as exc:
+            out.append(decode(d))
+        except Permanent as exc:
             out.append(exc)
     return out
 
 
-def ingest_worker(settings: Settings, rucio: RucioGateway | None = None, metrics: Metrics | None = None
-                  ) -> BatchWorker:
-    """The ingest consumer: file-closed events from the ingest queue, in batches, into Rucio."""
+def file_closed_of(settings: Settings, keyring: Keyring) -> Callable[[Delivery], FileClosed]:
+    """A delivery's file-closed event, its signature checked (`injector.signing`)."""
+    def decode(d: Delivery) -> FileClosed:
+        event = decode_file_closed(d.body)
+        keyring.check(event, d.body, d.headers, settings.streams)
+        return event
+
+    return decode
+
+
+def rucio_event_of(d: Delivery) -> RucioEvent:
+    return decode_rucio_event(d.body)
+
+
+def ingest_worker(settings: Settings, rucio: RucioGateway | None = None, metrics: Metrics | None = None,
+                  keyring: Keyring | None = None) -> BatchWorker:
+    """The ingest consumer: file-closed events from the ingest queue, their signatures checked, in batches, into
+    Rucio. The keyring is read from [signing] unless given."""
     metrics = metrics or Metrics("ingest")
     gateway = rucio if rucio is not None else ClientGateway(settings.rucio, observe=metrics.observe_rucio)
     memo = DatasetMemo()
+    decode = file_closed_of(settings, keyring if keyring is not None else Keyring.load(settings.signing))
 
     def process(batch: list[Delivery]) -> Sequence[Outcome]:
-        return ingest(decode_each(batch, decode_file_closed), gateway, settings, memo)
+        return ingest(decode_each(batch, decode), gateway, settings, memo)
 
     i = settings.ingest
     route = Route(i.queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
@@ -63,7 +81,7 @@ def cleanup_worker(settings: Settings, rucio: RucioGateway | None = None, metric
     c = settings.cleanup
 
     def process(batch: list[Delivery]) -> Sequence[Outcome]:
-        return cleanup(decode_each(batch, decode_rucio_event), gateway, settings)
+        return cleanup(decode_each(batch, rucio_event_of), gateway, settings)
 
     route = Route(c.consumer_queue, settings.broker.dead_letter_exchange, settings.broker.delivery_limit)
     batching = Batching(c.batch_size, c.batch_window, c.prefetch, outage_hold=settings.broker.outage_hold)

@@ -65,6 +65,8 @@ class Stream(_Section):
     path_fields: str | None = None  # watch: regex, groups night/run/datatype, searched in the path below the root
     # A closed dataset: dead-letter its files (`dataset-closed`), or roll on to <dataset>.2, <dataset>.3, ...
     on_closed_dataset: Literal["dead-letter", "next"] = "dead-letter"
+    # Refuse (dead-letter `bad-signature`) a file-closed event of this stream that no [signing] key signed.
+    require_signature: bool = False
 
     @field_validator("path_fields")
     @classmethod
@@ -273,6 +275,35 @@ class OutboxSettings(_Section):
         return os.path.join(state, "rucio-injector", "outbox.sqlite")
 
 
+class SigningKey(_Section):
+    """One key that signs file-closed events (HMAC-SHA256, `injector.signing`): which sites' events it may sign and
+    where its secret is — a file, or an environment variable — never the secret itself."""
+
+    sites: Annotated[list[Word], Field(min_length=1)]
+    file: str | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SigningKey:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("give the key's secret as exactly one of file (a path) or env (a variable's name)")
+        return self
+
+
+class Signing(_Section):
+    """Keys by id (the `injector-key-id` header names one); two ids for one site are both accepted (rotation).
+    `sign_with`: the key `publish`, `watch` and DaqPublisher sign with (unset: they do not sign)."""
+
+    keys: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")], SigningKey] = {}
+    sign_with: str | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> Signing:
+        if self.sign_with is not None and self.sign_with not in self.keys:
+            raise ValueError(f"sign_with names key {self.sign_with!r}, which [signing.keys] does not have")
+        return self
+
+
 class RucioSettings(_Section):
     """How we call Rucio; who we are comes from the rucio-clients config (RUCIO_CONFIG)."""
 
@@ -290,6 +321,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     cleanup: Cleanup = Cleanup()
     outbox: OutboxSettings = OutboxSettings()
+    signing: Signing = Signing()
     streams: list[Stream] = []
 
     @model_validator(mode="after")
@@ -314,6 +346,14 @@ class Settings(_Section):
         for i, a in enumerate(self.streams):
             for b in self.streams[i + 1:]:
                 _check_roots(a, b)
+        return self
+
+    @model_validator(mode="after")
+    def _signed_streams_have_keys(self) -> Settings:
+        for s in self.streams:
+            if s.require_signature and not any(s.site in k.sites for k in self.signing.keys.values()):
+                raise ValueError(f"stream {s.name!r} requires signatures, but no [signing.keys] key signs site "
+                                 f"{s.site!r}: every event of it would be refused")
         return self
 
     def stream_named(self, name: str) -> Stream:

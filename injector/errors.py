@@ -40,6 +40,11 @@ class InvalidEvent(Permanent, reason="invalid-event"):
     """The message is not a valid event of its contract: which field, and why, is in the text."""
 
 
+class BadSignature(Permanent, reason="bad-signature"):
+    """A file-closed event whose signature is missing (its stream requires one), names an unknown key or a key
+    of another site, or does not match its body: forged or altered (`injector.signing`)."""
+
+
 class NoStream(Permanent, reason="no-stream"):
     """No configured stream takes the event (its site, instrument and datatype)."""
 

@@ -45,7 +45,8 @@ class _Event(BaseModel):
 
 
 class FileClosed(_Event):
-    """A file the DAQ has finished writing and wants archived."""
+    """A file the DAQ has finished writing and wants archived. A site may require it signed: headers
+    injector-key-id (the key's id) and injector-signature (hex HMAC-SHA256 of the exact body bytes sent)."""
 
     schema_: Literal["file-closed/1"] = Field(alias="schema")
     occurred_at: datetime

@@ -29,6 +29,7 @@ from tenacity.stop import stop_base
 from injector.config import Broker, OutboxSettings
 from injector.errors import BrokerUnavailable, OutboxFull, PublishFailed
 from injector.events import FileClosed
+from injector.signing import Keyring
 from injector.topology import Routes
 from producers.outbox import Drained
 
@@ -51,12 +52,12 @@ class Sink(Protocol):
 
 
 def daq_publisher(broker: Broker, outbox: OutboxSettings | None = None, max_wait: float = 30.0,
-                  routes: Routes | None = None) -> Sink:
+                  routes: Routes | None = None, keyring: Keyring | None = None) -> Sink:
     """A DaqPublisher draining in the background; its close leaves at once what waits in the outbox (the watcher
     flushes for the time it has first)."""
     from producers.publish import DaqPublisher
 
-    return DaqPublisher(broker, outbox=outbox, routes=routes, max_wait=max_wait, close_timeout=0)
+    return DaqPublisher(broker, outbox=outbox, routes=routes, keyring=keyring, max_wait=max_wait, close_timeout=0)
 
 
 class Announcer:

@@ -27,6 +27,7 @@ from injector.config import Broker, OutboxSettings, Settings, Stream
 from injector.errors import ConfigError
 from injector.events import FILE_CLOSED, FileClosed, decode_file_closed, encode
 from injector.messages import Outgoing
+from injector.signing import Keyring
 from injector.streams import canonical
 from injector.topology import Routes
 from producers.drainer import RETRYABLE, Drainer
@@ -49,24 +50,30 @@ def file_closed(path: str | os.PathLike[str], *, site: str, instrument: str, siz
                              **fields)
 
 
-def outgoing(event: FileClosed, exchange: str) -> Outgoing:
-    return Outgoing(exchange, event.routing_key, encode(event),
-                    {"schema": FILE_CLOSED, "event-id": str(event.event_id)}, str(event.event_id))
+def outgoing(event: FileClosed, exchange: str, keyring: Keyring | None = None) -> Outgoing:
+    """The message of a file-closed event; signed when the keyring has a key to sign with (`injector.signing`)."""
+    body = encode(event)
+    headers = {"schema": FILE_CLOSED, "event-id": str(event.event_id)}
+    if keyring is not None:
+        headers.update(keyring.headers(body))
+    return Outgoing(exchange, event.routing_key, body, headers, str(event.event_id))
 
 
 class DaqPublisher:
     """File-closed events to the DAQ exchange through the durable outbox; with `streams`, under canonical paths.
     `background=False`: no drainer thread, only `flush` publishes (the CLI). `routes`: the topology's bindings, needed
-    by a stomp:// (ActiveMQ) broker, which has no exchanges; `DaqPublisher.of(settings)` passes everything."""
+    by a stomp:// (ActiveMQ) broker, which has no exchanges; `keyring`: signs each event with its `sign_with` key.
+    `DaqPublisher.of(settings)` passes everything."""
 
     def __init__(self, broker: Broker, streams: Sequence[Stream] = (), outbox: OutboxSettings | None = None, *,
-                 routes: Routes | None = None, background: bool = True, max_wait: float = 30.0,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 routes: Routes | None = None, keyring: Keyring | None = None, background: bool = True,
+                 max_wait: float = 30.0, close_timeout: float = CLOSE_TIMEOUT) -> None:
         if broker.transport == "stomp" and routes is None:
             raise ConfigError("a stomp:// (ActiveMQ) broker has no exchanges: the publisher routes by the "
                               "configuration's topology; use DaqPublisher.of(settings)")
         self._broker = broker
         self._streams = streams
+        self._keyring = keyring
         self._close_timeout = close_timeout
         self.outbox = Outbox(outbox or OutboxSettings())
         self._drainer = Drainer(self.outbox, broker, routes=routes, max_wait=max_wait)
@@ -76,14 +83,16 @@ class DaqPublisher:
 
     @classmethod
     def of(cls, settings: Settings, **options: Any) -> DaqPublisher:
-        """The publisher a configuration describes: its broker, streams (canonical paths), outbox and topology."""
+        """The publisher a configuration describes: its broker, streams (canonical paths), outbox, topology and
+        signing key."""
+        options.setdefault("keyring", Keyring.load(settings.signing))
         return cls(settings.broker, settings.streams, settings.outbox, routes=Routes(settings), **options)
 
     def publish(self, events: Sequence[FileClosed]) -> list[FileClosed]:
         """Write the events to the outbox (one transaction, durable on return) and return them as announced: their
         canonical paths. The broker is not waited for."""
         announced = [canonical(self._streams, e) for e in events]
-        self.outbox.put([outgoing(e, self._broker.daq_exchange) for e in announced])
+        self.outbox.put([outgoing(e, self._broker.daq_exchange, self._keyring) for e in announced])
         self._drainer.kick()
         return announced
 

@@ -46,6 +46,7 @@ from injector.checksum import size_and_adler32
 from injector.config import PATH_FIELDS, Settings, Stream, template_fields
 from injector.errors import ConfigError, InjectorError, PathOutsideRoot
 from injector.metrics import Metrics, serve
+from injector.signing import Keyring
 from injector.streams import canonical_path
 from injector.topology import Routes
 from producers.announcer import Announcer, daq_publisher
@@ -258,7 +259,7 @@ def run(settings: Settings, options: Options, stop: threading.Event, ready: thre
     metrics = Metrics("watch")
     server = serve(metrics, options.metrics_port, settings.metrics.host) if options.metrics_port else None
     connect = functools.partial(daq_publisher, outbox=settings.outbox, max_wait=options.retry_max_wait,
-                                routes=Routes(settings))
+                                routes=Routes(settings), keyring=Keyring.load(settings.signing))
     edge = Edge(Watcher(streams, options), Refusals(settings, metrics), HashPool(options.hash_workers, announcement),
                  Announcer(settings.broker, batch_size=options.batch_size, window=options.window,
                            max_wait=options.retry_max_wait, connect=connect))

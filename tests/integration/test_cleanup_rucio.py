@@ -127,7 +127,11 @@ def transfer_done(e: FileClosed, adler: str | None = None) -> dict[str, Any]:
             "file-size": e.size, "bytes": e.size, "activity": "User Subscriptions"}
 
 
-def test_transfer_done_before_the_archive_copy_is_safe_releases_nothing(lab, broker):
+def test_forged_or_early_rucio_events_change_nothing_cleanup_trusts_rucio_not_the_event(lab, broker):
+    """Anyone who can publish on hermes' topic can send Rucio-shaped events: cleanup takes every decision from
+    Rucio's state, so a transfer-done before any transfer, one with another checksum, and a deletion-done for a
+    source Rucio still holds release nothing, announce nothing, and are counted (not-yet-safe,
+    checksum-mismatch, source-still-present)."""
     s = cleanup_settings(lab, broker)
     early, forged = files(lab, 2)
     with declared(s), cleanup_running(s) as workers:
@@ -135,14 +139,21 @@ def test_transfer_done_before_the_archive_copy_is_safe_releases_nothing(lab, bro
         with HermesSender(s) as hermes:
             hermes.send("transfer-done", transfer_done(early))  # no transfer has happened
             hermes.send("transfer-done", transfer_done(forged, adler="00000001"))  # other checksum
-        wait_for(lambda: sum(w.stats.messages for w in workers) >= 2, timeout=30, what="both events handled")
+            hermes.send("deletion-done", {"scope": "lst", "name": early.path, "rse": SOURCE,
+                                          "url": f"file://localhost{early.path}", "bytes": early.size})
+        wait_for(lambda: sum(w.stats.messages for w in workers) >= 3, timeout=30, what="the three events handled")
         assert outcomes(workers, "not-yet-safe") == 1 and outcomes(workers, "released") == 0
+        assert outcomes(workers, "source-still-present") == 1 and outcomes(workers, "archived") == 0
         wait_for(lambda: len(cleanup_dead_letters(s)) >= 1, timeout=20, what="the forged event dead-lettered")
         dead = cleanup_dead_letters(s)
+        assert taken(s, topology.archived_queue(s)) == [], "no file-archived for a file whose source is still there"
     lab.server.run_daemons("reaper", rses=[SOURCE])
     for e in (early, forged):
         assert Path(e.path).exists(), "the source was deleted without a verified archive copy"
         assert SOURCE in lab.replicas([e.path])[e.path]["states"]
+    assert not any("injector_released_at" in m or "injector_announced" in m
+                   for m in lab.client.get_metadata_bulk([{"scope": "lst", "name": e.path} for e in (early, forged)],
+                                                         plugin="JSON")), "no mark written"
     (h,) = dead
     assert h["dlq-reason"] == "checksum-mismatch" and forged.path in h["dlq-error"]
 
