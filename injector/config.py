@@ -11,12 +11,21 @@ import re
 import string
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import unquote, urlparse
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, unquote, urlparse, urlunparse
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from injector.errors import ConfigError
 
@@ -121,7 +130,7 @@ class StompServer:
 
     addresses: tuple[tuple[str, int], ...]
     username: str
-    password: str
+    password: str = field(repr=False)
     vhost: str = "/"
     heartbeat_ms: int = 10000
 
@@ -135,9 +144,12 @@ STOMP_SCHEMES = ("stomp",)
 
 
 class Broker(_Section):
-    """The DAQ broker: AMQP URLs (RabbitMQ), or stomp://USER:PASS@HOST:PORT URLs (ActiveMQ-only sites)."""
+    """The DAQ broker: AMQP URLs (RabbitMQ), or stomp://USER:PASS@HOST:PORT URLs (ActiveMQ-only sites). `password`,
+    when set (from `password_file` or RUCIO_INJECTOR_BROKER_PASSWORD[_FILE], see `load`), is the password of every
+    URL: the URLs then name only the user (amqp://ingest@rabbit1:5672//)."""
 
     urls: Annotated[list[str], Field(min_length=1)] = ["amqp://guest:guest@127.0.0.1:5672//"]
+    password: SecretStr | None = None
     daq_exchange: str = "rucio-injector.daq"
     dead_letter_exchange: str = "rucio-injector.dlx"
     heartbeat: Annotated[int, Field(ge=0)] = 30
@@ -167,9 +179,23 @@ class Broker(_Section):
         return _transport_of(self.urls[0])
 
     @property
+    def connect_urls(self) -> list[str]:
+        """The URLs a client connects with: `password` put into each (only a connection ever holds these)."""
+        if self.password is None:
+            return list(self.urls)
+        secret = quote(self.password.get_secret_value(), safe="")
+        out = []
+        for u in self.urls:
+            parsed = urlparse(u)
+            user = parsed.netloc.rpartition("@")[0].partition(":")[0] if "@" in parsed.netloc else "guest"
+            host = parsed.netloc.rpartition("@")[2]
+            out.append(urlunparse(parsed._replace(netloc=f"{user}:{secret}@{host}")))
+        return out
+
+    @property
     def stomp(self) -> StompServer:
         """The broker as a STOMP server (stomp:// urls, in failover order)."""
-        parsed = [urlparse(u) for u in self.urls]
+        parsed = [urlparse(u) for u in self.connect_urls]
         first = parsed[0]
         return StompServer(tuple((u.hostname or "", u.port or 0) for u in parsed),
                            unquote(first.username or ""), unquote(first.password or ""),
@@ -194,7 +220,7 @@ class Cleanup(_Section):
     flavour: Literal["rabbitmq", "activemq"] = "rabbitmq"
     stomp_hosts: Annotated[list[str], Field(min_length=1)] = ["127.0.0.1:61613"]
     username: str = "guest"
-    password: str = "guest"
+    password: SecretStr = SecretStr("guest")  # or password_file / RUCIO_INJECTOR_CLEANUP_PASSWORD[_FILE] (`load`)
     vhost: str = "/"
     hermes_destination: str = "/topic/rucio.events"  # [messaging-hermes] destination
     queue: str = "rucio-injector.cleanup"  # RabbitMQ: durable queue bound to amq.topic
@@ -222,7 +248,8 @@ class Cleanup(_Section):
     @property
     def server(self) -> StompServer:
         """hermes' broker, where cleanup consumers subscribe over STOMP (ActiveMQ)."""
-        return StompServer(tuple(self.stomp_addresses), self.username, self.password, self.vhost, self.heartbeat_ms)
+        return StompServer(tuple(self.stomp_addresses), self.username, self.password.get_secret_value(), self.vhost,
+                           self.heartbeat_ms)
 
     @property
     def topic(self) -> str:
@@ -401,8 +428,14 @@ def _overlap(a: str, b: str) -> str | None:
     return None
 
 
+PASSWORDS = ("broker", "cleanup")  # sections whose password may come from a file or the environment
+
+
 def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Read the TOML config (path, else $RUCIO_INJECTOR_CONFIG) and apply environment overrides."""
+    """Read the TOML config (path, else $RUCIO_INJECTOR_CONFIG) and apply environment overrides. Passwords: for
+    [broker] and [cleanup], RUCIO_INJECTOR_<SECTION>_PASSWORD, else the file named by
+    RUCIO_INJECTOR_<SECTION>_PASSWORD_FILE, else the section's `password_file` (its text, without the final newline)
+    is the section's password. Every password is kept secret from then on (`injector.logs.masked`)."""
     env = dict(os.environ) if env is None else env
     where = path or env.get(CONFIG_ENV)
     if not where:
@@ -416,7 +449,41 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> S
         raise ConfigError(f"config file {where} is not valid TOML: {exc}") from None
     if env.get(BROKER_URL_ENV):
         data.setdefault("broker", {})["urls"] = env[BROKER_URL_ENV].split(",")
-    return parse(data, source=str(where))
+    for section in PASSWORDS:
+        _password(data, section, env)
+    settings = parse(data, source=str(where))
+    _keep_secrets(settings)
+    return settings
+
+
+def _password(data: dict[str, Any], section: str, env: dict[str, str]) -> None:
+    """The section's password from the environment or a file, in place of `password_file` (see `load`)."""
+    table = data.get(section)
+    if table is not None and not isinstance(table, dict):
+        return  # parse() says what is wrong with it
+    table = data.setdefault(section, {})
+    name = f"RUCIO_INJECTOR_{section.upper()}_PASSWORD"
+    file = table.pop("password_file", None)
+    if env.get(name):
+        table["password"] = env[name]
+        return
+    file = env.get(name + "_FILE") or file
+    if file is None:
+        return
+    try:
+        with open(os.path.expanduser(str(file)), encoding="utf-8") as fh:
+            table["password"] = fh.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"[{section}] password: cannot read the password file {file}: {exc.strerror}") from None
+
+
+def _keep_secrets(settings: Settings) -> None:
+    """Every password the settings hold, hidden from every log line and message from now on."""
+    from injector.logs import keep_secret
+
+    for url in settings.broker.connect_urls:
+        keep_secret(unquote(urlparse(url).password or ""))
+    keep_secret(settings.cleanup.password.get_secret_value())
 
 
 def parse(data: dict[str, object], source: str = "<config>") -> Settings:

@@ -18,6 +18,7 @@ from typing import Any
 
 from injector import clock
 from injector.errors import InjectorError
+from injector.logs import masked
 from injector.messages import COPY_HEADERS, ORIGIN_EXCHANGE, ORIGIN_ROUTING_KEY, count_of
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def headers(
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """The original headers plus this project's dead-letter record (never the count a copy carried: a replay
-    starts afresh)."""
+    starts afresh). The error text is masked like a log line: no credentials, no kept secret."""
+    error = masked(error)
     exchange = str(original.get(REPLAYED_EXCHANGE, exchange))
     routing_key = str(original.get(REPLAYED_ROUTING_KEY, routing_key))
     out = {k: v for k, v in original.items() if not k.startswith("x-") and k not in COPY_HEADERS}

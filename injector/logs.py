@@ -1,5 +1,6 @@
 """Logging set-up: readable lines by default, JSON lines on request; per-message context fields.
-No line carries credentials: the user and password of every URL in it are cut out (`masked`)."""
+No line carries credentials: the user and password of every URL in it are cut out, and every secret the process
+loaded (broker passwords, signing keys: `keep_secret`) is replaced by *** (`masked`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,30 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 CONTEXT = ("event_id", "did", "outcome", "kind")
 _CREDENTIALS = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s]*@", re.IGNORECASE)
+_SECRETS: set[str] = set()
+HIDDEN = "***"
+
+
+def keep_secret(value: str | None) -> None:
+    """From now on `masked` hides `value` wherever it appears (its URL-quoted spelling too). Values shorter
+    than 4 characters are not registered: hiding them would garble ordinary text, and they are no secret."""
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+        _SECRETS.add(quote(value, safe=""))
 
 
 def masked(text: str) -> str:
-    """`text` with the user and password cut out of every URL in it (amqp://user:secret@host → amqp://host)."""
-    return _CREDENTIALS.sub(r"\1", text)
+    """`text` with the user and password cut out of every URL in it (amqp://user:secret@host → amqp://host), and
+    every kept secret replaced by ***."""
+    text = _CREDENTIALS.sub(r"\1", text)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, HIDDEN)
+    return text
 
 
 class JsonFormatter(logging.Formatter):

@@ -29,6 +29,7 @@ from typing import Any
 from injector.config import Signing, Stream
 from injector.errors import BadSignature, ConfigError, NoStream
 from injector.events import FileClosed
+from injector.logs import keep_secret
 from injector.streams import match
 
 KEY_ID = "injector-key-id"
@@ -80,6 +81,7 @@ class Keyring:
             if len(secret) < MIN_SECRET:
                 raise ConfigError(f"signing key {key_id!r}: the secret in its {where} is {len(secret)} bytes; at "
                                   f"least {MIN_SECRET} are needed (make one with `openssl rand -hex 32`)")
+            keep_secret(secret.decode(errors="replace"))
             keys[key_id] = _Key(key_id, secret, frozenset(k.sites))
         return cls(keys, signing.sign_with)
 

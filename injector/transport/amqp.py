@@ -52,7 +52,7 @@ def _lost(what: str) -> Iterator[None]:
 def connection(broker: Broker, attempts: int | None = None) -> kombu.Connection:
     """An open kombu connection (failover over broker.urls), retried with jittered backoff (`attempts`, default
     broker.connect_attempts; a consumer passes 1: its own loop retries, and stops at once on SIGTERM)."""
-    conn = kombu.Connection(broker.urls, heartbeat=broker.heartbeat, connect_timeout=10,
+    conn = kombu.Connection(broker.connect_urls, heartbeat=broker.heartbeat, connect_timeout=10,
                             failover_strategy="round-robin")
 
     @retry(

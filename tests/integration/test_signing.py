@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from pathlib import Path
+
 import pytest
 
 from consumers.services import ingest_worker
@@ -18,8 +19,15 @@ from injector.testing import FakeRucio
 from injector.topology import Routes
 from injector.transport import plugin
 from tests.integration.cli import run
-from tests.integration.rabbit import activemq_site, config_toml, dead_letters, declared, running, unique_settings, \
-    wait_for
+from tests.integration.rabbit import (
+    activemq_site,
+    config_toml,
+    dead_letters,
+    declared,
+    running,
+    unique_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
