@@ -178,7 +178,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         return _activemq_setup(settings, args.action)
     declared = topology.declare(settings)
     if args.action == "definitions":
-        print(json.dumps(topology.definitions(declared), indent=2))
+        print(json.dumps(topology.definitions(declared, settings), indent=2))
         return 0
     from injector.transport.amqp import connection
 

@@ -7,6 +7,7 @@ definitions (`definitions`); a test keeps the shipped file equal to the renderin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,10 +185,62 @@ def where(url: str) -> str:
     return f"{u.scheme}://{host}{port}{u.path or '/'}"
 
 
-def definitions(topology: Topology) -> dict[str, Any]:
-    """RabbitMQ definitions (import with `rabbitmqctl import_definitions` or the management UI)."""
+@dataclass(frozen=True)
+class Permission:
+    """A role's RabbitMQ permissions: regular expressions over resource names (configure, write, read)."""
+
+    configure: str
+    write: str
+    read: str
+
+
+ROLES = ("daq", "ingest", "cleanup", "hermes", "ops")
+USER_PREFIX = "rucio-injector-"
+
+
+def permissions(settings: Settings) -> dict[str, Permission]:
+    """Least privilege per role, from the declaration (RabbitMQ checks write on an exchange to publish and on a
+    queue to bind it, read on a queue to consume, get or purge it, configure to declare or delete; the default
+    exchange is `amq.default`; passive declares need none):
+    - daq: publish file-closed to the DAQ exchange, consume file-archived from its inbox; nothing else;
+    - ingest: consume its queue; publish dead letters (DLX) and retry copies (default exchange);
+    - cleanup: consume its queue; publish dead letters, retry copies and file-archived (DAQ exchange);
+    - hermes (Rucio's): publish Rucio's events to amq.topic (what /topic/... is on RabbitMQ's STOMP);
+    - ops (broker setup, dlq, status, reconcile): declare, bind, read, purge and publish on the project's names.
+    cleanup's queue is on this broker only with flavour "rabbitmq" (on ActiveMQ its login is ActiveMQ's)."""
+    top = declare(settings)
+    b, inbox = settings.broker, archived_queue(settings)
+    ours = [e.name for e in top.exchanges] + [q.name for q in top.queues]
+    nothing = "^$"
+    roles = {
+        "daq": Permission(nothing, _names(b.daq_exchange), _names(inbox)),
+        "ingest": Permission(nothing, _names(b.dead_letter_exchange, "amq.default"), _names(settings.ingest.queue)),
+        "hermes": Permission(nothing, _names("amq.topic"), nothing),
+        "ops": Permission(_names(*ours), _names(*ours, "amq.default", "amq.topic"), _names(*ours, "amq.topic")),
+    }
+    if settings.cleanup.flavour == "rabbitmq":
+        roles["cleanup"] = Permission(nothing, _names(b.dead_letter_exchange, b.daq_exchange, "amq.default"),
+                                      _names(settings.cleanup.queue))
+    return {role: roles[role] for role in ROLES if role in roles}
+
+
+def _names(*names: str) -> str:
+    """A regular expression matching exactly these resource names."""
+    return "^(" + "|".join(re.escape(n) for n in dict.fromkeys(names)) + ")$"
+
+
+def definitions(topology: Topology, settings: Settings | None = None) -> dict[str, Any]:
+    """RabbitMQ definitions (import with `rabbitmqctl import_definitions` or the management UI). With the settings,
+    one user per role (`permissions`) WITHOUT a password: set each at deploy (`rabbitmqctl change_password`);
+    until then no one can log in as them."""
     v = topology.vhost
+    roles = permissions(settings) if settings is not None else {}
     return {
+        "users": [{"name": USER_PREFIX + role, "password_hash": "", "hashing_algorithm":
+                   "rabbit_password_hashing_sha256", "tags": ""}
+                  for role in roles],
+        "permissions": [{"user": USER_PREFIX + role, "vhost": v, "configure": p.configure, "write": p.write,
+                         "read": p.read} for role, p in roles.items()],
         "vhosts": [{"name": v}],
         "exchanges": [
             {"name": e.name, "vhost": v, "type": e.type, "durable": True, "auto_delete": False,

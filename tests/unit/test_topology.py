@@ -10,9 +10,23 @@ SHIPPED = Path(__file__).parents[2] / "broker-config" / "definitions.json"
 
 
 def test_shipped_rabbitmq_definitions_are_the_declaration_for_the_default_config():
-    generated = topology.definitions(topology.declare(parse({})))
+    generated = topology.definitions(topology.declare(parse({})), parse({}))
     assert json.loads(SHIPPED.read_text()) == generated, (
         "broker-config/definitions.json is stale: regenerate with `rucio-injector broker definitions`")
+
+
+def test_each_role_gets_only_the_names_it_needs_and_no_password():
+    s = parse({})
+    roles = topology.permissions(s)
+    daq, ingest = roles["daq"], roles["ingest"]
+    assert (daq.configure, daq.write, daq.read) == ("^$", r"^(rucio\-injector\.daq)$", r"^(rucio\-injector\.archived)$")
+    assert ingest.read == r"^(rucio\-injector\.ingest)$" and "amq\\.default" in ingest.write
+    assert "rucio\\-injector\\.daq" not in ingest.write, "ingest publishes nothing to the DAQ"
+    assert "rucio\\-injector\\.daq" in roles["cleanup"].write, "cleanup publishes file-archived"
+    assert roles["hermes"] == topology.Permission("^$", r"^(amq\.topic)$", "^$")
+    d = topology.definitions(topology.declare(s), s)
+    assert [u["name"] for u in d["users"]] == [f"rucio-injector-{r}" for r in topology.ROLES]
+    assert all(u["password_hash"] == "" for u in d["users"]), "passwords are set at deploy, never shipped"
 
 
 def test_every_work_queue_is_quorum_with_delivery_limit_and_its_own_dead_letter_queue():
