@@ -46,6 +46,20 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def version_text() -> str:
+    """This version and the libraries that speak to Rucio and the brokers (what a bug report needs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{d} {of(d)}" for d in ("rucio-clients", "kombu", "amqp", "stomp.py", "pydantic"))
+    return f"rucio-injector {__version__} ({libraries}; Python {sys.version.split()[0]})"
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     """Write the events to the outbox, then send every event waiting there (one attempt; `--flush`: no new events).
     Exit 0 when the outbox is empty; else the broker's exit code with one line saying how many wait."""
@@ -215,8 +229,12 @@ def _activemq_setup(settings: config.Settings, action: str) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     """`config check`: 0 fine (warnings allowed), 1 a problem Rucio would refuse; an unreadable file exits 2 and
-    Rucio not answering 4, through main()."""
+    Rucio not answering 4, through main(). `config show`: the effective settings (file, environment, defaults) as
+    JSON, every password and URL credential masked."""
     settings = _settings(args)
+    if args.action == "show":
+        print(logs.masked(json.dumps(settings.model_dump(mode="json"), indent=2)))
+        return 0
     print(f"ok      config: {len(settings.streams)} stream(s) valid")
     if not args.rucio:
         return 0
@@ -254,7 +272,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rucio-injector", description=__doc__, epilog=exits.epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"rucio-injector {__version__}")
+    p.add_argument("--version", action="version", version=version_text())
     p.add_argument("--config", help=f"TOML config file (default: ${config.CONFIG_ENV})")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true", help="log JSON lines")
@@ -326,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "as RabbitMQ definitions JSON")
     brk.set_defaults(func=cmd_broker)
 
-    cfg = sub.add_parser("config", help="check the config file (and, with --rucio, every stream against Rucio)")
-    cfg.add_argument("action", choices=["check"])
+    cfg = sub.add_parser("config", help="check the config file (and, with --rucio, every stream against Rucio), "
+                                        "or show the effective settings")
+    cfg.add_argument("action", choices=["check", "show"],
+                     help="check: validate; show: print the effective settings (secrets masked) as JSON")
     cfg.add_argument("--rucio", action="store_true",
                      help="also check each stream against Rucio: RSEs, protocol, scope, rules, account rights")
     cfg.set_defaults(func=cmd_config)

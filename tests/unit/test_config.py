@@ -133,3 +133,19 @@ def test_stomp_urls_make_an_activemq_only_site_with_credentials_and_failover_hos
 def test_a_broker_config_that_cannot_work_is_refused_saying_why(data: dict, says: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(says)):
         parse(data)
+
+
+def test_the_shipped_example_config_loads_and_names_files_independently_of_the_buffer_mount():
+    from pathlib import Path
+
+    from injector.streams import did_name
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "injector.toml"
+    s = load(example, env={"RUCIO_INJECTOR_BROKER_PASSWORD": "x" * 16, "RUCIO_INJECTOR_CLEANUP_PASSWORD": "y" * 16})
+    assert [st.name for st in s.streams] == ["lst1-raw", "magic-raw"]
+    assert all(st.rules[0].rse_expression == "PIC-ARCHIVE" and st.require_signature for st in s.streams)
+    lst = s.stream_named("lst1-raw")
+    name = did_name(lst, "/fefs/onsite/data/lst1/20261124/LST-1.1.Run00042.0000.fits.fz")
+    assert name == "/lst1/raw/20261124/LST-1.1.Run00042.0000.fits.fz", "the mount point is not in the name"
+    assert s.broker.password is not None and "x" * 16 in s.broker.connect_urls[0]
+    assert set(s.signing.keys) == {"orm-2026a", "orm-2026b"} and s.signing.sign_with == "orm-2026b"

@@ -64,3 +64,19 @@ def test_every_loaded_password_is_hidden_from_log_lines_and_dead_letter_errors(t
         assert logs.HIDDEN in out
     h = deadletter.headers({}, reason="x", error=line, exchange="e", routing_key="r", queue="q", attempts=1)
     assert PASSWORD not in h[deadletter.ERROR] and STOMP_PASSWORD not in h[deadletter.ERROR]
+
+
+def test_config_show_prints_the_effective_settings_with_every_password_masked(tmp_path: Path, capsys,
+                                                                             monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    from injector.cli import main
+
+    path = tmp_path / "injector.toml"
+    path.write_text('[broker]\nurls = ["amqp://ingest:inline-Pw-123@rabbit:5672//"]\n[cleanup]\nusername = "c"\n')
+    monkeypatch.setenv("RUCIO_INJECTOR_CLEANUP_PASSWORD", STOMP_PASSWORD)
+    assert main(["--config", str(path), "config", "show"]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out)
+    assert shown["broker"]["urls"] == ["amqp://rabbit:5672//"] and shown["cleanup"]["password"] == "**********"
+    assert "inline-Pw-123" not in out and STOMP_PASSWORD not in out
