@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -273,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rucio-injector", description=__doc__, epilog=exits.epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=version_text())
-    p.add_argument("--config", help=f"TOML config file (default: ${config.CONFIG_ENV})")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-json", action="store_true", help="log JSON lines")
+    _global_options(p, None)
     sub = p.add_subparsers(dest="verb", required=True)
 
     pub = sub.add_parser("publish", help="publish file-closed events for files on disk (through the outbox)")
@@ -370,10 +369,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq_cli.add_parser(sub)
     sub.choices["dlq"].set_defaults(func=cmd_dlq)
+    for verb in _subparsers(p):  # `rucio-injector ingest --config x` as well as `rucio-injector --config x ingest`
+        _global_options(verb, argparse.SUPPRESS)
     return p
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """--config, --log-level, --log-json: on the program with their defaults, on every verb without (given after
+    the verb they win; not given there, the program's value stays)."""
+    unset = default is argparse.SUPPRESS
+    parser.add_argument("--config", default=default,
+                        help=f"TOML config file (default: ${config.CONFIG_ENV})")
+    parser.add_argument("--log-level", default=default if unset else "INFO", type=str.upper, choices=LOG_LEVELS,
+                        metavar="LEVEL", help=f"{', '.join(LOG_LEVELS)} (default INFO; any case)")
+    parser.add_argument("--log-json", action="store_true", default=default if unset else False,
+                        help="log JSON lines")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every verb's parser, and its actions' (dlq list, ...), depth first."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out += [child, *_subparsers(child)]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `rucio-injector dlq list | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits 2 here
     logs.setup(args.log_level, args.log_json)
     func: Handler = args.func
@@ -386,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 streams=getattr(args, "stream", None))
         return func(args)
     except BaseException as exc:  # noqa: BLE001 - every failure gets its one line and exit code, or re-raised
-        if isinstance(exc, SystemExit):
+        if isinstance(exc, (SystemExit, BrokenPipeError)):  # a closed stdout is not the broker's failure
             raise
         failure = exits.explain(exc, getattr(args, "settings", None))
         if failure is None:

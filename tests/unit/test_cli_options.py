@@ -1,0 +1,51 @@
+"""The command line as operators type it: global options after the verb too, a wrong --log-level named, and a
+closed pipe (`| head`) ending quietly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from injector.cli import build_parser, main
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "c.toml", "--log-level", "debug", "--log-json", "status"],
+    ["status", "--config", "c.toml", "--log-level", "debug", "--log-json"],
+    ["--log-level", "info", "status", "--config", "c.toml", "--log-level", "DEBUG", "--log-json"],
+])
+def test_global_options_are_taken_before_or_after_the_verb(argv: list[str]):
+    args = build_parser().parse_args(argv)
+    assert (args.config, args.log_level, args.log_json) == ("c.toml", "DEBUG", True)
+
+
+def test_global_options_after_a_nested_action_and_their_defaults_when_absent():
+    args = build_parser().parse_args(["dlq", "list", "--config", "c.toml"])
+    assert (args.config, args.log_level, args.log_json) == ("c.toml", "INFO", False)
+    args = build_parser().parse_args(["--config", "a.toml", "dlq", "list"])
+    assert args.config == "a.toml", "a verb without the option keeps the program's value"
+
+
+def test_an_unknown_log_level_is_a_usage_error_naming_the_choices(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as exc:
+        main(["--log-level", "loud", "status"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'LOUD'" in err and "DEBUG" in err and "Traceback" not in err
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path):
+    config = tmp_path / "c.toml"
+    config.write_text('[broker]\nurls = ["amqp://guest:guest@127.0.0.1:5672//"]\n')
+    read, write = os.pipe()
+    os.close(read)  # the reader (`head`) is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "injector.cli", "--config", str(config), "broker",
+                               "definitions"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
