@@ -152,6 +152,9 @@ class Broker(_Section):
     password: SecretStr | None = None
     daq_exchange: str = "rucio-injector.daq"
     dead_letter_exchange: str = "rucio-injector.dlx"
+    # The DAQ's inbox of file-archived events (bound to file.archived.#); unset: the ingest queue's name with its
+    # last dotted word replaced by "archived" (rucio-injector.ingest → rucio-injector.archived).
+    archived_queue: str | None = None
     heartbeat: Annotated[int, Field(ge=0)] = 30
     delivery_limit: Annotated[int, Field(ge=1)] = 5
     connect_attempts: Annotated[int, Field(ge=1)] = 10

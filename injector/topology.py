@@ -84,8 +84,8 @@ def dead_letters_of(settings: Settings, queue: str) -> str:
 
 
 def archived_queue(settings: Settings) -> str:
-    """The DAQ's inbox for file-archived events (a DAQ may also bind its own queue)."""
-    return settings.ingest.queue.rsplit(".", 1)[0] + ".archived"
+    """The DAQ's inbox for file-archived events ([broker] archived_queue; a DAQ may also bind its own queue)."""
+    return settings.broker.archived_queue or settings.ingest.queue.rsplit(".", 1)[0] + ".archived"
 
 
 def declare(settings: Settings) -> Topology:

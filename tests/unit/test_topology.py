@@ -29,6 +29,14 @@ def test_each_role_gets_only_the_names_it_needs_and_no_password():
     assert all(u["password_hash"] == "" for u in d["users"]), "passwords are set at deploy, never shipped"
 
 
+def test_the_daqs_archived_queue_is_configurable_and_derived_from_the_ingest_queue_by_default():
+    assert topology.archived_queue(parse({"ingest": {"queue": "orm.ingest"}})) == "orm.archived"
+    s = parse({"broker": {"archived_queue": "lst-daq.inbox"}})
+    assert topology.archived_queue(s) == "lst-daq.inbox"
+    assert topology.Binding("rucio-injector.daq", "lst-daq.inbox", "file.archived.#") in topology.declare(s).bindings
+    assert topology.permissions(s)["daq"].read == r"^(lst\-daq\.inbox)$"
+
+
 def test_every_work_queue_is_quorum_with_delivery_limit_and_its_own_dead_letter_queue():
     decl = topology.declare(parse({"broker": {"delivery_limit": 7}}))
     q = decl.queue("rucio-injector.ingest")
