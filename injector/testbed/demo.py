@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from rich.table import Table
 
 from injector import topology
 from injector.checksum import size_and_adler32
-from injector.config import Settings, parse
+from injector.config import BROKER_URL_ENV, Settings, parse
 from injector.errors import InjectorError
 from injector.events import FileClosed
 from injector.logs import masked
@@ -289,11 +289,17 @@ class DemoBroker:
     what: str
 
 
+def auto_url(env: Mapping[str, str]) -> str:
+    """--broker auto tries this RabbitMQ: the first of $RUCIO_INJECTOR_BROKER_URL (as every verb reads it), else the
+    local one with its default user."""
+    return env.get(BROKER_URL_ENV, "").split(",")[0].strip() or DEFAULT_AMQP
+
+
 @contextlib.contextmanager
 def _broker(options: Options, log_file: Path, console: Console) -> Iterator[DemoBroker]:
     """The local RabbitMQ (AMQP + its STOMP plugin) when it answers, else the embedded broker."""
     if options.broker != EMBEDDED:
-        url = DEFAULT_AMQP if options.broker == AUTO else options.broker
+        url = auto_url(os.environ) if options.broker == AUTO else options.broker
         host = urlparse(url).hostname or "127.0.0.1"
         missing = (_unreachable(host, urlparse(url).port or 5672, "RabbitMQ (AMQP)")
                    or _unreachable(host, options.stomp_port, "RabbitMQ's STOMP plugin (for hermes; "

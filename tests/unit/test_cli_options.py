@@ -49,3 +49,11 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path):
     finally:
         os.close(write)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_demo_broker_auto_tries_the_broker_the_environment_names_first():
+    from injector.testbed.demo import DEFAULT_AMQP, auto_url
+
+    assert auto_url({}) == DEFAULT_AMQP
+    assert auto_url({"RUCIO_INJECTOR_BROKER_URL": "amqp://u:p@rabbit:5673/v, amqp://u:p@other//"}) == \
+        "amqp://u:p@rabbit:5673/v"
