@@ -435,7 +435,8 @@ PASSWORDS = ("broker", "cleanup")  # sections whose password may come from a fil
 
 
 def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Read the TOML config (path, else $RUCIO_INJECTOR_CONFIG) and apply environment overrides. Passwords: for
+    """Read the TOML config (path, else $RUCIO_INJECTOR_CONFIG) and apply environment overrides: any field as
+    RUCIO_INJECTOR__SECTION__KEY (`_overrides`), the broker URLs as RUCIO_INJECTOR_BROKER_URL. Passwords: for
     [broker] and [cleanup], RUCIO_INJECTOR_<SECTION>_PASSWORD, else the file named by
     RUCIO_INJECTOR_<SECTION>_PASSWORD_FILE, else the section's `password_file` (its text, without the final newline)
     is the section's password. Every password is kept secret from then on (`injector.logs.masked`)."""
@@ -450,6 +451,7 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> S
         raise ConfigError(f"config file {where} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {where} is not valid TOML: {exc}") from None
+    _overrides(data, env)
     if env.get(BROKER_URL_ENV):
         data.setdefault("broker", {})["urls"] = env[BROKER_URL_ENV].split(",")
     for section in PASSWORDS:
@@ -457,6 +459,39 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> S
     settings = parse(data, source=str(where))
     _keep_secrets(settings)
     return settings
+
+
+OVERRIDE_PREFIX = "RUCIO_INJECTOR__"
+
+
+def _overrides(data: dict[str, Any], env: dict[str, str]) -> None:
+    """Any field from the environment: RUCIO_INJECTOR__<SECTION>__<KEY>=<value> (double underscores; a stream by
+    its index, RUCIO_INJECTOR__STREAMS__0__DATASET; names in any case). The value is read as a TOML value
+    (`500`, `true`, `["a", "b"]`, `"text"`), else taken as text; it wins over the file."""
+    for name in sorted(k for k in env if k.upper().startswith(OVERRIDE_PREFIX)):
+        path = [part.lower() for part in name[len(OVERRIDE_PREFIX):].split("__")]
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty name part (use RUCIO_INJECTOR__SECTION__KEY)")
+        try:
+            value: Any = tomllib.loads(f"v = {env[name]}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = env[name]
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"environment variable {name}: the file has no {'.'.join(path[:i])}[{part}]")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                if path[i + 1].isdigit() and not isinstance(node.get(part), list):
+                    raise ConfigError(f"environment variable {name}: the file has no {'.'.join(path[:i + 1])}"
+                                      f"[{path[i + 1]}]")
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"environment variable {name}: {'.'.join(path[:i])} is not a section")
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment variable {name}: {'.'.join(path[:-1])} is not a section")
+        node[path[-1]] = value
 
 
 def _password(data: dict[str, Any], section: str, env: dict[str, str]) -> None:

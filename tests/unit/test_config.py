@@ -149,3 +149,37 @@ def test_the_shipped_example_config_loads_and_names_files_independently_of_the_b
     assert name == "/lst1/raw/20261124/LST-1.1.Run00042.0000.fits.fz", "the mount point is not in the name"
     assert s.broker.password is not None and "x" * 16 in s.broker.connect_urls[0]
     assert set(s.signing.keys) == {"orm-2026a", "orm-2026b"} and s.signing.sign_with == "orm-2026b"
+
+
+def test_any_field_can_come_from_the_environment_as_a_toml_value(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[ingest]\nbatch_size = 1000\n[[streams]]\nname = "lst1-raw"\nsite = "ORM"\ninstrument = "LST1"\n'
+                    'source_rse = "ORM-BUFFER"\nstorage_root = "/data/lst1"\nscope = "lst"\n'
+                    'dataset = "LST1_{night}_raw"\nrules = [{ rse_expression = "PIC-ARCHIVE" }]\n')
+    s = load(path, env={"RUCIO_INJECTOR__INGEST__BATCH_SIZE": "500", "rucio_injector__metrics__ingest_port": "0",
+                        "RUCIO_INJECTOR__STREAMS__0__DATASET": "LST1_{date}_raw",
+                        "RUCIO_INJECTOR__STREAMS__0__RELEASE_SOURCE": "false",
+                        "RUCIO_INJECTOR__CLEANUP__STOMP_HOSTS": '["a:61613", "b:61613"]',
+                        "RUCIO_INJECTOR__BROKER__DAQ_EXCHANGE": "orm.daq"})
+    assert s.ingest.batch_size == 500 and s.metrics.ingest_port == 0 and s.broker.daq_exchange == "orm.daq"
+    assert s.streams[0].dataset == "LST1_{date}_raw" and s.streams[0].release_source is False
+    assert s.cleanup.stomp_hosts == ["a:61613", "b:61613"]
+
+
+@pytest.mark.parametrize("name, says", [
+    ("RUCIO_INJECTOR__STREAMS__3__DATASET", "the file has no streams[3]"),
+    ("RUCIO_INJECTOR__INGEST__BATCH_SIZE__X", "ingest.batch_size is not a section"),
+    ("RUCIO_INJECTOR____X", "empty name part"),
+])
+def test_an_environment_override_that_names_nothing_is_refused_naming_the_variable(tmp_path, name, says):
+    path = tmp_path / "c.toml"
+    path.write_text('[ingest]\nbatch_size = 1000\n')
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load(path, env={name: "1"})
+
+
+def test_a_wrong_value_from_the_environment_is_refused_like_one_in_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match="ingest.batch_size"):
+        load(path, env={"RUCIO_INJECTOR__INGEST__BATCH_SIZE": "5000"})
