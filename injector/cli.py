@@ -270,23 +270,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(opts)
 
 
+DESCRIPTION = """\
+Event-driven ingestion of detector data into Rucio. The DAQ side announces closed files (publish, watch); ingest
+registers each in place at its stream's source RSE, in its dataset, with the archive rules; cleanup releases the
+source once Rucio verified the archive copy and tells the DAQ; reconcile finishes what lost events left undone.
+One config file (--config or $RUCIO_INJECTOR_CONFIG); Rucio's account from the rucio-clients config (RUCIO_CONFIG).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rucio-injector", description=__doc__, epilog=exits.epilog(),
+    p = argparse.ArgumentParser(prog="rucio-injector", description=DESCRIPTION, epilog=exits.epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=version_text())
     _global_options(p, None)
     sub = p.add_subparsers(dest="verb", required=True)
 
     pub = sub.add_parser("publish", help="publish file-closed events for files on disk (through the outbox)")
-    pub.add_argument("paths", nargs="*")
+    pub.add_argument("paths", nargs="*", help="files to announce (size and adler32 are computed)")
     pub.add_argument("--flush", action="store_true",
                      help="send what waits in the outbox (files given are added first): exit 0 when it is empty")
     pub.add_argument("--site", help="required with files")
     pub.add_argument("--instrument", help="required with files")
-    pub.add_argument("--run", type=int)
+    pub.add_argument("--run", type=int, help="run number")
     pub.add_argument("--night", help="observing night YYYYMMDD")
-    pub.add_argument("--datatype")
-    pub.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
+    pub.add_argument("--datatype", help="data type (a stream may match on it)")
+    pub.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra metadata carried by the event (repeatable)")
     pub.set_defaults(func=cmd_publish)
 
     wat = sub.add_parser("watch", help="watch the streams' buffer directories: file-closed for every file closed")
@@ -334,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sta.add_argument("--since", type=_since, metavar="DATE",
                      help="only datasets created since DATE (YYYY-MM-DD, or an ISO time; UTC unless it says)")
     _scope_options(sta)
-    sta.add_argument("--json", action="store_true")
+    sta.add_argument("--json", action="store_true", help="one JSON document, for scripts and monitoring")
     sta.set_defaults(func=cmd_status)
 
     brk = sub.add_parser("broker", help="broker topology")

@@ -48,16 +48,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--json", action="store_true", help="full ids and every field, for scripts")
     show = acts.add_parser("show", help="one dead letter in full")
     show.add_argument("id", help="its id, or an unambiguous prefix")
-    show.add_argument("--queue")
+    show.add_argument("--queue", help="work queue or its DLQ to look in (default: every DLQ)")
     exp = with_filters(acts.add_parser("export", help="write dead letters as JSON lines (nothing is consumed)"),
                        queue=False)
     exp.add_argument("file", help="output file, - for stdout")
-    exp.add_argument("--queue")
+    exp.add_argument("--queue", help="work queue or its DLQ (default: every DLQ)")
     purge = with_filters(acts.add_parser("purge", help="delete dead letters for good"))
     purge.add_argument("--yes", action="store_true", help="really delete")
     rep = with_filters(acts.add_parser(
         "replay", help="send dead letters back into the queue they came from (only those present at the start)"))
-    rep.add_argument("--limit", type=int)
+    rep.add_argument("--limit", type=int, metavar="N", help="replay at most N dead letters (in queue order)")
     rep.add_argument("--rate", type=float, metavar="R", help="at most R messages per second")
     rep.add_argument("--dry-run", action="store_true", help="say what would be replayed; change nothing")
     rep.add_argument("--to", dest="routing_key", metavar="ROUTING_KEY",

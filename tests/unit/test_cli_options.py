@@ -57,3 +57,16 @@ def test_demo_broker_auto_tries_the_broker_the_environment_names_first():
     assert auto_url({}) == DEFAULT_AMQP
     assert auto_url({"RUCIO_INJECTOR_BROKER_URL": "amqp://u:p@rabbit:5673/v, amqp://u:p@other//"}) == \
         "amqp://u:p@rabbit:5673/v"
+
+
+def test_every_option_of_every_verb_has_help_and_the_description_is_for_users():
+    import argparse
+
+    from injector.cli import _subparsers
+
+    parser = build_parser()
+    assert "Rucio" in (parser.description or "") and "parse →" not in (parser.description or "")
+    missing = [f"{p.prog} {a.option_strings or a.dest}" for p in [parser, *_subparsers(parser)] for a in p._actions
+               if not isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction))
+               and not a.help]
+    assert not missing, missing
