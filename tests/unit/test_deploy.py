@@ -56,3 +56,62 @@ def test_each_unit_runs_its_verb_with_its_instances_config_and_stops_it_cleanly(
     assert s["Restart"] == "on-failure" and s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict"
     if verb == "reconcile":
         assert args.every == 600
+
+
+def rendered() -> list[dict]:
+    """deploy/kubernetes as kubectl renders it (kustomize built in)."""
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to render deploy/kubernetes"
+    done = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "kubernetes")], capture_output=True,
+                          text=True, timeout=120, check=True)
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def test_the_kubernetes_manifests_run_each_verb_with_the_mounted_config_and_probe_its_metrics_port():
+    import tomllib
+
+    from injector.config import parse
+    from injector.topology import permissions
+
+    docs = rendered()
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    settings = parse(tomllib.loads(cm["data"]["injector.toml"]))
+    ports = {"ingest": settings.metrics.ingest_port, "cleanup": settings.metrics.cleanup_port,
+             "reconcile": settings.metrics.reconcile_port}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert sorted(deployments) == [f"rucio-injector-{v}" for v in ("cleanup", "ingest", "reconcile")]
+    roles = set(permissions(settings))
+    for name, d in deployments.items():
+        pod = d["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        args = build_parser().parse_args(c["args"])
+        assert f"rucio-injector-{args.verb}" == name
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        config_dir, config_file = args.config.rsplit("/", 1)
+        assert mounts["config"] == config_dir and config_file in cm["data"]
+        assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"], "the generated ConfigMap"
+        (port,) = c["ports"]
+        assert (port["name"], port["containerPort"]) == ("metrics", ports[args.verb])
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        env = {e["name"]: e["value"] for e in c["env"]}
+        secret_dir, _ = env["RUCIO_INJECTOR_BROKER_PASSWORD_FILE"].rsplit("/", 1)
+        assert mounts["passwords"] == secret_dir and "secret" in volumes["passwords"], "passwords from a Secret"
+        user = env["RUCIO_INJECTOR_BROKER_URL"].split("//")[1].split("@")[0]
+        assert user.removeprefix("rucio-injector-") in roles, "each verb runs as a broker role's user"
+        assert env["RUCIO_CONFIG"].startswith(mounts["rucio-cfg"] + "/")
+        assert c["securityContext"]["readOnlyRootFilesystem"] and mounts["tmp"] == "/tmp"
+        assert d["spec"]["replicas"] == (1 if args.verb == "reconcile" else 2)
+        if args.verb == "reconcile":
+            assert args.every == 600
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "rucio-injector", "the metrics Service selects the pod"
+    (svc,) = [d for d in docs if d["kind"] == "Service"]
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert svc["spec"]["selector"] == {"app.kubernetes.io/part-of": "rucio-injector"}
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": svc["spec"]["ports"][0]["name"], "path": "/metrics"}]
