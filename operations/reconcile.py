@@ -346,7 +346,9 @@ def run(settings: Settings, options: Options, streams: Sequence[str], every: flo
 
 class _SweepMetrics:
     """Metrics of `reconcile --every`: the common ones (Rucio calls, retries, findings as events), the findings
-    of the last sweep by kind, and when it ended. /healthz fails when two periods pass without a sweep."""
+    of the last sweep by kind, when it ended, and the messages waiting in each dead-letter queue (read from the
+    broker after each sweep: the one place a site's alert on a non-empty DLQ can come from). /healthz fails when
+    two periods pass without a sweep."""
 
     def __init__(self, settings: Settings, every: float, port: int | None) -> None:
         from prometheus_client import Gauge
@@ -360,6 +362,10 @@ class _SweepMetrics:
                               ["stream", "kind", "action"], registry=registry)
         self.last = Gauge("rucio_injector_reconcile_last_sweep_timestamp_seconds", "When the last sweep ended",
                           registry=registry)
+        self.dead_letters = Gauge("rucio_injector_dead_letter_queue_messages", "Messages in each dead-letter "
+                                  "queue, as the broker counted them after the last sweep", ["queue"],
+                                  registry=registry)
+        self._settings = settings
         serve_metrics(self.metrics, settings.metrics.host, settings.metrics.reconcile_port if port is None else port)
         self.metrics.heartbeat()  # healthy from the start; unhealthy when no sweep ends within two periods
 
@@ -377,6 +383,18 @@ class _SweepMetrics:
         for (stream, kind, action), n in Counter((f.stream, f.kind, f.action) for f in findings).items():
             self.findings.labels(stream, kind, action).set(n)
         self.last.set_to_current_time()
+        self.count_dead_letters()
+
+    def count_dead_letters(self) -> None:
+        """The depth of each dead-letter queue of the configuration (left as it was when the broker is away)."""
+        from injector import topology
+        from operations.status import queue_depths
+
+        s = self._settings
+        wanted = {topology.dead_letters_of(s, s.ingest.queue), topology.dead_letters_of(s, s.cleanup.consumer_queue)}
+        for queue, depth in queue_depths(s, attempts=1).items():  # a broker away must not hold up the loop
+            if queue in wanted and isinstance(depth, dict):
+                self.dead_letters.labels(queue).set(depth["messages"])
 
 
 def _metrics(settings: Settings, every: float | None, port: int | None) -> _SweepMetrics | None:

@@ -158,9 +158,10 @@ def outbox_depth(settings: Settings) -> dict[str, Any] | None:
     return None if events is None else {"path": settings.outbox.file, "events": events}
 
 
-def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
+def queue_depths(settings: Settings, attempts: int | None = None) -> dict[str, dict[str, int] | str]:
     """Ready messages and consumers of every queue of the topology (RabbitMQ), or why not. An ActiveMQ-only site:
-    the messages of the ingest queue, its DLQ and the archived queue, browsed."""
+    the messages of the ingest queue, its DLQ and the archived queue, browsed. `attempts`: connection attempts
+    (default [broker] connect_attempts)."""
     from injector.transport.amqp import connection
 
     if settings.broker.transport == "stomp":
@@ -168,7 +169,7 @@ def queue_depths(settings: Settings) -> dict[str, dict[str, int] | str]:
         return browsed_depths(settings.broker.stomp, [work, topology.dead_letters_of(settings, work),
                                                       topology.archived_queue(settings)])
     try:
-        conn = connection(settings.broker)
+        conn = connection(settings.broker, attempts)
     except Exception as exc:  # status must still show Rucio's side
         return {"error": f"broker unreachable: {exc}"}  # type: ignore[dict-item]
     depths: dict[str, dict[str, int] | str] = {}

@@ -115,3 +115,70 @@ def test_the_kubernetes_manifests_run_each_verb_with_the_mounted_config_and_prob
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"] == [{"port": svc["spec"]["ports"][0]["name"], "path": "/metrics"}]
+
+
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "rucio-injector.json"
+
+
+def exported() -> set[str]:
+    """Every series name the running processes' registries export: ingest and cleanup (their workers, built as
+    `rucio-injector ingest|cleanup` builds them), reconcile --every and watch (its outbox gauge)."""
+    from consumers.services import cleanup_worker, ingest_worker
+    from injector.config import parse
+    from injector.metrics import Metrics
+    from injector.testing import FakeRucio
+    from operations.reconcile import _SweepMetrics
+    from tests.conftest import STREAMS
+
+    s = parse(STREAMS)
+    watch = Metrics("watch")
+    watch.track_outbox(lambda: 0.0)
+    registries = [ingest_worker(s, FakeRucio()).metrics.registry, cleanup_worker(s, FakeRucio()).metrics.registry,
+                  _SweepMetrics(s, 600, port=0).metrics.registry, watch.registry]
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {family.name + suffix for r in registries for family in r.collect()
+            for suffix in suffixes.get(family.type, ("",))}
+
+
+def used(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\brucio_injector_[a-z0-9_]+", text))
+
+
+def test_every_metric_the_alerts_and_the_dashboard_use_is_exported():
+    import json
+
+    rules = (PROMETHEUS / "alerts.yaml").read_text()
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    assert len(used(rules)) >= 6 and len(used(exprs)) >= 9
+    assert not (used(rules) | used(exprs)) - exported()
+
+
+def test_the_dashboard_shows_what_operators_watch():
+    import json
+
+    titles = " / ".join(p["title"] for p in json.loads(DASHBOARD.read_text())["panels"])
+    for what in ("Files per stage", "Dead letters", "Dead-letter queue depth", "Rucio availability",
+                 "Oldest unprocessed", "Reconcile findings"):
+        assert what in titles
+
+
+def test_promtool_checks_the_rules_and_fires_each_alert_in_its_tests():
+    import yaml
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is needed to check the alert rules"
+    check = subprocess.run([promtool, "check", "rules", str(PROMETHEUS / "alerts.yaml")], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    run = subprocess.run([promtool, "test", "rules", "alerts-test.yaml"], cwd=PROMETHEUS, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    alerts = {r["alert"] for g in yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())["groups"]
+              for r in g["rules"]}
+    tested = {t["alertname"] for case in yaml.safe_load((PROMETHEUS / "alerts-test.yaml").read_text())["tests"]
+              for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert alerts == tested, "every alert has a test that fires it"
