@@ -19,6 +19,7 @@ and the final proof is read from disk and from Rucio.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -225,6 +226,8 @@ def _run(options: Options, console: Console, cleanup: contextlib.ExitStack) -> i
     client = _rucio_client()
     buffer, archive = _rses(client, tmp / "data")
     settings = _settings(broker, tag, buffer)
+    config_file = tmp / "injector.toml"
+    config_file.write_text(toml_text(_config(broker, tag, buffer)))
     db = f"{'SQLite' if server.database.startswith('/') else 'PostgreSQL'} {server.database}"
     console.print(f"Rucio {server.url} ({db}), buffer {buffer}, archive {archive}")
     console.print(f"broker: {broker.what}, AMQP {masked(broker.amqp_url)} (demo topology demo-{tag}.*), "
@@ -238,7 +241,7 @@ def _run(options: Options, console: Console, cleanup: contextlib.ExitStack) -> i
     ok = _pipeline(options, settings, server, hermes, client, tracker, buffer, console)
     _summary(tracker, options, console)
     proof = _proof(tracker, client, buffer, console)
-    _look_yourself(server, client, tracker, console)
+    _look_yourself(server, client, tracker, console, config_file)
     if options.keep:
         console.print(f"[bold]--keep[/]: server and files stay until Ctrl-C, SIGTERM or SIGHUP (then all goes "
                       f"but the log, {log_file}, which moves to {_kept_log(tmp)})")
@@ -345,7 +348,11 @@ def _rses(client: Any, root: Path) -> tuple[Path, Path]:
 
 
 def _settings(broker: DemoBroker, tag: str, buffer: Path) -> Settings:
-    return parse({
+    return parse(_config(broker, tag, buffer), source="<demo>")
+
+
+def _config(broker: DemoBroker, tag: str, buffer: Path) -> dict[str, Any]:
+    return {
         "broker": {"urls": [broker.amqp_url], "daq_exchange": f"demo-{tag}.daq",
                    "dead_letter_exchange": f"demo-{tag}.dlx"},
         "ingest": {"queue": f"demo-{tag}.ingest", "batch_window": 0.2},
@@ -358,7 +365,34 @@ def _settings(broker: DemoBroker, tag: str, buffer: Path) -> Settings:
              "storage_root": str(buffer / inst), "pfn_prefix": "file://localhost", "scope": scope,
              "dataset": dataset, "rules": [{"rse_expression": ARCHIVE, "copies": 1, "activity": "Demo"}]}
             for inst, scope, dataset in INSTRUMENTS],
-    }, source="<demo>")
+    }
+
+
+def toml_text(data: dict[str, Any]) -> str:
+    """The demo's configuration as a TOML file (tables of scalars and lists, `[[streams]]` with inline rules):
+    the file `status`, `reconcile` and `dlq` can be pointed at."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            # a TOML basic string: JSON's escapes are TOML's (non-ASCII kept as is: TOML has no surrogate pairs)
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        raise TypeError(f"no TOML for {v!r}")
+
+    out = []
+    for section, table in data.items():
+        rows = table if isinstance(table, list) else [table]
+        for row in rows:
+            out.append(f"[[{section}]]" if isinstance(table, list) else f"[{section}]")
+            out += [f"{k} = {value(v)}" for k, v in row.items()]
+            out.append("")
+    return "\n".join(out)
 
 
 @contextlib.contextmanager
@@ -578,7 +612,7 @@ def _proof(tracker: Tracker, client: Any, buffer: Path, console: Console) -> boo
     return ok
 
 
-def _look_yourself(server: Any, client: Any, tracker: Tracker, console: Console) -> None:
+def _look_yourself(server: Any, client: Any, tracker: Tracker, console: Console, config_file: Path) -> None:
     with tracker.lock:
         did = next(iter(tracker.files), "lst:<name>")
     scope = did.split(":", 1)[0]
@@ -589,4 +623,8 @@ def _look_yourself(server: Any, client: Any, tracker: Tracker, console: Console)
                   f"  rucio replica list file --all-states {did}\n"
                   f"  rucio did list --filter type=dataset '{scope}:*'\n"
                   f"  rucio did content list {dataset}\n"
-                  f"  rucio rule list --did {dataset}", soft_wrap=True)
+                  f"  rucio rule list --did {dataset}\n"
+                  f"  export RUCIO_INJECTOR_CONFIG={config_file}   # the demo's own configuration\n"
+                  f"  rucio-injector status\n"
+                  f"  rucio-injector reconcile --dry-run\n"
+                  f"  rucio-injector dlq list", soft_wrap=True)
