@@ -183,3 +183,16 @@ def test_a_wrong_value_from_the_environment_is_refused_like_one_in_the_file(tmp_
     path.write_text("")
     with pytest.raises(ConfigError, match="ingest.batch_size"):
         load(path, env={"RUCIO_INJECTOR__INGEST__BATCH_SIZE": "5000"})
+
+
+def test_the_readmes_example_configuration_is_valid():
+    import tomllib
+    from pathlib import Path
+
+    from injector.config import parse
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text[text.index("```toml\n", text.index("## Configure")) + 8:]
+    block = block[:block.index("```")]
+    s = parse(tomllib.loads(block))
+    assert s.streams[0].did_name == "relative" and s.streams[0].did_prefix == "/lst1/raw/"
