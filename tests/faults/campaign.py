@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.integration.rabbit import rabbitmqctl
+
 SOURCE, ARCHIVE = "ORM-BUFFER", "PIC-ARCHIVE"
 AMQP = ("127.0.0.1", 5672)
 RABBIT_STOMP = ("127.0.0.1", 61613)
@@ -88,10 +90,6 @@ def adler32(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             value = zlib.adler32(chunk, value)
     return f"{value & 0xFFFFFFFF:08x}"
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 class Campaign:

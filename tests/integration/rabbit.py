@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
@@ -20,6 +21,11 @@ from injector.worker import BatchWorker
 from producers.publish import DaqPublisher
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def rabbitmqctl(*args: str) -> None:
+    """The machine's RabbitMQ's own control tool (users, permissions, the app itself); fails on its error."""
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 def unique_settings(base: dict[str, Any], **sections: Any) -> Settings:

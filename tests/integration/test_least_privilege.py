@@ -23,13 +23,9 @@ from injector.transport.amqp import Publisher, connection
 from operations.dlq import dlq_for
 from producers.publish import DaqPublisher
 from tests.conftest import STREAMS
-from tests.integration.rabbit import declared, running, unique_settings, wait_for
+from tests.integration.rabbit import declared, rabbitmqctl, running, unique_settings, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture

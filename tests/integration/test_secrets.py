@@ -21,14 +21,10 @@ from injector.testbed.rucio import free_port
 from injector.transport.amqp import Publisher, connection
 from tests.integration.cli import run, service
 from tests.integration.conftest import Lab
-from tests.integration.rabbit import declared, wait_for
+from tests.integration.rabbit import declared, rabbitmqctl, wait_for
 from tests.integration.test_ingest_rucio import settings_for, stream_toml
 
 pytestmark = pytest.mark.integration
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture
