@@ -13,23 +13,23 @@ from urllib.parse import quote
 
 CONTEXT = ("event_id", "did", "outcome", "kind")
 _CREDENTIALS = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s]*@", re.IGNORECASE)
-_SECRETS: set[str] = set()
+_SECRETS: tuple[str, ...] = ()  # longest first: a secret containing another is hidden whole
 HIDDEN = "***"
 
 
 def keep_secret(value: str | None) -> None:
     """From now on `masked` hides `value` wherever it appears (its URL-quoted spelling too). Values shorter
     than 4 characters are not registered: hiding them would garble ordinary text, and they are no secret."""
+    global _SECRETS
     if value and len(value) >= 4:
-        _SECRETS.add(value)
-        _SECRETS.add(quote(value, safe=""))
+        _SECRETS = tuple(sorted({*_SECRETS, value, quote(value, safe="")}, key=len, reverse=True))
 
 
 def masked(text: str) -> str:
     """`text` with the user and password cut out of every URL in it (amqp://user:secret@host → amqp://host), and
     every kept secret replaced by ***."""
     text = _CREDENTIALS.sub(r"\1", text)
-    for secret in sorted(_SECRETS, key=len, reverse=True):
+    for secret in _SECRETS:
         if secret in text:
             text = text.replace(secret, HIDDEN)
     return text
