@@ -506,13 +506,19 @@ def _password(data: dict[str, Any], section: str, env: dict[str, str]) -> None:
         table["password"] = env[name]
         return
     file = env.get(name + "_FILE") or file
-    if file is None:
-        return
+    if file is not None:
+        table["password"] = secret_file(str(file), f"[{section}] password: cannot read the password file")
+
+
+def secret_file(path: str, refusal: str) -> str:
+    """A secret kept in a file (a password, a signing key): its text without the final newline; `~` is the user's
+    home. Unreadable: ConfigError "<refusal> <path>: <why>", which never holds any of the file's text."""
     try:
-        with open(os.path.expanduser(str(file)), encoding="utf-8") as fh:
-            table["password"] = fh.read().rstrip("\r\n")
-    except OSError as exc:
-        raise ConfigError(f"[{section}] password: cannot read the password file {file}: {exc.strerror}") from None
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            return fh.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{refusal} {path}: {why}") from None
 
 
 def _keep_secrets(settings: Settings) -> None:

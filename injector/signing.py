@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from injector.config import Signing, Stream
+from injector.config import Signing, Stream, secret_file
 from injector.errors import BadSignature, ConfigError, NoStream
 from injector.events import FileClosed
 from injector.logs import keep_secret
@@ -66,11 +66,7 @@ class Keyring:
         for key_id, k in signing.keys.items():
             if k.file is not None:
                 where = f"file {k.file}"
-                try:
-                    with open(os.path.expanduser(k.file), "rb") as fh:
-                        raw = fh.read()
-                except OSError as exc:
-                    raise ConfigError(f"signing key {key_id!r}: cannot read its {where}: {exc.strerror}") from None
+                raw = secret_file(k.file, f"signing key {key_id!r}: cannot read its file").encode()
             else:
                 where = f"environment variable {k.env}"
                 value = env.get(str(k.env))
