@@ -37,7 +37,7 @@ from consumers.announcement import archive_times, archived_event, archived_messa
 from consumers.cleanup import release, verify
 from injector import marks
 from injector.config import RUCIO_BULK, Settings, Stream
-from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed, ReplicaGone
+from injector.errors import BrokerUnavailable, InjectorError, Permanent, PublishFailed, ReplicaGone, Transient
 from injector.gateway import Attachment, RucioInspector, chunks
 from injector.messages import Outgoing
 from injector.streams import path_of
@@ -178,12 +178,13 @@ def _announce(stream: Stream, settings: Settings, files: list[FileState], rucio:
         times = archive_times(rucio, {f.did: f.marks for f in part}, {f.did: now for f in part})  # before publishing
         sent, messages = [], []
         for f in part:
-            if f.replicas.bytes is None or f.replicas.adler32 is None:
+            path = str(f.marks.get(marks.PATH) or path_of(stream, f.did[1]) or f.did[1])
+            try:
+                event = archived_event(stream, f.replicas, path, times[f.did], rucio)
+            except Transient:  # the one check, in archived_event: Rucio holds no size or adler32
                 out.append(Finding(stream.name, "announce-archived", f.label, "Rucio holds no size/adler32 for it"))
                 continue
-            path = str(f.marks.get(marks.PATH) or path_of(stream, f.did[1]) or f.did[1])
-            messages.append(archived_message(archived_event(stream, f.replicas, path, times[f.did], rucio),
-                                             settings))
+            messages.append(archived_message(event, settings))
             sent.append(f)
         try:
             publish(messages)  # returns once the broker confirmed every one

@@ -225,9 +225,10 @@ def _run(options: Options, console: Console, cleanup: contextlib.ExitStack) -> i
     os.environ["RUCIO_CONFIG"] = str(server.client_config)
     client = _rucio_client()
     buffer, archive = _rses(client, tmp / "data")
-    settings = _settings(broker, tag, buffer)
-    config_file = tmp / "injector.toml"
-    config_file.write_text(toml_text(_config(broker, tag, buffer)))
+    config = _config(broker, tag, buffer)
+    settings = parse(config, source="<demo>")
+    config_file = tmp / "injector.toml"  # what it runs with, for `status`, `reconcile` and `dlq`
+    config_file.write_text(toml_text(config))
     db = f"{'SQLite' if server.database.startswith('/') else 'PostgreSQL'} {server.database}"
     console.print(f"Rucio {server.url} ({db}), buffer {buffer}, archive {archive}")
     console.print(f"broker: {broker.what}, AMQP {masked(broker.amqp_url)} (demo topology demo-{tag}.*), "
@@ -345,10 +346,6 @@ def _rses(client: Any, root: Path) -> tuple[Path, Path]:
     for _, scope, _ in INSTRUMENTS:
         client.add_scope("root", scope)
     return buffer, archive
-
-
-def _settings(broker: DemoBroker, tag: str, buffer: Path) -> Settings:
-    return parse(_config(broker, tag, buffer), source="<demo>")
 
 
 def _config(broker: DemoBroker, tag: str, buffer: Path) -> dict[str, Any]:

@@ -75,12 +75,12 @@ def test_every_option_of_every_verb_has_help_and_the_description_is_for_users():
 def test_the_demo_writes_the_configuration_it_runs_with_as_a_file_the_verbs_load(tmp_path: Path):
     import tomllib
 
-    from injector.config import load
-    from injector.testbed.demo import DemoBroker, _config, _settings, toml_text
+    from injector.config import load, parse
+    from injector.testbed.demo import DemoBroker, _config, toml_text
 
     broker = DemoBroker("amqp://guest:guest@127.0.0.1:5672//", "127.0.0.1", 61613, "RabbitMQ")
     buffer = tmp_path / "bü ffer\x7f\"q"  # odd characters in the path survive the TOML
     path = tmp_path / "injector.toml"
     path.write_text(toml_text(_config(broker, "abc123", buffer)))
     assert tomllib.loads(path.read_text()) == _config(broker, "abc123", buffer)
-    assert load(path, env={}) == _settings(broker, "abc123", buffer)
+    assert load(path, env={}) == parse(_config(broker, "abc123", buffer), source="<demo>")
