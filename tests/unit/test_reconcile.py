@@ -510,3 +510,15 @@ def test_files_without_marks_are_announced_with_the_path_their_name_holds(settin
     sweep(settings, rucio, broker, Options(grace=LATER), ["lst1-raw"], now=datetime.now(UTC) + timedelta(hours=2))
     (msg,) = broker.messages
     assert decode_file_archived(msg.body).path == NAMES[0] and marks.PATH not in rucio.meta[("lst", NAMES[0])]
+
+
+def test_a_lost_announcement_of_a_file_rucio_holds_no_adler32_for_is_reported_not_published(settings, rucio):
+    from injector.gateway import FileMeta
+
+    archived(rucio, NAMES[0])
+    broker = Broker()
+    run(settings, rucio, broker)
+    rucio.reap(SRC)
+    rucio.files[("lst", NAMES[0])] = FileMeta("lst", NAMES[0], 100, None)
+    assert run(settings, rucio, broker, grace=LATER) == [("report", "announce-archived", NAMES[0])]
+    assert broker.messages == [] and not rucio.meta[("lst", NAMES[0])].get(marks.ANNOUNCED)
