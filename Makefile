@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv setup test unit lint demo clean mutation fuzz faults bench
+.PHONY: venv setup test unit lint demo clean mutation fuzz faults bench compat
 
 $(BIN)/pip:
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,8 @@ $(VENV)/.installed-demo: pyproject.toml | $(BIN)/pip
 
 venv: $(VENV)/.installed-test
 
-# Machine prerequisites for the integration tests: RabbitMQ STOMP plugin, ActiveMQ, Rucio server venv.
+# Machine prerequisites for the integration tests: RabbitMQ STOMP plugin, ActiveMQ, RabbitMQ's TLS listeners
+# (5671, 61614: a machine CA; RabbitMQ restarted the first time only) in .ci/setup-machine, Rucio server venv.
 setup: venv
 	bash .ci/setup-machine
 	$(BIN)/python -m injector.testbed.rucio --ensure-venv
@@ -35,6 +36,16 @@ unit: venv
 
 test: setup lint
 	CI=$${CI:-true} $(BIN)/python -m pytest -q
+
+# The Rucio LTS server sites still run (a server older than our rucio-clients): the ingest, cleanup and reconcile
+# integration tests against it (README "Install": supported servers).
+COMPAT_RUCIO ?= 38.6.4
+COMPAT_TESTS := tests/integration/test_ingest_rucio.py tests/integration/test_cleanup_rucio.py \
+	tests/integration/test_reconcile_rucio.py
+compat: setup
+	RUCIO_INJECTOR_RUCIO_SERVER=$(COMPAT_RUCIO) $(BIN)/python -m injector.testbed.rucio --ensure-venv
+	CI=$${CI:-true} RUCIO_INJECTOR_RUCIO_SERVER=$(COMPAT_RUCIO) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		$(COMPAT_TESTS)
 
 demo: $(VENV)/.installed-demo
 	bash .ci/setup-machine --demo

@@ -436,7 +436,11 @@ def _main(argv: Sequence[str] | None) -> int:
         if failure is None:
             raise
         code, line = failure
-        print(f"rucio-injector {args.verb}: {line}", file=sys.stderr)
+        if args.log_json:  # a log shipper parses every stderr line: the failure too, with the same keys
+            logging.getLogger("injector.cli").error("rucio-injector %s: %s", args.verb, line,
+                                                    extra={"exit_code": code})
+        else:
+            print(f"rucio-injector {args.verb}: {line}", file=sys.stderr)
         return code
 
 

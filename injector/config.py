@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import ssl
 import string
 import tomllib
 from collections.abc import Sequence
@@ -123,6 +124,61 @@ def _check_template(template: str) -> None:
         )
 
 
+class Tls(_Section):
+    """TLS for one broker connection: [broker.tls] (the DAQ broker) or [cleanup.tls] (hermes' STOMP broker). The
+    section's presence turns TLS on; amqps:// and stomp+ssl:// urls turn it on too, with these defaults."""
+
+    ca_file: str | None = None  # PEM CA certificate(s) the server's certificate must chain to; unset: the system's
+    cert_file: str | None = None  # our client certificate (PEM), for brokers that ask for one (verify_peer)
+    key_file: str | None = None  # its private key (PEM, not encrypted); unset: it is in cert_file
+    verify: bool = True  # false: the server's certificate is not checked at all (a test bench only; logged)
+    # The name the server's certificate must carry (and SNI) when it is not the host in the url (an IP, an alias).
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Tls:
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file without cert_file: give the client certificate the key belongs to")
+        if not self.verify and (self.ca_file or self.server_name):
+            raise ValueError("verify = false checks no certificate, so ca_file and server_name would be ignored: "
+                             "drop them, or keep verify on")
+        self.context()
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        """A client context as the transports build theirs from these settings; reading each file here says which
+        one is missing or not PEM (ValueError), at start-up rather than at the first connection."""
+        ctx = ssl.create_default_context()
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        for key, path in (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file)):
+            if path is not None and not os.access(os.path.expanduser(path), os.R_OK):
+                why = "does not exist" if not os.path.exists(os.path.expanduser(path)) else "is not readable"
+                raise ValueError(f"{key} {path} {why}")
+        try:
+            if self.ca_file:
+                ctx.load_verify_locations(cafile=os.path.expanduser(self.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"ca_file {self.ca_file} holds no PEM certificate ({exc})") from None
+        try:
+            if self.cert_file:
+                ctx.load_cert_chain(os.path.expanduser(self.cert_file),
+                                    os.path.expanduser(self.key_file) if self.key_file else None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cert_file {self.cert_file} / key_file {self.key_file or '(in cert_file)'}: not a "
+                             f"PEM certificate with its unencrypted private key ({exc})") from None
+        return ctx
+
+    def file(self, key: Literal["ca_file", "cert_file", "key_file"]) -> str | None:
+        """The path of one file, `~` expanded, as the transports open it."""
+        path: str | None = getattr(self, key)
+        return os.path.expanduser(path) if path else None
+
+
+TLS_SCHEMES = ("amqps", "stomp+ssl")  # url schemes that turn TLS on without a [broker.tls] section
+
+
 @dataclass(frozen=True)
 class StompServer:
     """A STOMP broker (ActiveMQ) as a client connects to it: hermes' broker ([cleanup]) or the DAQ broker itself
@@ -133,6 +189,7 @@ class StompServer:
     password: str = field(repr=False)
     vhost: str = "/"
     heartbeat_ms: int = 10000
+    tls: Tls | None = None  # TLS on every address
 
     @property
     def hosts(self) -> str:
@@ -140,7 +197,7 @@ class StompServer:
         return ", ".join(f"{h}:{p}" for h, p in self.addresses)
 
 
-STOMP_SCHEMES = ("stomp",)
+STOMP_SCHEMES = ("stomp", "stomp+ssl")
 
 
 class Broker(_Section):
@@ -150,6 +207,7 @@ class Broker(_Section):
 
     urls: Annotated[list[str], Field(min_length=1)] = ["amqp://guest:guest@127.0.0.1:5672//"]
     password: SecretStr | None = None
+    tls: Tls | None = None  # [broker.tls]: TLS to every url (amqps:// and stomp+ssl:// urls imply it)
     daq_exchange: str = "rucio-injector.daq"
     dead_letter_exchange: str = "rucio-injector.dlx"
     # The DAQ's inbox of file-archived events (bound to file.archived.#); unset: the ingest queue's name with its
@@ -173,8 +231,26 @@ class Broker(_Section):
             if _transport_of(u) == "stomp":
                 parsed = urlparse(u)
                 if not parsed.hostname or not parsed.port:
-                    raise ValueError("stomp urls are stomp://USER:PASSWORD@HOST:PORT (the port is required)")
+                    raise ValueError("stomp urls are stomp://USER:PASSWORD@HOST:PORT or stomp+ssl://… (the port is "
+                                     "required)")
         return urls
+
+    @model_validator(mode="after")
+    def _tls_for_all(self) -> Broker:
+        schemes = {urlparse(u).scheme in TLS_SCHEMES for u in self.urls}
+        if len(schemes) > 1 and self.tls is None:
+            raise ValueError("some urls use TLS (amqps://, stomp+ssl://) and some do not: TLS is for every url of "
+                             "the broker; add [broker.tls] or use one kind of url")
+        if self.tls is not None and self.tls.server_name and self.transport == "stomp":
+            raise ValueError(STOMP_SERVER_NAME)
+        return self
+
+    @property
+    def tls_settings(self) -> Tls | None:
+        """TLS for every url, or None: [broker.tls], else the defaults when the urls are amqps:// or stomp+ssl://."""
+        if self.tls is not None:
+            return self.tls
+        return Tls() if urlparse(self.urls[0]).scheme in TLS_SCHEMES else None
 
     @property
     def transport(self) -> Literal["amqp", "stomp"]:
@@ -202,7 +278,14 @@ class Broker(_Section):
         first = parsed[0]
         return StompServer(tuple((u.hostname or "", u.port or 0) for u in parsed),
                            unquote(first.username or ""), unquote(first.password or ""),
-                           unquote(first.path[1:]) if len(first.path) > 1 else "/", self.heartbeat * 1000)
+                           unquote(first.path[1:]) if len(first.path) > 1 else "/", self.heartbeat * 1000,
+                           self.tls_settings)
+
+
+# stomp.py checks the server's certificate against the host it connects to and has no other name to give it.
+STOMP_SERVER_NAME = ("server_name is not available over STOMP (stomp.py checks the certificate against the host it "
+                     "connects to): write the host as the server's certificate names it (add it to /etc/hosts if DNS "
+                     "does not know that name)")
 
 
 def _transport_of(url: str) -> Literal["amqp", "stomp"]:
@@ -232,6 +315,7 @@ class Cleanup(_Section):
     batch_window: Annotated[float, Field(gt=0, le=60)] = 0.5
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 1000
     heartbeat_ms: Annotated[int, Field(ge=0)] = 10000
+    tls: Tls | None = None  # [cleanup.tls]: STOMP over TLS to every stomp_hosts entry (RabbitMQ 61614, stomp+ssl)
 
     @model_validator(mode="after")
     def _check(self) -> Cleanup:
@@ -241,6 +325,8 @@ class Cleanup(_Section):
             raise ValueError("with ActiveMQ, hermes_destination must be a virtual topic: /topic/VirtualTopic.<name>")
         for hp in self.stomp_hosts:
             _host_port(hp)
+        if self.tls is not None and self.tls.server_name:
+            raise ValueError(STOMP_SERVER_NAME)
         return self
 
     @property
@@ -252,7 +338,7 @@ class Cleanup(_Section):
     def server(self) -> StompServer:
         """hermes' broker, where cleanup consumers subscribe over STOMP (ActiveMQ)."""
         return StompServer(tuple(self.stomp_addresses), self.username, self.password.get_secret_value(), self.vhost,
-                           self.heartbeat_ms)
+                           self.heartbeat_ms, self.tls)
 
     @property
     def topic(self) -> str:

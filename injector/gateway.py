@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RSE_CACHE_SECONDS = 300.0
 MARK_PREFIX = "injector_"  # the project's own DID metadata keys
+# A DID column no metadata plugin but DID_COLUMN answers: in a plugin="JSON" bulk answer it means the server
+# ignored the plugin (Rucio before the fix of rucio/rucio#7323, e.g. 38 LTS) and answered the DID table's row.
+DID_COLUMN_KEY = "did_type"
 
 # Two processes inserting the same new DID or replica at once: one loses with one of these.
 # The retry finds the row and skips it, so they are passing, not permanent.
@@ -290,6 +294,10 @@ class ClientGateway:
         self._factory = factory  # builds the rucio client lazily (default: rucio.client.Client())
         self._observe = observe  # (operation, seconds, outcome) → metrics
         self._rse_cache: dict[str, tuple[float, frozenset[str]]] = {}
+        # Does the server honour plugin= in get_metadata_bulk? None until an answer tells (then set once): Rucio
+        # before the fix of rucio/rucio#7323 answers the DID columns only, whatever the plugin.
+        self.bulk_plugin: bool | None = None
+        self._bulk_plugin_lock = threading.Lock()
         self.breaker = breaker or Breaker(self.probe, first=settings.probe_first, cap=settings.probe_cap)
 
     def _new_client(self) -> Any:
@@ -428,8 +436,51 @@ class ClientGateway:
         self._call("set_tombstone", self.client.set_tombstone, body)
 
     def marks(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(r["scope"], r["name"]): {k: v for k, v in r.items() if k.startswith(MARK_PREFIX)}
-                for r in self._metadata(dids, plugin="JSON")}
+        """The project's JSON metadata of the DIDs that exist: one bulk read, or, on a server that ignores plugin=
+        in bulk reads, one read per DID (never inherit=True: a file's marks must not hold its datasets' keys)."""
+        if self.bulk_plugin is False:
+            found = self._json_by_did(dids)
+        else:
+            rows = self._metadata(dids, plugin="JSON")
+            if self._honours_plugin(rows):
+                found = {(r["scope"], r["name"]): r for r in rows}
+            else:  # the rows are the DID columns of the DIDs that exist: read their JSON metadata one by one
+                found = self._json_by_did([(r["scope"], r["name"]) for r in rows])
+        return {did: _own(meta) for did, meta in found.items()}
+
+    def _honours_plugin(self, json_rows: Sequence[dict[str, Any]]) -> bool:
+        """Learn from a plugin="JSON" bulk answer whether the server honours plugin= (once per gateway): an empty
+        answer tells nothing; rows carrying DID columns came from a server that ignored it."""
+        if self.bulk_plugin is None and json_rows:
+            self._learn_bulk_plugin(not any(DID_COLUMN_KEY in r for r in json_rows))
+        return self.bulk_plugin is not False
+
+    def _learn_bulk_plugin(self, honoured: bool) -> None:
+        with self._bulk_plugin_lock:
+            if self.bulk_plugin is not None:
+                return
+            self.bulk_plugin = honoured
+        if not honoured:
+            log.warning("the Rucio server ignores plugin= in bulk metadata reads (rucio/rucio#7323), so marks are "
+                        "read one DID at a time")
+
+    def _json_by_did(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The JSON metadata read DID by DID (get_metadata honours plugin= on every server); DIDs that do not exist
+        are left out."""
+        def fetch(scope: str, name: str) -> dict[str, Any] | None:
+            try:
+                return dict(self.client.get_metadata(scope, name, plugin="JSON"))
+            except Exception as exc:
+                if not_found(exc):
+                    return None
+                raise
+
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for scope, name in dict.fromkeys(dids):
+            meta = self._call("get_metadata", fetch, scope, name)
+            if meta is not None:
+                found[(scope, name)] = meta
+        return found
 
     def mark(self, items: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         if items:
@@ -452,7 +503,18 @@ class ClientGateway:
                                                                           did_type="dataset")))
 
     def dataset_states(self, dids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DatasetState]:
-        return {(r["scope"], r["name"]): _dataset_state(r) for r in self._metadata(dids, plugin="ALL")}
+        """One plugin="ALL" bulk read (the DID columns and the JSON metadata) on a server that honours plugin=; on
+        one that does not (rucio/rucio#7323) the DID columns in bulk and the JSON metadata DID by DID, merged."""
+        rows = self._metadata(dids, plugin="ALL")
+        if rows and self.bulk_plugin is None:
+            if any(k.startswith(MARK_PREFIX) for r in rows for k in r):
+                self._learn_bulk_plugin(True)  # JSON keys in a bulk answer: an old server never sends them
+            else:  # no marks, or a server that dropped them: a plugin="JSON" read of the same DIDs tells which
+                self._honours_plugin(self._metadata(dids, plugin="JSON"))
+        if self.bulk_plugin is False:
+            meta = self._json_by_did([(r["scope"], r["name"]) for r in rows])
+            rows = [{**meta[did], **r} for r in rows if (did := (r["scope"], r["name"])) in meta]
+        return {(r["scope"], r["name"]): _dataset_state(r) for r in rows}
 
     def content(self, scope: str, dataset: str) -> set[tuple[str, str]]:
         def fetch() -> set[tuple[str, str]]:
@@ -565,6 +627,11 @@ def _created(exists: type[Exception], create: Callable[[], object]) -> bool:
     except exists:
         return False
     return True
+
+
+def _own(meta: dict[str, Any]) -> dict[str, Any]:
+    """The project's own keys of a DID's metadata."""
+    return {k: v for k, v in meta.items() if k.startswith(MARK_PREFIX)}
 
 
 def _dataset_state(row: dict[str, Any]) -> DatasetState:

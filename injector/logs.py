@@ -11,7 +11,7 @@ import sys
 from datetime import UTC, datetime
 from urllib.parse import quote
 
-CONTEXT = ("event_id", "did", "outcome", "kind")
+CONTEXT = ("event_id", "did", "outcome", "kind", "exit_code")
 _CREDENTIALS = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s]*@", re.IGNORECASE)
 _SECRETS: tuple[str, ...] = ()  # longest first: a secret containing another is hidden whole
 HIDDEN = "***"

@@ -77,7 +77,7 @@ def _connection(settings: Settings) -> Iterator[kombu.Connection]:
     """The first broker URL that answers (one attempt each), else BrokerUnavailable naming each failure."""
     from injector.transport import amqp
 
-    with amqp.first_answering(settings.broker.connect_urls, CONNECT_TIMEOUT) as conn:
+    with amqp.first_answering(settings.broker, CONNECT_TIMEOUT) as conn:
         yield conn
 
 

@@ -360,7 +360,8 @@ def _config(broker: DemoBroker, tag: str, buffer: Path) -> dict[str, Any]:
         "streams": [
             {"name": f"{inst.lower()}-raw", "site": "ORM", "instrument": inst, "source_rse": SOURCE,
              "storage_root": str(buffer / inst), "pfn_prefix": "file://localhost", "scope": scope,
-             "dataset": dataset, "rules": [{"rse_expression": ARCHIVE, "copies": 1, "activity": "Demo"}]}
+             "did_name": "relative", "did_prefix": f"{inst.lower()}/raw/", "dataset": dataset,
+             "rules": [{"rse_expression": ARCHIVE, "copies": 1, "activity": "Demo"}]}
             for inst, scope, dataset in INSTRUMENTS],
     }
 
@@ -481,9 +482,11 @@ def _thread(name: str, target: Callable[[threading.Event], None], stop: threadin
 
 def _daq(options: Options, settings: Settings, buffer: Path, tracker: Tracker, stop: threading.Event) -> None:
     """A DAQ closing files for two instruments, announcing each one as it closes."""
+    from injector.streams import did_name
     from producers.publish import DaqPublisher, file_closed
 
     night = time.strftime("%Y%m%d", time.gmtime())
+    streams = {s.instrument: s for s in settings.streams}
     rng = random.Random(20261125)
     with DaqPublisher(settings.broker) as daq:
         for i in range(options.files):
@@ -495,7 +498,7 @@ def _daq(options: Options, settings: Settings, buffer: Path, tracker: Tracker, s
                 path.write_bytes(rng.randbytes(max(1, options.size + rng.randint(-options.size // 4,
                                                                                  options.size // 4))))
                 event = file_closed(path, site="ORM", instrument=inst, night=night, run=1000 + i)
-                tracker.closed(f"{scope}:{path}", event)
+                tracker.closed(f"{scope}:{did_name(streams[inst], str(path))}", event)
                 daq.publish([event])
             stop.wait(options.pace)
 

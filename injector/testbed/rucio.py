@@ -11,6 +11,12 @@ testbeds (two databases, the same RSE names) never read each other's cache; with
 machine Rucio runs uncached (slower, the same answers).
 
     python -m injector.testbed.rucio --ensure-venv    # create the server venv (idempotent)
+
+The server's version is RUCIO_VERSION: the environment variable RUCIO_INJECTOR_RUCIO_SERVER, else the default
+below; each version has its own venv. The client (rucio-clients in the project's venv) stays what it is, as at a
+site whose server is older (checked: the 38 LTS, 38.6.4, with rucio-clients 41):
+
+    RUCIO_INJECTOR_RUCIO_SERVER=38.6.4 python -m injector.testbed.rucio --ensure-venv
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-RUCIO_VERSION = "41.5.1"
+SERVER_VERSION_ENV = "RUCIO_INJECTOR_RUCIO_SERVER"
+RUCIO_VERSION = os.environ.get(SERVER_VERSION_ENV, "").strip() or "41.5.1"  # the one place it is spelled
 DEFAULT_VENV = Path.home() / ".cache" / "rucio-injector" / f"rucio-{RUCIO_VERSION}-server"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
 USERNAME, PASSWORD = "ddmlab", "secret"
@@ -58,6 +65,10 @@ def ensure_server_venv(path: Path | None = None) -> Path:
     python = venv / "bin" / "python"
     marker = venv / ".rucio-injector-ready"
     if marker.exists():
+        held = marker.read_text().strip()
+        if held != RUCIO_VERSION:
+            raise TestbedError(f"{venv} holds rucio {held}, not {RUCIO_VERSION} ({SERVER_VERSION_ENV}): "
+                               "give another --venv or remove that one")
         return python
     venv.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -395,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ensure-venv", action="store_true", help="create the Rucio server venv if missing")
-    p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    p.add_argument("--venv", type=Path, default=DEFAULT_VENV,
+                   help=f"default: %(default)s (rucio {RUCIO_VERSION}; set {SERVER_VERSION_ENV} for another version)")
     args = p.parse_args(argv)
     if args.ensure_venv:
         print(ensure_server_venv(args.venv))

@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlparse
 
 import amqp
 import kombu
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from injector import topology
-from injector.config import Broker, Settings, StompServer
+from injector.config import Broker, Settings, StompServer, Tls
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import Delivery, Outgoing, copy_of, count_of, split_copy_headers
+from injector.tls import refusal as tls_refusal
 from injector.topology import Routes
 from injector.transport import Connect, Sender
 
@@ -50,10 +54,9 @@ def _lost(what: str) -> Iterator[None]:
 
 
 def connection(broker: Broker, attempts: int | None = None) -> kombu.Connection:
-    """An open kombu connection (failover over broker.urls), retried with jittered backoff (`attempts`, default
-    broker.connect_attempts; a consumer passes 1: its own loop retries, and stops at once on SIGTERM)."""
-    conn = kombu.Connection(broker.connect_urls, heartbeat=broker.heartbeat, connect_timeout=10,
-                            failover_strategy="round-robin")
+    """An open kombu connection to the first of broker.urls that answers (failover order; TLS as the broker says),
+    retried with jittered backoff (`attempts`, default broker.connect_attempts; a consumer passes 1: its own loop
+    retries, and stops at once on SIGTERM)."""
 
     @retry(
         retry=retry_if_exception_type(BrokerUnavailable),
@@ -61,15 +64,54 @@ def connection(broker: Broker, attempts: int | None = None) -> kombu.Connection:
         wait=wait_random_exponential(multiplier=0.5, max=15),
         reraise=True,
     )
-    def connect() -> None:
+    def connect() -> kombu.Connection:
+        try:
+            return _first(broker.connect_urls, broker.tls_settings, 10.0, broker.heartbeat)
+        except amqp.exceptions.AccessRefused as exc:  # a running consumer waits for its password to be put right
+            raise _unavailable(f"broker refused our login ({_reply(exc)})") from exc
+        except BrokerUnavailable as exc:
+            raise _unavailable(str(exc)) from exc
+
+    return connect()
+
+
+def _unavailable(why: str) -> BrokerUnavailable:
+    log.warning("%s", why)
+    return BrokerUnavailable(why)
+
+
+def _first(urls: Sequence[str], tls: Tls | None, timeout: float, heartbeat: int = 0) -> kombu.Connection:
+    """One attempt at each url in turn: the first connection made, else BrokerUnavailable naming every failure. A
+    refused login is raised as it is: another url of the broker would refuse it too. One kombu connection per url
+    (not kombu's own failover list): TLS checks each broker's certificate against that broker's own host name."""
+    errors = []
+    for url in urls:
+        conn = kombu.Connection(url, heartbeat=heartbeat, connect_timeout=timeout, ssl=ssl_options(tls, url))
         try:
             conn.connect()
-        except conn.connection_errors as exc:
-            log.warning("broker %s unreachable: %s", conn.as_uri(), exc)
-            raise BrokerUnavailable(f"broker {conn.as_uri()} unreachable: {exc}") from exc
+            return conn
+        except amqp.exceptions.AccessRefused:
+            conn.release()
+            raise
+        except (OSError, *conn.connection_errors) as exc:
+            conn.release()
+            errors.append(f"{topology.where(url)} ({tls_refusal(exc, tls) or f'{type(exc).__name__}: {exc}'})")
+    raise BrokerUnavailable(f"broker unreachable: {'; '.join(errors)}")
 
-    connect()
-    return conn
+
+def ssl_options(tls: Tls | None, url: str) -> dict[str, Any] | bool:
+    """py-amqp's TLS options for one url (False: no TLS). The server's certificate must chain to ca_file (else the
+    system's trust store) and name server_name, else the url's host; verify = false checks nothing (logged)."""
+    if tls is None:
+        return False
+    options: dict[str, Any] = {"ca_certs": tls.file("ca_file"), "certfile": tls.file("cert_file"),
+                               "keyfile": tls.file("key_file")}
+    if tls.verify:
+        options.update(cert_reqs=ssl.CERT_REQUIRED, server_hostname=tls.server_name or urlparse(url).hostname)
+    else:
+        log.warning("TLS to %s without checking its certificate ([tls] verify = false)", topology.where(url))
+        options.update(cert_reqs=ssl.CERT_NONE)
+    return options
 
 
 class Publisher:
@@ -332,27 +374,14 @@ def drain(conn: kombu.Connection, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def first_answering(urls: Sequence[str], timeout: float) -> Iterator[kombu.Connection]:
-    """The first broker URL that answers (one attempt each), else BrokerUnavailable naming each failure. A
-    refused login is raised as it is: another URL would refuse it too."""
-    errors = []
-    for url in urls:
-        conn = kombu.Connection(url, connect_timeout=timeout)
-        try:
-            conn.connect()
-        except amqp.exceptions.AccessRefused:
-            conn.release()
-            raise
-        except (OSError, *conn.connection_errors) as exc:
-            conn.release()
-            errors.append(f"{topology.where(url)} ({type(exc).__name__}: {exc})")
-            continue
-        try:
-            yield conn
-        finally:
-            conn.release()
-        return
-    raise BrokerUnavailable(f"broker unreachable: {'; '.join(errors)}")
+def first_answering(broker: Broker, timeout: float) -> Iterator[kombu.Connection]:
+    """The first broker url that answers (one attempt each, no heartbeats), else BrokerUnavailable naming each
+    failure; a refused login is raised as it is."""
+    conn = _first(broker.connect_urls, broker.tls_settings, timeout)
+    try:
+        yield conn
+    finally:
+        conn.release()
 
 
 def explain(exc: BaseException, where: str) -> str | None:

@@ -43,6 +43,7 @@ from injector.config import Broker, Settings, StompServer
 from injector.errors import BrokerUnavailable, PublishFailed
 from injector.messages import PRIOR, Delivery, Outgoing, count_of
 from injector.settle import Session
+from injector.tls import diagnosis as tls_diagnosis
 from injector.topology import Routes, activemq_dead_letter_queue, stomp_destination
 from injector.transport import Connect, Sender, sender_for
 
@@ -91,6 +92,12 @@ def open_connection(server: StompServer, listeners: dict[str, Any], *, heartbeat
     beat = (server.heartbeat_ms, server.heartbeat_ms) if heartbeats else (0, 0)
     conn = stomp.Connection12(list(server.addresses), heartbeats=beat, vhost=server.vhost, auto_decode=False,
                               reconnect_attempts_max=1, timeout=10)
+    if server.tls is not None:
+        tls = server.tls
+        if not tls.verify:
+            log.warning("STOMP over TLS to %s without checking its certificate ([tls] verify = false)", server.hosts)
+        conn.set_ssl(for_hosts=list(server.addresses), key_file=tls.file("key_file"), cert_file=tls.file("cert_file"),
+                     ca_certs=tls.file("ca_file"), verify=tls.verify)
     watch = Watch()
     receipts = Receipts(watch.lost)
     for name, listener in {**listeners, "watch": watch, "receipts": receipts}.items():
@@ -101,12 +108,16 @@ def open_connection(server: StompServer, listeners: dict[str, Any], *, heartbeat
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while not conn.is_connected():
             if watch.errors or watch.lost.is_set() or time.monotonic() > deadline:
-                why = watch.why(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s")
+                # TLS 1.3: a refused client certificate is said after the handshake, and stomp.py keeps it to itself
+                why = ((server.tls is not None and tls_diagnosis(server.tls, server.addresses))
+                       or watch.why(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s"))
                 raise BrokerUnavailable(f"STOMP {server.hosts} refused the connection: {why}")
             time.sleep(0.01)
     except (stomp.exception.StompException, OSError) as exc:
         _disconnect(conn)
-        raise BrokerUnavailable(f"cannot connect to STOMP {server.hosts}: {type(exc).__name__}: {exc}") from None
+        # stomp.py logs why a TLS handshake failed and raises only "could not connect": ask the handshake again.
+        why = (server.tls is not None and tls_diagnosis(server.tls, server.addresses)) or f"{type(exc).__name__}: {exc}"
+        raise BrokerUnavailable(f"cannot connect to STOMP {server.hosts}: {why}") from None
     except BaseException:
         _disconnect(conn)
         raise

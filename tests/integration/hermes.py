@@ -33,6 +33,10 @@ class HermesSender:
                     hermes.receipted.notify_all()
 
         self.conn = stomp.Connection12([(host, int(port))], vhost="/")
+        tls = settings.cleanup.tls
+        if tls is not None:  # as hermes does with [messaging-hermes] use_ssl and its certificate
+            self.conn.set_ssl(for_hosts=[(host, int(port))], key_file=tls.file("key_file"),
+                              cert_file=tls.file("cert_file"), ca_certs=tls.file("ca_file"))
         self.conn.set_listener("receipts", Receipts())
         self.conn.connect("guest", "guest", wait=True)
 

@@ -152,8 +152,7 @@ def test_forged_or_early_rucio_events_change_nothing_cleanup_trusts_rucio_not_th
         assert Path(e.path).exists(), "the source was deleted without a verified archive copy"
         assert SOURCE in lab.replicas([e.path])[e.path]["states"]
     assert not any("injector_released_at" in m or "injector_announced" in m
-                   for m in lab.client.get_metadata_bulk([{"scope": "lst", "name": e.path} for e in (early, forged)],
-                                                         plugin="JSON")), "no mark written"
+                   for m in lab.json_meta([e.path for e in (early, forged)]).values()), "no mark written"
     (h,) = dead
     assert h["dlq-reason"] == "checksum-mismatch" and forged.path in h["dlq-error"]
 

@@ -24,7 +24,7 @@ from injector import topology
 from injector.config import Settings
 from injector.events import FileClosed, archived_event_id, decode_file_archived
 from injector.gateway import ClientGateway
-from injector.testbed.rses import file_protocol
+from injector.testbed.rses import file_protocol, set_local_account_limit
 from injector.testbed.rucio import free_port
 from injector.transport.amqp import Publisher, connection
 from operations import reconcile, status
@@ -88,8 +88,7 @@ def probe(s: Settings) -> Any:
 
 
 def json_marks(lab: Lab, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {m["name"]: m for m in lab.client.get_metadata_bulk([{"scope": "lst", "name": n} for n in names],
-                                                               plugin="JSON")}
+    return lab.json_meta(names)
 
 
 class Lines:
@@ -164,18 +163,24 @@ def test_lost_transfer_done_and_deletion_done_are_finished_by_reconcile_announci
 
     # Every file announced: the loop marked the dataset finished, and a sweep once it is old reads none of its files.
     dataset = f"LST1_{lab.tag}_20261124_raw"
-    (meta,) = lab.client.get_metadata_bulk([{"scope": "lst", "name": dataset}], plugin="JSON")
-    assert meta.get("injector_finished") == 3
+    assert lab.json_meta([dataset])[dataset].get("injector_finished") == 3
     calls: Counter[str] = Counter()
     gw = ClientGateway(s.rucio, observe=lambda op, seconds, outcome: calls.update([op]))
     later = datetime.now(UTC) + timedelta(days=3)
     assert reconcile.sweep(s, gw, lambda m: None, reconcile.Options(), now=later) == []
     calls.pop("connect", None)
-    assert calls == {"list_dids": 2, "get_metadata_bulk": 1}, "datasets, their states, recent files: no file read"
+    if gw.bulk_plugin is False:  # a server before 41 (rucio/rucio#7323): the dataset's marks are read on their own
+        assert calls == {"list_dids": 2, "get_metadata_bulk": 2, "get_metadata": 1}, "no file read"
+    else:
+        assert calls == {"list_dids": 2, "get_metadata_bulk": 1}, "datasets, their states, recent files: no file read"
     calls.clear()
     assert kinds(reconcile.sweep(s, gw, lambda m: None, reconcile.Options(full=True), now=later)) == {}
-    assert calls == {"list_dids": 2, "get_metadata_bulk": 2, "list_content": 1, "list_did_rules": 1}, \
-        "--full: every dataset's content and every file's marks; nothing written"
+    if gw.bulk_plugin is False:
+        assert calls["list_content"] == 1 and calls["list_did_rules"] == 1 and calls["get_metadata"] == 1 + 3, \
+            "--full: every dataset's content and every file's marks, one by one; nothing written"
+    else:
+        assert calls == {"list_dids": 2, "get_metadata_bulk": 2, "list_content": 1, "list_did_rules": 1}, \
+            "--full: every dataset's content and every file's marks; nothing written"
 
 
 def test_the_dataset_marks_round_trip_through_rucio(lab):
@@ -202,7 +207,7 @@ def _own_source(lab: Lab, name: str) -> Path:
     root.mkdir()
     lab.client.add_rse(name, deterministic=False)
     lab.client.add_protocol(name, file_protocol(root))
-    lab.client.set_local_account_limit("root", name, -1)
+    set_local_account_limit(lab.client, "root", name, -1)
     lab.client.add_distance(name, ARCHIVE, {"distance": 1})
     return root
 

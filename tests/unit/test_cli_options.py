@@ -3,6 +3,7 @@ closed pipe (`| head`) ending quietly."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,19 @@ def test_the_demo_writes_the_configuration_it_runs_with_as_a_file_the_verbs_load
     path.write_text(toml_text(_config(broker, "abc123", buffer)))
     assert tomllib.loads(path.read_text()) == _config(broker, "abc123", buffer)
     assert load(path, env={}) == parse(_config(broker, "abc123", buffer), source="<demo>")
+
+
+@pytest.mark.parametrize("verb", [["status"], ["dlq", "list"], ["reconcile"], ["publish", "--flush"], ["ingest"],
+                                  ["broker", "setup"], ["config", "check"]])
+def test_with_log_json_a_failure_is_a_json_line_with_the_same_keys_in_every_verb(
+        verb: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from injector import exits
+    from injector.cli import main
+
+    code = main([*verb, "--config", str(tmp_path / "missing.toml"), "--log-json"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == exits.BAD_CONFIG and len(lines) == 1, lines
+    record = json.loads(lines[0])
+    assert set(record) == {"ts", "level", "logger", "msg", "exit_code"}, record
+    assert record["level"] == "error" and record["exit_code"] == exits.BAD_CONFIG
+    assert record["msg"] == f"rucio-injector {verb[0]}: config file {tmp_path / 'missing.toml'} does not exist"
