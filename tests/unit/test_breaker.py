@@ -182,10 +182,14 @@ def events_as_deliveries(n: int) -> list[Delivery]:
 def run_until(worker: BatchWorker, stop: threading.Event, done: Any, timeout: float = 10) -> threading.Thread:
     t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     t.start()
+    wait_until(done, timeout)
+    return t
+
+
+def wait_until(done: Any, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not done() and time.monotonic() < deadline:
         time.sleep(0.01)
-    return t
 
 
 def test_during_an_outage_the_batch_is_held_unsettled_no_other_starts_and_it_is_processed_once_after(settings):
@@ -199,7 +203,7 @@ def test_during_an_outage_the_batch_is_held_unsettled_no_other_starts_and_it_is_
     assert not session.acked and not session.requeued and not session.dead_letters and w.stats.batches == 0
     assert not links[0].paused, "not cancelled for an outage: RabbitMQ 3.x would count what it was sending"
     rucio.down = False
-    run_until(w, threading.Event(), lambda: len(session.acked) == 4)
+    wait_until(lambda: len(session.acked) == 4)  # the same worker, not a second run of it (it would never stop)
     stop.set()
     t.join(5)
     assert len(session.acked) == 4 and not session.requeued and not session.handed_back
