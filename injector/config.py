@@ -306,7 +306,9 @@ class Cleanup(_Section):
     flavour: Literal["rabbitmq", "activemq"] = "rabbitmq"
     stomp_hosts: Annotated[list[str], Field(min_length=1)] = ["127.0.0.1:61613"]
     username: str = "guest"
-    password: SecretStr = SecretStr("guest")  # or password_file / RUCIO_INJECTOR_CLEANUP_PASSWORD[_FILE] (`load`)
+    # No password in the code: from password_file / RUCIO_INJECTOR_CLEANUP_PASSWORD[_FILE] (`load`), or none (an
+    # empty passcode: an ActiveMQ without an authentication plugin takes any login).
+    password: SecretStr | None = None
     vhost: str = "/"
     hermes_destination: str = "/topic/rucio.events"  # [messaging-hermes] destination
     queue: str = "rucio-injector.cleanup"  # RabbitMQ: durable queue bound to amq.topic
@@ -337,8 +339,9 @@ class Cleanup(_Section):
     @property
     def server(self) -> StompServer:
         """hermes' broker, where cleanup consumers subscribe over STOMP (ActiveMQ)."""
-        return StompServer(tuple(self.stomp_addresses), self.username, self.password.get_secret_value(), self.vhost,
-                           self.heartbeat_ms, self.tls)
+        return StompServer(tuple(self.stomp_addresses), self.username,
+                           self.password.get_secret_value() if self.password else "", self.vhost, self.heartbeat_ms,
+                           self.tls)
 
     @property
     def topic(self) -> str:
@@ -613,7 +616,8 @@ def _keep_secrets(settings: Settings) -> None:
 
     for url in settings.broker.connect_urls:
         keep_secret(unquote(urlparse(url).password or ""))
-    keep_secret(settings.cleanup.password.get_secret_value())
+    if settings.cleanup.password is not None:
+        keep_secret(settings.cleanup.password.get_secret_value())
 
 
 def parse(data: dict[str, object], source: str = "<config>") -> Settings:
