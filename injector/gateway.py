@@ -304,8 +304,12 @@ class ClientGateway:
         import rucio.client.baseclient  # noqa: F401 - sets up its logger, which is quietened next
 
         # rucio-clients logs an ERROR line for every refused connection, probes included; the breaker
-        # reports an outage once when it starts and once when it ends.
-        logging.getLogger("baseclient").setLevel(logging.CRITICAL)
+        # reports an outage once when it starts and once when it ends. Its logger also carries a stderr handler of
+        # its own (ANSI colours): what it still says goes through ours only, once, in our format.
+        client_log = logging.getLogger("baseclient")
+        client_log.handlers.clear()
+        client_log.propagate = True
+        client_log.setLevel(logging.CRITICAL)
         if self._factory is None:
             from rucio.client import Client
 

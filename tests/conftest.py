@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,3 +35,18 @@ STREAMS = {
 @pytest.fixture
 def settings() -> Settings:
     return parse(STREAMS)
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """For a test that runs `injector.logs.setup` (directly or through `main`): the root logger's handlers and level
+    put back afterwards, so later tests do not log into this test's closed capture stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

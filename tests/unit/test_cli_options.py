@@ -90,7 +90,7 @@ def test_the_demo_writes_the_configuration_it_runs_with_as_a_file_the_verbs_load
 @pytest.mark.parametrize("verb", [["status"], ["dlq", "list"], ["reconcile"], ["publish", "--flush"], ["ingest"],
                                   ["broker", "setup"], ["config", "check"]])
 def test_with_log_json_a_failure_is_a_json_line_with_the_same_keys_in_every_verb(
-        verb: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        verb: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], root_logging: None) -> None:
     from injector import exits
     from injector.cli import main
 

@@ -226,3 +226,20 @@ def test_a_refused_per_did_read_is_an_error_not_a_missing_did():
     gw = gateway(server)
     with pytest.raises(PermissionDenied):
         gw.marks([F1, F2])
+
+
+def test_the_rucio_clients_own_log_lines_come_once_through_our_handler_without_colour_codes(capsys, root_logging):
+    import logging
+
+    import rucio.client.baseclient  # noqa: F401 - gives its logger a coloured stderr handler of its own
+
+    from injector import logs
+
+    logs.setup("INFO")
+    ClientGateway(RucioSettings(), factory=lambda: object())._new_client()
+    client_log = logging.getLogger("baseclient")
+    assert client_log.handlers == [] and client_log.propagate
+    client_log.critical("cannot reach the Rucio server")
+    err = capsys.readouterr().err
+    assert err.count("cannot reach the Rucio server") == 1 and "\033[" not in err, err
+    assert " CRITICAL baseclient: cannot reach the Rucio server" in err
