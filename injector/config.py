@@ -134,11 +134,16 @@ class Tls(_Section):
     verify: bool = True  # false: the server's certificate is not checked at all (a test bench only; logged)
     # The name the server's certificate must carry (and SNI) when it is not the host in the url (an IP, an alias).
     server_name: str | None = None
+    # Log in as the client certificate (RabbitMQ's EXTERNAL mechanism, plugin rabbitmq_auth_mechanism_ssl: the user
+    # is the certificate's subject or CN, as ssl_cert_login_from says) instead of the url's user and password.
+    certificate_login: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> Tls:
         if self.key_file and not self.cert_file:
             raise ValueError("key_file without cert_file: give the client certificate the key belongs to")
+        if self.certificate_login and not self.cert_file:
+            raise ValueError("certificate_login needs cert_file (and key_file): the certificate is the login")
         if not self.verify and (self.ca_file or self.server_name):
             raise ValueError("verify = false checks no certificate, so ca_file and server_name would be ignored: "
                              "drop them, or keep verify on")
@@ -243,6 +248,8 @@ class Broker(_Section):
                              "the broker; add [broker.tls] or use one kind of url")
         if self.tls is not None and self.tls.server_name and self.transport == "stomp":
             raise ValueError(STOMP_SERVER_NAME)
+        if self.tls is not None and self.tls.certificate_login and self.transport == "stomp":
+            raise ValueError(STOMP_CERTIFICATE_LOGIN)
         return self
 
     @property
@@ -288,6 +295,10 @@ STOMP_SERVER_NAME = ("server_name is not available over STOMP (stomp.py checks t
                      "does not know that name)")
 
 
+STOMP_CERTIFICATE_LOGIN = ("certificate_login is for AMQP (RabbitMQ's EXTERNAL mechanism); over STOMP the broker "
+                           "decides from the certificate itself (ActiveMQ's certificate login module)")
+
+
 def _transport_of(url: str) -> Literal["amqp", "stomp"]:
     return "stomp" if urlparse(url).scheme in STOMP_SCHEMES else "amqp"
 
@@ -329,6 +340,8 @@ class Cleanup(_Section):
             _host_port(hp)
         if self.tls is not None and self.tls.server_name:
             raise ValueError(STOMP_SERVER_NAME)
+        if self.tls is not None and self.tls.certificate_login:
+            raise ValueError(STOMP_CERTIFICATE_LOGIN)
         return self
 
     @property

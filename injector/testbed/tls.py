@@ -6,7 +6,8 @@
 
 `python -m injector.testbed.tls --rabbitmq` (run by `make setup`) gives the machine's RabbitMQ an AMQP TLS listener
 on 127.0.0.1:5671 and a STOMP one on 61614 that want a client certificate (ssl_options.verify = verify_peer,
-fail_if_no_peer_cert = true), signed by a CA kept in MACHINE_DIR for the tests to issue client certificates with.
+fail_if_no_peer_cert = true) and take a login by certificate (EXTERNAL, the certificate's CN is the user), signed
+by a CA kept in MACHINE_DIR for the tests to issue client certificates with.
 The plain listeners (5672, 61613) the other tests use stay as they are. RabbitMQ is restarted only when its
 configuration changed (its application only: `rabbitmqctl stop_app`, `start_app`); a second run changes
 nothing.
@@ -122,8 +123,13 @@ def set_up_rabbitmq() -> bool:
         "ssl_options.verify = verify_peer",
         "ssl_options.fail_if_no_peer_cert = true",
         f"stomp.listeners.ssl.1 = 127.0.0.1:{STOMPS_PORT}",
+        "auth_mechanisms.1 = PLAIN",  # PLAIN and AMQPLAIN as before; EXTERNAL: a login by client certificate
+        "auth_mechanisms.2 = AMQPLAIN",
+        "auth_mechanisms.3 = EXTERNAL",
+        "ssl_cert_login_from = common_name",
         _END,
     ])
+    _run(["rabbitmq-plugins", "enable", "rabbitmq_auth_mechanism_ssl"], timeout=300)  # online; idempotent
     text = _read(RABBITMQ_CONF)
     if block in text:
         _wait_ports((5672, 61613, AMQPS_PORT, STOMPS_PORT))

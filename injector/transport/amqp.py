@@ -86,7 +86,8 @@ def _first(urls: Sequence[str], tls: Tls | None, timeout: float, heartbeat: int 
     (not kombu's own failover list): TLS checks each broker's certificate against that broker's own host name."""
     errors = []
     for url in urls:
-        conn = kombu.Connection(url, heartbeat=heartbeat, connect_timeout=timeout, ssl=ssl_options(tls, url))
+        login = {"login_method": "EXTERNAL"} if tls is not None and tls.certificate_login else {}
+        conn = kombu.Connection(url, heartbeat=heartbeat, connect_timeout=timeout, ssl=ssl_options(tls, url), **login)
         try:
             conn.connect()
             return conn
@@ -390,6 +391,9 @@ def explain(exc: BaseException, where: str) -> str | None:
     if isinstance(exc, amqp.exceptions.NotFound):
         return f"{_reply(exc)} on {where}: run `rucio-injector broker setup`"
     if isinstance(exc, amqp.exceptions.AccessRefused):
+        if "EXTERNAL" in _reply(exc):
+            return (f"{where} refused our certificate login ({_reply(exc)}): a RabbitMQ user must be named as the "
+                    "certificate's subject (ssl_cert_login_from), and the plugin rabbitmq_auth_mechanism_ssl be on")
         return f"{where} refused our login ({_reply(exc)}): check the user and password in [broker] urls"
     if isinstance(exc, amqp.exceptions.PreconditionFailed):
         return f"{_reply(exc)} on {where}: the broker's declaration differs from ours (`broker setup` says)"

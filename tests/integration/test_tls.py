@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import amqp
 import pytest
 
 from consumers.services import ingest_worker
@@ -35,6 +38,7 @@ from tests.integration.rabbit import (
     dead_letters,
     declared,
     ingested,
+    rabbitmqctl,
     running,
     unique_settings,
     wait_for,
@@ -222,3 +226,32 @@ def test_an_activemq_site_runs_over_stomp_ssl_with_client_certificates(activemq_
     with pytest.raises(BrokerUnavailable, match="TLS: the server's certificate is not trusted"):
         open_connection(StompServer((("localhost", port),), "guest", "guest",
                                     tls=Tls(**p.tls(ca_file=str(p.other_ca)))), {}, heartbeats=False)
+
+
+def test_a_client_certificate_can_be_the_login_and_one_no_user_is_named_after_is_refused(rabbit_pki: Pki,
+                                                                                      tmp_path: Path) -> None:
+    """RabbitMQ's EXTERNAL mechanism: the user is the certificate's CN, no password anywhere. The user here may
+    declare nothing, which shows the login is the certificate's and not the url's guest."""
+    user = f"t-{secrets.token_hex(4)}-cert"
+    client = machine_authority().issue(tmp_path, user, client=True)
+    rabbitmqctl("add_user", user, secrets.token_hex(16))
+    rabbitmqctl("clear_password", user)  # a certificate is its only way in
+    rabbitmqctl("set_permissions", "-p", "/", user, "^$", "^$", "^$")
+    try:
+        tls = {"ca_file": str(rabbit_pki.ca), "cert_file": str(client.cert), "key_file": str(client.key),
+               "certificate_login": True}
+        conn = connection(Broker(urls=[f"amqps://localhost:{AMQPS_PORT}//"], tls=Tls(**tls), connect_attempts=1))
+        try:
+            with pytest.raises(amqp.exceptions.AccessRefused, match=f"user '{user}'"):
+                conn.channel().queue_declare(f"t-{user}", durable=False, auto_delete=True)
+        finally:
+            conn.release()
+        stranger = machine_authority().issue(tmp_path / "stranger", "nobody-is-named-so", client=True)
+        cfg = tmp_path / "injector.toml"
+        cfg.write_text(f'[broker]\nurls = ["amqps://localhost:{AMQPS_PORT}//"]\nconnect_attempts = 1\n')
+        tls_section(cfg, "broker", {**tls, "cert_file": str(stranger.cert), "key_file": str(stranger.key)})
+        refused = run("broker", "setup", config=cfg, expect=BROKER)
+        assert "refused our certificate login" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, \
+            refused.stderr
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=120)

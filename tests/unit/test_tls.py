@@ -123,3 +123,16 @@ def test_each_tls_refusal_is_one_line_saying_which_side_refused_and_what_to_chec
     assert "wants a client certificate" in str(refusal(ssl_error("TLSV13_ALERT_CERTIFICATE_REQUIRED")))
     assert "refused our client certificate" in str(refusal(ssl_error("TLSV1_ALERT_UNKNOWN_CA")))
     assert refusal(ConnectionRefusedError(111, "refused")) is None
+
+
+def test_a_certificate_login_needs_a_certificate_and_amqp(pki):
+    ca, client = pki
+    with pytest.raises(ConfigError, match="certificate_login needs cert_file"):
+        parse({"broker": {"tls": {"ca_file": str(ca), "certificate_login": True}}})
+    with pytest.raises(ConfigError, match="certificate_login is for AMQP"):
+        parse({"broker": {"urls": ["stomp+ssl://u:p@amq:61614"], "tls": {
+            "cert_file": str(client.cert), "key_file": str(client.key), "certificate_login": True}},
+               "cleanup": {"flavour": "activemq", "hermes_destination": "/topic/VirtualTopic.x"}})
+    s = parse({"broker": {"urls": ["amqps://rabbit.pic.es//"], "tls": {
+        "cert_file": str(client.cert), "key_file": str(client.key), "certificate_login": True}}})
+    assert s.broker.tls is not None and s.broker.tls.certificate_login
