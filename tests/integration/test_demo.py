@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration import leftovers
+from tests.integration.cli import run, service
 from tests.integration.leftovers import Proc
 
 pytestmark = pytest.mark.integration
@@ -205,6 +206,30 @@ def test_sigterm_while_keep_waits_cleans_up_everything_but_the_log_and_says_wher
     demo = start_demo("--keep")
     demo.wait_for(lambda: "server and files stay until" in demo.output, "--keep waiting", timeout=240)
     assert "proof: buffer holds 0 file(s); archive holds 4/4 files" in demo.output
+    a_newcomer_points_the_verbs_at_it_and_runs_ingest_and_cleanup_as_the_systemd_units_do(demo.output)
     out = stop(demo, signal.SIGTERM)
     kept = Path(out.split("log kept: ", 1)[1].split()[0])
     assert "done archived" in kept.read_text()
+
+
+UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+
+
+def a_newcomer_points_the_verbs_at_it_and_runs_ingest_and_cleanup_as_the_systemd_units_do(output: str) -> None:
+    """What the kept demo prints is enough: its two `export` lines make `config check --rucio`, `status`, `dlq list`
+    and `reconcile --dry-run` answer 0 against its server, and the ingest and cleanup units' ExecStart lines (the
+    demo's TOML in place of /etc/rucio-injector/%i.toml) consume until SIGTERM and exit 0."""
+    env = dict(re.findall(r"export (RUCIO_CONFIG|RUCIO_INJECTOR_CONFIG)=(\S+)", output))
+    assert set(env) == {"RUCIO_CONFIG", "RUCIO_INJECTOR_CONFIG"}, output[-3000:]
+    assert "rucio: 0 error(s), 0 warning(s) in 2 stream(s)" in run("config", "check", "--rucio", env=env).stdout
+    for verb in (["status"], ["dlq", "list"], ["reconcile", "--dry-run"]):
+        run(*verb, env=env)
+    for unit in ("rucio-injector-ingest@.service", "rucio-injector-cleanup@.service"):
+        start = next(line for line in (UNITS / unit).read_text().splitlines() if line.startswith("ExecStart="))
+        args = start.split()[1:]  # after the binary
+        args[args.index("--config") + 1] = env["RUCIO_INJECTOR_CONFIG"]
+        with service(*args, env=env) as verb:
+            deadline = time.monotonic() + 60
+            while "consuming demo-" not in verb.err():
+                assert verb.proc.poll() is None and time.monotonic() < deadline, verb.err()
+                time.sleep(0.1)
