@@ -157,23 +157,33 @@ class Tls(_Section):
         if not self.verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        for key, path in (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file)):
-            if path is not None and not os.access(os.path.expanduser(path), os.R_OK):
-                why = "does not exist" if not os.path.exists(os.path.expanduser(path)) else "is not readable"
-                raise ValueError(f"{key} {path} {why}")
+        ca, cert, key = self.file("ca_file"), self.file("cert_file"), self.file("key_file")
+        for name, path in (("ca_file", ca), ("cert_file", cert), ("key_file", key)):
+            if path is not None and not os.access(path, os.R_OK):
+                why = "does not exist" if not os.path.exists(path) else "is not readable"
+                raise ValueError(f"{name} {getattr(self, name)} {why}")
         try:
-            if self.ca_file:
-                ctx.load_verify_locations(cafile=os.path.expanduser(self.ca_file))
+            if ca:
+                ctx.load_verify_locations(cafile=ca)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(f"ca_file {self.ca_file} holds no PEM certificate ({exc})") from None
         try:
-            if self.cert_file:
-                ctx.load_cert_chain(os.path.expanduser(self.cert_file),
-                                    os.path.expanduser(self.key_file) if self.key_file else None)
+            if cert:
+                ctx.load_cert_chain(cert, key)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(f"cert_file {self.cert_file} / key_file {self.key_file or '(in cert_file)'}: not a "
                              f"PEM certificate with its unencrypted private key ({exc})") from None
         return ctx
+
+    def check_stomp(self) -> None:
+        """ValueError for what these settings ask and STOMP (stomp.py, ActiveMQ) cannot do."""
+        if self.server_name:  # stomp.py checks the certificate against the host it connects to, and no other name
+            raise ValueError("server_name is not available over STOMP (stomp.py checks the certificate against the "
+                             "host it connects to): write the host as the server's certificate names it (add it to "
+                             "/etc/hosts if DNS does not know that name)")
+        if self.certificate_login:
+            raise ValueError("certificate_login is for AMQP (RabbitMQ's EXTERNAL mechanism); over STOMP the broker "
+                             "decides from the certificate itself (ActiveMQ's certificate login module)")
 
     def file(self, key: Literal["ca_file", "cert_file", "key_file"]) -> str | None:
         """The path of one file, `~` expanded, as the transports open it."""
@@ -246,10 +256,8 @@ class Broker(_Section):
         if len(schemes) > 1 and self.tls is None:
             raise ValueError("some urls use TLS (amqps://, stomp+ssl://) and some do not: TLS is for every url of "
                              "the broker; add [broker.tls] or use one kind of url")
-        if self.tls is not None and self.tls.server_name and self.transport == "stomp":
-            raise ValueError(STOMP_SERVER_NAME)
-        if self.tls is not None and self.tls.certificate_login and self.transport == "stomp":
-            raise ValueError(STOMP_CERTIFICATE_LOGIN)
+        if self.tls is not None and self.transport == "stomp":
+            self.tls.check_stomp()
         return self
 
     @property
@@ -287,16 +295,6 @@ class Broker(_Section):
                            unquote(first.username or ""), unquote(first.password or ""),
                            unquote(first.path[1:]) if len(first.path) > 1 else "/", self.heartbeat * 1000,
                            self.tls_settings)
-
-
-# stomp.py checks the server's certificate against the host it connects to and has no other name to give it.
-STOMP_SERVER_NAME = ("server_name is not available over STOMP (stomp.py checks the certificate against the host it "
-                     "connects to): write the host as the server's certificate names it (add it to /etc/hosts if DNS "
-                     "does not know that name)")
-
-
-STOMP_CERTIFICATE_LOGIN = ("certificate_login is for AMQP (RabbitMQ's EXTERNAL mechanism); over STOMP the broker "
-                           "decides from the certificate itself (ActiveMQ's certificate login module)")
 
 
 def _transport_of(url: str) -> Literal["amqp", "stomp"]:
@@ -338,10 +336,8 @@ class Cleanup(_Section):
             raise ValueError("with ActiveMQ, hermes_destination must be a virtual topic: /topic/VirtualTopic.<name>")
         for hp in self.stomp_hosts:
             _host_port(hp)
-        if self.tls is not None and self.tls.server_name:
-            raise ValueError(STOMP_SERVER_NAME)
-        if self.tls is not None and self.tls.certificate_login:
-            raise ValueError(STOMP_CERTIFICATE_LOGIN)
+        if self.tls is not None:
+            self.tls.check_stomp()
         return self
 
     @property

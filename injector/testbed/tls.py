@@ -30,6 +30,7 @@ from injector.testbed.rucio import TestbedError
 MACHINE_DIR = Path("/etc/rabbitmq/rucio-injector-tls")
 RABBITMQ_CONF = Path("/etc/rabbitmq/rabbitmq.conf")
 AMQPS_PORT, STOMPS_PORT = 5671, 61614
+PORTS = (5672, 61613, AMQPS_PORT, STOMPS_PORT)  # the plain listeners the other tests use, and these
 _BEGIN = "# --- rucio-injector tests: TLS listeners (injector/testbed/tls.py) ---"
 _END = "# --- end rucio-injector TLS ---"
 
@@ -132,7 +133,7 @@ def set_up_rabbitmq() -> bool:
     _run(["rabbitmq-plugins", "enable", "rabbitmq_auth_mechanism_ssl"], timeout=300)  # online; idempotent
     text = _read(RABBITMQ_CONF)
     if block in text:
-        _wait_ports((5672, 61613, AMQPS_PORT, STOMPS_PORT))
+        _wait_ports(PORTS)
         return False
     if _BEGIN in text:  # an older block: replace it
         head, _, rest = text.partition(_BEGIN)
@@ -142,7 +143,7 @@ def set_up_rabbitmq() -> bool:
     # application restart is enough: no init script (which a machine may not have started the node with).
     _run(["rabbitmqctl", "-q", "stop_app"], timeout=300)
     _run(["rabbitmqctl", "-q", "start_app"], timeout=300)
-    _wait_ports((5672, 61613, AMQPS_PORT, STOMPS_PORT))
+    _wait_ports(PORTS)
     return True
 
 

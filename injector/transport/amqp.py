@@ -85,8 +85,8 @@ def _first(urls: Sequence[str], tls: Tls | None, timeout: float, heartbeat: int 
     refused login is raised as it is: another url of the broker would refuse it too. One kombu connection per url
     (not kombu's own failover list): TLS checks each broker's certificate against that broker's own host name."""
     errors = []
+    login = {"login_method": "EXTERNAL"} if tls is not None and tls.certificate_login else {}
     for url in urls:
-        login = {"login_method": "EXTERNAL"} if tls is not None and tls.certificate_login else {}
         conn = kombu.Connection(url, heartbeat=heartbeat, connect_timeout=timeout, ssl=ssl_options(tls, url), **login)
         try:
             conn.connect()

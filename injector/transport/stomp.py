@@ -108,20 +108,23 @@ def open_connection(server: StompServer, listeners: dict[str, Any], *, heartbeat
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while not conn.is_connected():
             if watch.errors or watch.lost.is_set() or time.monotonic() > deadline:
-                # TLS 1.3: a refused client certificate is said after the handshake, and stomp.py keeps it to itself
-                why = ((server.tls is not None and tls_diagnosis(server.tls, server.addresses))
-                       or watch.why(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s"))
+                why = _tls_why(server) or watch.why(f"no CONNECTED frame within {CONNECT_TIMEOUT:.0f}s")
                 raise BrokerUnavailable(f"STOMP {server.hosts} refused the connection: {why}")
             time.sleep(0.01)
     except (stomp.exception.StompException, OSError) as exc:
         _disconnect(conn)
-        # stomp.py logs why a TLS handshake failed and raises only "could not connect": ask the handshake again.
-        why = (server.tls is not None and tls_diagnosis(server.tls, server.addresses)) or f"{type(exc).__name__}: {exc}"
+        why = _tls_why(server) or f"{type(exc).__name__}: {exc}"
         raise BrokerUnavailable(f"cannot connect to STOMP {server.hosts}: {why}") from None
     except BaseException:
         _disconnect(conn)
         raise
     return conn, watch, receipts
+
+
+def _tls_why(server: StompServer) -> str | None:
+    """Why a TLS connection to `server` fails, if it does: stomp.py only logs why a handshake failed (and, TLS 1.3,
+    keeps a refused client certificate, said after the handshake, to itself), so the handshake is made again."""
+    return tls_diagnosis(server.tls, server.addresses) if server.tls is not None else None
 
 
 def _disconnect(conn: Any) -> None:
